@@ -1,0 +1,62 @@
+"""The one place errors become HTTP responses: ``{"error": {"code", "message"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from corral import errors as e
+
+STATUS: list[tuple[type[e.CorralError], int]] = [
+    (e.InvalidInput, 400),
+    (e.Unauthorized, 401),
+    (e.NotFound, 404),
+    (e.Conflict, 409),
+    (e.BodyTooLarge, 413),
+    (e.TooManyPending, 429),
+    (e.ShuttingDown, 503),
+]
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def status_for(exc: e.CorralError) -> int:
+    for kind, status in STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+async def _corral_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, e.CorralError)
+    return JSONResponse(error_body(exc.code, str(exc)), status_code=status_for(exc))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = list(exc.errors())
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return JSONResponse(error_body("malformed_json", "the request body is not valid JSON"), status_code=400)
+    details = [
+        {"loc": [str(part) for part in p.get("loc", ())], "message": str(p.get("msg", ""))} for p in problems
+    ]
+    summary = "; ".join(f"{'.'.join(d['loc'])}: {d['message']}" for d in details)
+    return JSONResponse(error_body("invalid_input", summary, details=details), status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(e.CorralError, _corral_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)

@@ -1,0 +1,91 @@
+"""Plain ASGI middleware (not BaseHTTPMiddleware, which breaks context propagation)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from corral.api.errors import error_body
+
+
+async def _reply(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps(error_body(code, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` with 413, by header or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _reply(send, 413, "body_too_large", f"the body is over {self.max_bytes} bytes")
+                return
+        seen = 0
+        too_large = False
+        replied = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    too_large = True
+                    raise _TooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            # Whatever the app makes of the aborted read, the client gets a 413.
+            nonlocal replied
+            if not too_large:
+                await send(message)
+            elif not replied:
+                replied = True
+                await _reply(send, 413, "body_too_large", f"the body is over {self.max_bytes} bytes")
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _TooLarge:
+            if not replied:
+                await _reply(send, 413, "body_too_large", f"the body is over {self.max_bytes} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class TokenAuth:
+    """Require ``Authorization: Bearer <token>`` on the API when a token is configured."""
+
+    OPEN_PATHS = ("/healthz",)
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+        if not hmac.compare_digest(given, self.token):
+            await _reply(send, 401, "unauthorized", "a valid API token is required (Authorization: Bearer ...)")
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,42 @@
+"""Agents: created at once in `starting`; the driver handshake runs in the background."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from corral.api.deps import KernelDep
+from corral.api.schemas import AgentOut
+from corral.kernel.agents import AgentRuntime
+from corral.specs import AgentSpec
+
+router = APIRouter(prefix="/v1/agents", tags=["agents"])
+
+
+def agent_out(agent: AgentRuntime) -> AgentOut:
+    spec = agent.spec
+    return AgentOut(
+        name=spec.name, provider=spec.provider, model=spec.model, state=agent.state, error=agent.error,
+        generation=agent.generation, tools=spec.tools, system_prompt=spec.system_prompt,
+        created_at=agent.created_at,
+    )
+
+
+@router.post("", status_code=201)
+async def create_agent(spec: AgentSpec, kernel: KernelDep) -> AgentOut:
+    return agent_out(await kernel.agents.create(spec))
+
+
+@router.get("")
+async def list_agents(kernel: KernelDep) -> list[AgentOut]:
+    return [agent_out(agent) for agent in kernel.agents.list()]
+
+
+@router.get("/{name}")
+async def get_agent(name: str, kernel: KernelDep) -> AgentOut:
+    return agent_out(kernel.agents.get(name))
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_agent(name: str, kernel: KernelDep) -> Response:
+    await kernel.agents.delete(name)
+    return Response(status_code=204)

@@ -1,0 +1,76 @@
+"""Sessions and the messages sent to them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+
+from corral.api.deps import KernelDep
+from corral.api.schemas import AcceptedOut, MessageIn, MessageOut, SessionIn, SessionOut
+from corral.errors import NotFound
+from corral.kernel import Kernel
+from corral.store import repo
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+def session_out(kernel: Kernel, row: Any) -> SessionOut:
+    data = dict(row) if isinstance(row, dict) else dict(row._mapping)
+    return SessionOut(**data, **kernel.session_view(data["id"]))
+
+
+@router.post("", status_code=201)
+async def create_session(body: SessionIn, kernel: KernelDep, response: Response) -> SessionOut:
+    kernel.agents.get(body.agent)  # 404 for an unknown agent, before anything is stored
+    row, created = await kernel.sessions.create(body.agent, body.key, body.metadata)
+    if not created:
+        response.status_code = 200
+    return session_out(kernel, row)
+
+
+@router.get("")
+async def list_sessions(
+    kernel: KernelDep,
+    agent: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[SessionOut]:
+    async with kernel.store.read() as conn:
+        rows = await repo.list_sessions(conn, agent=agent, limit=limit, offset=offset)
+    return [session_out(kernel, row) for row in rows]
+
+
+@router.get("/{session_id}")
+async def get_session(session_id: str, kernel: KernelDep) -> SessionOut:
+    async with kernel.store.read() as conn:
+        row = await repo.get_session(conn, session_id)
+    if row is None:
+        raise NotFound(f"no session {session_id!r}")
+    return session_out(kernel, row)
+
+
+@router.get("/{session_id}/messages")
+async def list_messages(
+    session_id: str, kernel: KernelDep, include_rolled_back: bool = True
+) -> list[MessageOut]:
+    async with kernel.store.read() as conn:
+        if await repo.get_session(conn, session_id) is None:
+            raise NotFound(f"no session {session_id!r}")
+        rows = await repo.session_messages(conn, session_id, include_rolled_back=include_rolled_back)
+    return [MessageOut.model_validate(dict(row._mapping)) for row in rows]
+
+
+@router.post("/{session_id}/messages", status_code=202)
+async def post_message(
+    session_id: str,
+    body: MessageIn,
+    kernel: KernelDep,
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+) -> AcceptedOut:
+    accepted = await kernel.submit(
+        session_id, body.content, mode=body.mode, policy=body.policy, debounce_ms=body.debounce_ms,
+        idempotency_key=idempotency_key,
+    )
+    return AcceptedOut(input_id=accepted.input_id, run_id=accepted.run_id, session_id=accepted.session_id,
+                       disposition=accepted.disposition)

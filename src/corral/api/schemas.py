@@ -1,0 +1,100 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.types import AgentState, CancelMode, Decision, Disposition, ExecPolicy, Mode, RunStatus
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionIn(Strict):
+    agent: str = "assistant"
+    key: str | None = Field(None, min_length=1, max_length=256)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessageIn(Strict):
+    content: str = Field(min_length=1, max_length=200_000)
+    mode: Mode = Mode.QUEUE
+    policy: ExecPolicy = ExecPolicy.CONTINUE
+    debounce_ms: int = Field(0, ge=0, le=60_000, description="with mode=collect: wait for a burst to settle")
+
+
+class CancelIn(Strict):
+    mode: CancelMode = CancelMode.SOFT
+
+
+class DecisionIn(Strict):
+    decision: Decision
+
+
+class AgentOut(BaseModel):
+    name: str
+    provider: str
+    model: str | None
+    state: AgentState
+    error: str | None
+    generation: int
+    tools: list[str]
+    system_prompt: str | None
+    created_at: datetime
+
+
+class SessionOut(BaseModel):
+    id: str
+    agent: str
+    key: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    active_run_id: str | None
+    queued: int
+
+
+class AcceptedOut(BaseModel):
+    input_id: str
+    run_id: str
+    session_id: str
+    disposition: Disposition
+
+
+class RunOut(BaseModel):
+    id: str
+    session_id: str
+    status: RunStatus
+    policy: ExecPolicy
+    output: str | None
+    error: dict[str, Any] | None
+    usage: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+class RunList(BaseModel):
+    runs: list[RunOut]
+    limit: int
+    offset: int
+
+
+class CancelOut(BaseModel):
+    run_id: str
+    mode: CancelMode
+    status: RunStatus
+
+
+class MessageOut(BaseModel):
+    id: int
+    run_id: str
+    role: str
+    content: str
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+    rolled_back: bool
+    created_at: datetime

@@ -1,0 +1,50 @@
+"""Running the service under uvicorn with a graceful, bounded shutdown."""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from corral.api import create_app
+from corral.errors import InvalidInput
+from corral.settings import Settings
+
+
+class _Server(uvicorn.Server):
+    """On SIGTERM/SIGINT, stop intake and end SSE streams before uvicorn drains connections."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        kernel = getattr(self._app.state, "kernel", None)
+        if kernel is not None:
+            kernel.begin_stop()
+        super().handle_exit(sig, frame)
+
+
+def check_exposure(settings: Settings) -> None:
+    if not settings.is_loopback and settings.api_token is None:
+        raise InvalidInput(
+            f"refusing to bind {settings.host}: binding beyond loopback requires an API token "
+            "(set CORRAL_API_TOKEN or api_token in corral.toml)"
+        )
+
+
+def serve(settings: Settings) -> None:
+    check_exposure(settings)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=2,
+        lifespan="on",
+    )
+    _Server(config, app).run()

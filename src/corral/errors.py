@@ -1,0 +1,91 @@
+"""One error hierarchy, grouped by what the caller does next.
+
+The API maps each class to an HTTP status once (``corral.api.errors``); nothing
+classifies an error by its message text.
+"""
+
+from __future__ import annotations
+
+
+class CorralError(Exception):
+    """Root of every error Corral raises on purpose."""
+
+    code = "internal"
+
+
+class InvalidInput(CorralError):
+    """The request is malformed or names something impossible: fix it and retry."""
+
+    code = "invalid_input"
+
+
+class NotFound(CorralError):
+    """The named agent, session, run or approval does not exist (or is not yours)."""
+
+    code = "not_found"
+
+
+class Conflict(CorralError):
+    """The request clashes with current state: an existing name, a busy session."""
+
+    code = "conflict"
+
+
+class SessionBusy(Conflict):
+    """A ``reject``-mode message arrived while the session had work."""
+
+    code = "session_busy"
+
+
+class TooManyPending(CorralError):
+    """The session already holds ``max_pending_inputs`` waiting inputs: back off."""
+
+    code = "too_many_pending"
+
+
+class ShuttingDown(CorralError):
+    """The service has stopped taking new work."""
+
+    code = "shutting_down"
+
+
+class ProviderError(CorralError):
+    """The model provider failed; the run fails with this error."""
+
+    code = "provider_error"
+
+
+class ToolError(CorralError):
+    """A tool failed; the model sees the message as the tool's result."""
+
+    code = "tool_error"
+
+
+class StepLimitExceeded(CorralError):
+    """The run used every step its agent allows without a final answer."""
+
+    code = "step_limit"
+
+
+class AgentUnavailable(CorralError):
+    """The run's agent failed to start or was deleted."""
+
+    code = "agent_unavailable"
+
+
+class InvalidTransition(CorralError):
+    """A run was asked to move between two states the transition table forbids (a bug)."""
+
+    code = "invalid_transition"
+
+
+class Unauthorized(CorralError):
+    """No valid API token was given."""
+
+    code = "unauthorized"
+
+
+class BodyTooLarge(CorralError):
+    """The request body is over the configured limit."""
+
+    code = "body_too_large"

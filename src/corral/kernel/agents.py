@@ -1,0 +1,186 @@
+"""The agent manager: agents start in the background and never block their creator.
+
+Every entry carries a generation. A start task remembers the generation it started
+and may only update an entry of that same generation, so a slow, stale start can
+never overwrite a newer agent of the same name (invariant 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from corral.errors import AgentUnavailable, Conflict, NotFound
+from corral.providers.base import Provider
+from corral.providers.registry import create_provider, validate_options
+from corral.specs import AgentSpec
+from corral.store import Store, repo
+from corral.store.tables import utcnow
+from corral.tools.base import Tool, ToolRegistry
+from corral.types import AgentState
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+
+
+@dataclass(eq=False)
+class AgentRuntime:
+    spec: AgentSpec
+    generation: int
+    tools: dict[str, Tool]
+    state: AgentState = AgentState.STARTING
+    error: str | None = None
+    provider: Provider | None = None
+    # Held only around a model call: the provider's max_concurrent_calls.
+    slot: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1000))
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    start_task: asyncio.Task[None] | None = None
+    created_at: Any = field(default_factory=utcnow)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.name} gen={self.generation} {self.state.value}>"
+
+
+class AgentManager:
+    def __init__(self, store: Store, tools: ToolRegistry, spawn: Spawn):
+        self._store = store
+        self._tools = tools
+        self._spawn = spawn
+        self._agents: dict[str, AgentRuntime] = {}
+        self._generations = count(1)
+
+    def __repr__(self) -> str:
+        states = [a.state.value for a in self._agents.values()]
+        return f"<AgentManager agents={len(states)} ready={states.count('ready')}>"
+
+    def list(self) -> list[AgentRuntime]:
+        return sorted(self._agents.values(), key=lambda a: a.name)
+
+    def get(self, name: str) -> AgentRuntime:
+        agent = self._agents.get(name)
+        if agent is None:
+            raise NotFound(f"no agent named {name!r}")
+        return agent
+
+    def exists(self, name: str) -> bool:
+        return name in self._agents
+
+    async def load(self) -> None:
+        """Start every agent recorded in the store (at service start)."""
+        async with self._store.read() as conn:
+            rows = await repo.all_agents(conn)
+        for row in rows:
+            spec = AgentSpec.model_validate(row.config)
+            if spec.name not in self._agents:
+                self._reserve(spec, created_at=row.created_at)
+
+    async def create(self, spec: AgentSpec) -> AgentRuntime:
+        """Register and persist the agent, then start it in the background; returns at once."""
+        validate_options(spec.provider, spec.provider_options)
+        tools = self._tools.select(spec.tools)
+        if spec.name in self._agents:
+            raise Conflict(f"an agent named {spec.name!r} already exists")
+        agent = self._reserve(spec, tools=tools, start=False)
+        try:
+            await self._store.write(
+                lambda conn: repo.insert_agent(conn, spec.name, spec.model_dump(mode="json"), agent.created_at)
+            )
+        except IntegrityError as exc:
+            self._drop(agent)
+            raise Conflict(f"an agent named {spec.name!r} already exists") from exc
+        except BaseException:
+            self._drop(agent)
+            raise
+        if self._agents.get(spec.name) is agent:
+            self._launch(agent)
+        return agent
+
+    async def delete(self, name: str) -> None:
+        agent = self.get(name)
+        self._drop(agent)
+        await self._store.write(lambda conn: repo.delete_agent(conn, name))
+
+    async def wait_ready(self, name: str) -> AgentRuntime:
+        """The agent once it is ready; ``AgentUnavailable`` if it failed or is gone."""
+        while True:
+            agent = self._agents.get(name)
+            if agent is None:
+                raise AgentUnavailable(f"agent {name!r} does not exist (deleted?)")
+            await agent.settled.wait()
+            if self._agents.get(name) is not agent:
+                continue  # replaced while we waited: wait for the new one
+            if agent.state is AgentState.FAILED:
+                raise AgentUnavailable(f"agent {name!r} failed to start: {agent.error}")
+            return agent
+
+    async def aclose(self) -> None:
+        for agent in list(self._agents.values()):
+            self._drop(agent)
+
+    def _reserve(
+        self, spec: AgentSpec, *, tools: dict[str, Tool] | None = None, start: bool = True, created_at: Any = None
+    ) -> AgentRuntime:
+        agent = AgentRuntime(spec, next(self._generations), tools if tools is not None else {})
+        if created_at is not None:
+            agent.created_at = created_at
+        self._agents[spec.name] = agent
+        if start:
+            try:
+                agent.tools = self._tools.select(spec.tools)
+            except Exception as exc:  # a stored agent naming a tool that no longer exists
+                self._fail(agent, exc)
+                return agent
+            self._launch(agent)
+        return agent
+
+    def _launch(self, agent: AgentRuntime) -> None:
+        agent.start_task = self._spawn(self._start(agent), f"agent-start:{agent.name}:{agent.generation}")
+
+    async def _start(self, agent: AgentRuntime) -> None:
+        provider: Provider | None = None
+        try:
+            provider = create_provider(agent.spec.provider, agent.spec.model, agent.spec.provider_options)
+            await provider.start()
+        except asyncio.CancelledError:
+            if provider is not None:
+                await asyncio.shield(provider.aclose())
+            raise
+        except Exception as exc:
+            log.warning("agent %s failed to start: %s", agent.name, exc)
+            if provider is not None:
+                await provider.aclose()
+            self._fail(agent, exc)
+            return
+        if self._agents.get(agent.name) is not agent:
+            await provider.aclose()  # stale generation: a newer agent owns the name
+            return
+        agent.provider = provider
+        agent.slot = asyncio.Semaphore(provider.max_concurrent_calls)
+        agent.state = AgentState.READY
+        agent.settled.set()
+
+    def _fail(self, agent: AgentRuntime, exc: BaseException) -> None:
+        if self._agents.get(agent.name) is agent:
+            agent.state = AgentState.FAILED
+            agent.error = str(exc) or type(exc).__name__
+            agent.settled.set()
+
+    def _drop(self, agent: AgentRuntime) -> None:
+        if self._agents.get(agent.name) is agent:
+            del self._agents[agent.name]
+        if agent.start_task is not None and not agent.start_task.done():
+            agent.start_task.cancel()
+        agent.state = AgentState.FAILED
+        agent.error = agent.error or "deleted"
+        agent.settled.set()

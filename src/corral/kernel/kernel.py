@@ -1,0 +1,567 @@
+"""The kernel: accepts inputs, orders them per session, runs them, and records outcomes.
+
+Every decision about run state is a synchronous method (atomic on the event loop);
+the I/O it implies is submitted to the store's single writer afterwards. Nothing
+holds a lock across an await. The kernel owns one task group; every run, agent
+start and the writer live in it, so stopping the kernel stops them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from corral.errors import Conflict, CorralError, NotFound, ShuttingDown
+from corral.kernel.agents import AgentManager
+from corral.kernel.lane import Acceptance, Slot
+from corral.kernel.observers import EventHub
+from corral.kernel.runs import CancelReason, RunHandle
+from corral.kernel.sessions import Accepted, SessionRuntime, SessionTable
+from corral.loop.messages import message_row
+from corral.loop.runner import Finished, Parked, SteerInput, StepLoop, Stopped
+from corral.providers.base import ToolCall
+from corral.specs import AgentSpec
+from corral.store import NewEvent, Store, repo
+from corral.store.tables import utcnow
+from corral.tools import ToolRegistry, default_registry
+from corral.types import (
+    TERMINAL_EVENT,
+    ApprovalStatus,
+    CancelMode,
+    Decision,
+    Disposition,
+    EventType,
+    ExecPolicy,
+    InputStatus,
+    Mode,
+    RunStatus,
+    new_id,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    max_pending_inputs: int = 1000
+    interrupt_grace_s: float = 2.0
+    shutdown_grace_s: float = 5.0
+    requeue_interrupted: bool = True
+    max_tool_processes: int = 8
+
+
+class Kernel:
+    def __init__(
+        self,
+        store: Store,
+        config: KernelConfig | None = None,
+        *,
+        tools: ToolRegistry | None = None,
+        initial_agents: tuple[AgentSpec, ...] = (),
+    ):
+        self.store = store
+        self.config = config or KernelConfig()
+        self.hub = EventHub()
+        store.on_commit(self.hub.publish)
+        self.sessions = SessionTable(store, self.config.max_pending_inputs)
+        self.agents = AgentManager(store, tools or default_registry(), self._spawn)
+        self.tool_slot = asyncio.Semaphore(self.config.max_tool_processes)
+        self.stopping = asyncio.Event()
+        self._initial_agents = initial_agents
+        self._runs: dict[str, RunHandle] = {}
+        self._group: asyncio.TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        active = sum(1 for h in self._runs.values() if h.status.is_active)
+        return f"<Kernel runs: {active} active, {len(self._runs) - active} queued; {self.hub!r}>"
+
+    # --- lifetime -----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Kernel]:
+        """Migrate, start the writer, recover, start agents; on exit shut down cleanly."""
+        from corral.kernel.recovery import recover
+
+        await self.store.migrate()
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                started = asyncio.Event()
+                group.create_task(self.store.run_writer(started), name="store-writer")
+                await started.wait()
+                try:
+                    await self.agents.load()
+                    for spec in self._initial_agents:
+                        if not self.agents.exists(spec.name):
+                            await self.agents.create(spec)
+                    await recover(self)
+                    yield self
+                finally:
+                    await self._shutdown()
+                    self.store.writer.close()
+        finally:
+            await self.store.aclose()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        if self._group is None:
+            coro.close()
+            raise ShuttingDown("the kernel is not running")
+        return self._group.create_task(coro, name=name)
+
+    def begin_stop(self) -> None:
+        """Stop intake and end every observer stream; runs are stopped by ``running()``'s exit."""
+        self.stopping.set()
+        self.hub.wake_all()
+
+    async def _shutdown(self) -> None:
+        self.begin_stop()
+        moving = [h for h in self._runs.values() if h.task is not None and not h.task.done()]
+        for handle in moving:
+            handle.cancel_reason = CancelReason.SHUTDOWN
+            handle.cancel_mode = CancelMode.SOFT
+        await _wait_finished(moving, self.config.shutdown_grace_s)
+        for handle in moving:
+            if not handle.finished.is_set():
+                self._hard_cancel(handle)
+        await _wait_finished(moving, 5.0)
+        await self.agents.aclose()
+
+    @property
+    def accepting(self) -> bool:
+        return not self.stopping.is_set()
+
+    # --- intake ---------------------------------------------------------------------
+
+    async def submit(
+        self,
+        session_id: str,
+        content: str,
+        *,
+        mode: Mode = Mode.QUEUE,
+        policy: ExecPolicy = ExecPolicy.CONTINUE,
+        debounce_ms: int = 0,
+        idempotency_key: str | None = None,
+        origin: str = "api",
+    ) -> Accepted:
+        """Accept one input durably; returns once it is committed (HTTP 202)."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down and takes no new messages")
+        runtime = await self.sessions.get(session_id)
+        if idempotency_key is not None:
+            seen = await self._seen_key(runtime, idempotency_key)
+            if seen is not None:
+                return seen
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down and takes no new messages")
+        # --- synchronous: decide, record in memory, submit the write -----------------
+        input_id, fresh_run = new_id("in"), new_id("run")
+        loop = asyncio.get_running_loop()
+        acceptance = runtime.lane.accept(
+            input_id, mode, fresh_run, policy=policy, debounce_ms=debounce_ms, now=loop.time()
+        )
+        runtime.last_input_seq += 1
+        runtime.contents[input_id] = content
+        accepted = Accepted(session_id, input_id, acceptance.slot.run_id, acceptance.disposition)
+        if idempotency_key is not None:
+            runtime.idempotency[idempotency_key] = Accepted(**{**accepted.__dict__, "duplicate": True})
+        written = self.store.submit(*self._accept_unit(runtime, acceptance, input_id, content, mode,
+                                                      idempotency_key, origin))
+        if acceptance.created:
+            handle = RunHandle(acceptance.slot.run_id, session_id, acceptance.slot, accepted=written)
+            self._register(runtime, handle)
+        if acceptance.to_interrupt is not None:
+            self._interrupt(acceptance.to_interrupt.run_id, roll_back=mode is Mode.ROLLBACK)
+        if acceptance.to_start is not None:
+            self._start(runtime.handles[acceptance.to_start.run_id])
+        try:
+            await written
+        except BaseException:
+            self._forget_input(runtime, acceptance, input_id, idempotency_key)
+            raise
+        return accepted
+
+    async def _seen_key(self, runtime: SessionRuntime, key: str) -> Accepted | None:
+        seen = runtime.idempotency.get(key)
+        if seen is not None:
+            return seen
+        async with self.store.read() as conn:
+            row = await repo.input_by_idempotency_key(conn, runtime.id, key)
+        if row is not None:
+            seen = Accepted(runtime.id, row.id, row.run_id, Disposition(row.disposition), duplicate=True)
+            runtime.idempotency.setdefault(key, seen)
+        return runtime.idempotency.get(key)
+
+    def _accept_unit(
+        self, runtime: SessionRuntime, acceptance: Acceptance, input_id: str, content: str, mode: Mode,
+        idempotency_key: str | None, origin: str,
+    ) -> tuple[Any, list[NewEvent]]:
+        slot, now = acceptance.slot, utcnow()
+        run_row = _run_row(runtime.id, slot, now) if acceptance.created else None
+        input_row = {
+            "id": input_id, "session_id": runtime.id, "run_id": slot.run_id, "seq": runtime.last_input_seq,
+            "content": content, "mode": mode.value, "disposition": acceptance.disposition.value,
+            "status": InputStatus.PENDING.value, "origin": origin, "idempotency_key": idempotency_key,
+            "created_at": now,
+        }
+
+        async def unit(conn: AsyncConnection) -> None:
+            if run_row is not None:
+                await repo.insert_run(conn, run_row)
+            await repo.insert_inputs(conn, [input_row])
+
+        events = []
+        if acceptance.created:
+            events.append(NewEvent(runtime.id, EventType.RUN_QUEUED, slot.run_id,
+                                   {"input_ids": [input_id], "mode": mode.value}))
+        return unit, events
+
+    def _forget_input(self, runtime: SessionRuntime, acceptance: Acceptance, input_id: str, key: str | None) -> None:
+        """The accepting write failed: take the input back out of memory."""
+        runtime.contents.pop(input_id, None)
+        if key is not None:
+            runtime.idempotency.pop(key, None)
+        slot = acceptance.slot
+        if not acceptance.created:
+            for ids in (slot.input_ids, slot.inbox):
+                if input_id in ids:
+                    ids.remove(input_id)
+            return
+        handle = runtime.handles.pop(slot.run_id, None)
+        self._runs.pop(slot.run_id, None)
+        if runtime.lane.cancel_queued(slot.run_id) is None:
+            handover = runtime.lane.finish(slot.run_id, lambda: new_id("run"))
+            if handover.to_start is not None:
+                self._start(runtime.handles[handover.to_start.run_id])
+        if handle is not None:
+            handle.finished.set()
+
+    def _register(self, runtime: SessionRuntime, handle: RunHandle) -> None:
+        runtime.handles[handle.run_id] = handle
+        self._runs[handle.run_id] = handle
+
+    def _start(self, handle: RunHandle, *, resume: bool = False) -> None:
+        if not self.accepting:
+            return  # left queued (or waiting) in the store; the next start picks it up
+        handle.task = self._spawn(self._drive(handle, resume=resume), f"run:{handle.run_id}")
+
+    # --- execution ------------------------------------------------------------------
+
+    async def _drive(self, handle: RunHandle, *, resume: bool) -> None:
+        """A run's whole life in this process: begin, step loop, outcome."""
+        runtime = await self.sessions.get(handle.session_id)
+        if handle.accepted is not None:
+            try:
+                await handle.accepted
+            except BaseException:
+                return  # submit() undoes the acceptance and reports the error
+        begun = resume
+        try:
+            if not resume:
+                await self._debounce(handle)
+            agent = await self.agents.wait_ready(runtime.agent)
+            if handle.cancel_mode is not None and not begun:
+                await self._finalize(handle, RunStatus.CANCELLED, error=_cancel_error(handle))
+                return
+            if resume:
+                await self._resume(handle)
+            else:
+                await self._begin(runtime, handle)
+                begun = True
+            while True:
+                step_loop = StepLoop(self.store, agent, handle, handle.slot.policy,
+                                     lambda: self._take_steers(runtime, handle), self.tool_slot)
+                outcome = await step_loop.run()
+                if isinstance(outcome, Finished):
+                    await self._finalize(handle, RunStatus.COMPLETED, text=outcome.text, usage=step_loop.usage)
+                    return
+                if isinstance(outcome, Stopped):
+                    await self._finalize(handle, self._stop_status(handle), text=outcome.partial,
+                                         error=_cancel_error(handle), usage=step_loop.usage)
+                    return
+                assert isinstance(outcome, Parked)
+                if await self._park(handle, outcome.calls):
+                    return
+        except asyncio.CancelledError:
+            if handle.cancel_mode is not CancelMode.HARD:
+                await asyncio.shield(self._finalize_quietly(handle, RunStatus.INTERRUPTED, begun))
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await self._finalize_quietly(handle, self._stop_status(handle), begun)
+        except CorralError as exc:
+            await self._finalize(handle, RunStatus.FAILED, error=_error(exc))
+        except Exception as exc:
+            log.exception("run %s crashed", handle.run_id)
+            await self._finalize(handle, RunStatus.FAILED,
+                                 error={"code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+
+    async def _finalize_quietly(self, handle: RunHandle, status: RunStatus, begun: bool) -> None:
+        if not begun and handle.interrupted_by_shutdown:
+            return  # never started: stays queued in the store for the next start
+        await self._finalize(handle, status, error=_cancel_error(handle))
+
+    def _stop_status(self, handle: RunHandle) -> RunStatus:
+        return RunStatus.INTERRUPTED if handle.interrupted_by_shutdown else RunStatus.CANCELLED
+
+    async def _debounce(self, handle: RunHandle) -> None:
+        slot = handle.slot
+        loop = asyncio.get_running_loop()
+        while slot.collect and slot.debounce_ms:
+            remaining = slot.last_input_at + slot.debounce_ms / 1000 - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(remaining)
+
+    async def _begin(self, runtime: SessionRuntime, handle: RunHandle) -> None:
+        runtime.lane.mark_started(handle.run_id)
+        handle.move(RunStatus.RUNNING)
+        input_ids = list(handle.slot.input_ids)
+        rows = [message_row(runtime.id, handle.run_id, "user", runtime.contents.pop(i), input_id=i)
+                for i in input_ids]
+        now = utcnow()
+
+        async def unit(conn: AsyncConnection) -> None:
+            await repo.update_run(conn, handle.run_id, status=RunStatus.RUNNING.value, started_at=now)
+            await repo.set_input_status(conn, input_ids, InputStatus.CONSUMED)
+            await repo.insert_messages(conn, rows)
+
+        await self.store.write(unit, [NewEvent(runtime.id, EventType.RUN_STARTED, handle.run_id,
+                                               {"input_ids": input_ids})])
+
+    async def _resume(self, handle: RunHandle) -> None:
+        handle.move(RunStatus.RUNNING)
+        await self.store.write(lambda conn: repo.update_run(conn, handle.run_id, status=RunStatus.RUNNING.value))
+
+    def _take_steers(self, runtime: SessionRuntime, handle: RunHandle) -> list[SteerInput]:
+        ids = runtime.lane.take_steers(handle.run_id)
+        return [SteerInput(i, runtime.contents.pop(i)) for i in ids]
+
+    async def _park(self, handle: RunHandle, calls: list[ToolCall]) -> bool:
+        """Record the wait for approvals; True if the run should now sleep (holding nothing)."""
+        handle.move(RunStatus.WAITING)
+        handle.pending_approvals = {call.id for call in calls}
+        now = utcnow()
+        rows = [{"run_id": handle.run_id, "call_id": c.id, "session_id": handle.session_id, "tool": c.name,
+                 "arguments": c.arguments, "status": ApprovalStatus.PENDING.value, "created_at": now}
+                for c in calls]
+
+        async def unit(conn: AsyncConnection) -> None:
+            await repo.insert_approvals(conn, rows)
+            await repo.update_run(conn, handle.run_id, status=RunStatus.WAITING.value)
+
+        events = [NewEvent(handle.session_id, EventType.APPROVAL_REQUESTED, handle.run_id,
+                           {"call_id": c.id, "tool": c.name, "arguments": c.arguments}) for c in calls]
+        events.append(NewEvent(handle.session_id, EventType.RUN_WAITING, handle.run_id,
+                               {"pending": [c.id for c in calls]}))
+        await self.store.write(unit, events)
+        if handle.pending_approvals and handle.cancel_mode is None:
+            handle.task = None  # parked: decide() or cancel() picks it up
+            return True
+        if handle.cancel_mode is not None:
+            await self._finalize(handle, self._stop_status(handle), error=_cancel_error(handle))
+            return True
+        await self._resume(handle)
+        return False
+
+    async def _finalize(
+        self,
+        handle: RunHandle,
+        status: RunStatus,
+        *,
+        text: str | None = None,
+        error: dict[str, Any] | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> None:
+        """Record a run's end: status, final message and terminal event in one transaction."""
+        if handle.finished.is_set():
+            return
+        runtime = await self.sessions.get(handle.session_id)
+        began = handle.status.is_active
+        handle.move(status)
+        if handle.hard_timer is not None:
+            handle.hard_timer.cancel()
+        handle.finished.set()
+        self._runs.pop(handle.run_id, None)
+        runtime.handles.pop(handle.run_id, None)
+        queued_slot = runtime.lane.cancel_queued(handle.run_id)
+        handover = runtime.lane.finish(handle.run_id, lambda: new_id("run"))
+        requeue: Slot | None = None
+        if status is RunStatus.INTERRUPTED and began and self.config.requeue_interrupted:
+            requeue = Slot(new_id("run"), handle.slot.position - 0.5, list(handle.slot.input_ids), urgent=True)
+        unit, events = self._final_unit(runtime, handle, status, text, error, usage, began,
+                                        unstarted=queued_slot is not None or not began,
+                                        requeued=handover.requeued, requeue=requeue)
+        if handover.requeued is not None:
+            self._register(runtime, RunHandle(handover.requeued.run_id, runtime.id, handover.requeued))
+        if handover.to_start is not None:
+            self._start(runtime.handles[handover.to_start.run_id])
+        await self.store.write(unit, events)
+
+    def _final_unit(
+        self, runtime: SessionRuntime, handle: RunHandle, status: RunStatus, text: str | None,
+        error: dict[str, Any] | None, usage: dict[str, int] | None, began: bool, *, unstarted: bool,
+        requeued: Slot | None, requeue: Slot | None,
+    ) -> tuple[Any, list[NewEvent]]:
+        now, run_id, sid = utcnow(), handle.run_id, runtime.id
+        final_rows = [message_row(sid, run_id, "assistant", text)] if text else []
+        roll_back = began and (handle.roll_back or requeue is not None)
+        steer_moves = list(requeued.input_ids) if requeued else []
+        new_runs = [slot for slot in (requeued, requeue) if slot is not None]
+        if unstarted:
+            for input_id in handle.slot.input_ids:
+                runtime.contents.pop(input_id, None)
+
+        async def unit(conn: AsyncConnection) -> None:
+            await repo.update_run(conn, run_id, status=status.value, output=text if text else None,
+                                  error=error, usage=usage, ended_at=now)
+            await repo.insert_messages(conn, final_rows)
+            if unstarted:
+                await repo.set_input_status(conn, handle.slot.input_ids, InputStatus.CANCELLED)
+            if roll_back:
+                await repo.roll_back_run_messages(conn, run_id)
+            for slot in new_runs:
+                await repo.insert_run(conn, _run_row(sid, slot, now))
+            if requeued is not None:
+                await repo.move_inputs(conn, steer_moves, requeued.run_id, InputStatus.PENDING)
+            if requeue is not None:
+                await repo.move_inputs(conn, requeue.input_ids, requeue.run_id, InputStatus.PENDING)
+
+        events: list[NewEvent] = []
+        if text:
+            events.append(NewEvent(sid, EventType.MESSAGE_COMPLETED, run_id, {"role": "assistant", "content": text}))
+        body: dict[str, Any] = {"status": status.value}
+        if text:
+            body["output"] = text
+        if error:
+            body["error"] = error
+        events.append(NewEvent(sid, TERMINAL_EVENT[status], run_id, body))
+        for slot in new_runs:
+            events.append(NewEvent(sid, EventType.INPUT_REQUEUED, slot.run_id,
+                                   {"input_ids": list(slot.input_ids), "from_run_id": run_id, "run_id": slot.run_id}))
+            events.append(NewEvent(sid, EventType.RUN_QUEUED, slot.run_id, {"input_ids": list(slot.input_ids)}))
+        return unit, events
+
+    # --- control messages: never queued behind work -----------------------------------
+
+    async def cancel(self, run_id: str, mode: CancelMode) -> RunStatus:
+        """Cancel a run; returns its status at the moment the request took effect."""
+        handle = self._runs.get(run_id)
+        if handle is None:
+            return await self._status_of_ended(run_id)
+        handle.cancel_reason = handle.cancel_reason or CancelReason.USER
+        await self._cancel_handle(handle, mode)
+        return handle.status
+
+    def cancel_soon(self, run_id: str, mode: CancelMode) -> None:
+        """Cancel from a context that cannot await (an observer going away)."""
+        if run_id in self._runs and self.accepting:
+            self._spawn(self._cancel_quietly(run_id, mode), f"cancel:{run_id}")
+
+    async def _cancel_quietly(self, run_id: str, mode: CancelMode) -> None:
+        try:
+            await self.cancel(run_id, mode)
+        except (NotFound, Conflict):
+            pass  # it ended on its own meanwhile: nothing left to cancel
+
+    async def _cancel_handle(self, handle: RunHandle, mode: CancelMode) -> None:
+        if handle.status is RunStatus.QUEUED and handle.task is None:
+            handle.cancel_mode = mode
+            await self._finalize(handle, RunStatus.CANCELLED, error=_cancel_error(handle))
+        elif handle.status is RunStatus.WAITING and handle.task is None:
+            handle.cancel_mode = mode
+            await self._finalize(handle, self._stop_status(handle), error=_cancel_error(handle))
+        elif mode is CancelMode.HARD or handle.status is RunStatus.QUEUED:
+            self._hard_cancel(handle)
+        else:
+            handle.cancel_mode = handle.cancel_mode or CancelMode.SOFT
+
+    def _hard_cancel(self, handle: RunHandle) -> None:
+        handle.cancel_mode = CancelMode.HARD
+        if handle.task is not None and not handle.task.done():
+            handle.task.cancel(handle.cancel_reason)
+
+    def _interrupt(self, run_id: str, *, roll_back: bool) -> None:
+        handle = self._runs.get(run_id)
+        if handle is None:
+            return
+        handle.roll_back = handle.roll_back or roll_back
+        handle.cancel_reason = handle.cancel_reason or CancelReason.INTERRUPTED
+        if handle.task is None:
+            self._spawn(self._cancel_handle(handle, CancelMode.SOFT), f"interrupt:{run_id}")
+            return
+        if handle.status is RunStatus.QUEUED:
+            self._hard_cancel(handle)
+            return
+        handle.cancel_mode = handle.cancel_mode or CancelMode.SOFT
+        if handle.hard_timer is None:
+            handle.hard_timer = asyncio.get_running_loop().call_later(
+                self.config.interrupt_grace_s, self._hard_cancel, handle
+            )
+
+    async def decide(self, run_id: str, call_id: str, decision: Decision) -> None:
+        handle = self._runs.get(run_id)
+        if handle is None:
+            await self._status_of_ended(run_id)
+            raise Conflict(f"run {run_id} is not waiting for approvals")
+        if call_id not in handle.pending_approvals:
+            raise NotFound(f"run {run_id} has no pending approval for call {call_id!r}")
+        handle.pending_approvals.discard(call_id)
+        status = ApprovalStatus.APPROVED if decision is Decision.APPROVE else ApprovalStatus.DENIED
+        now = utcnow()
+        await self.store.write(
+            lambda conn: repo.resolve_approval(conn, run_id, call_id, status, now),
+            [NewEvent(handle.session_id, EventType.APPROVAL_RESOLVED, run_id,
+                      {"call_id": call_id, "decision": decision.value})],
+        )
+        if not handle.pending_approvals and handle.status is RunStatus.WAITING and handle.task is None:
+            self._start(handle, resume=True)
+
+    async def _status_of_ended(self, run_id: str) -> RunStatus:
+        async with self.store.read() as conn:
+            row = await repo.get_run(conn, run_id)
+        if row is None:
+            raise NotFound(f"no run {run_id!r}")
+        raise Conflict(f"run {run_id} already ended ({row.status})")
+
+    # --- views --------------------------------------------------------------------------
+
+    def run_handle(self, run_id: str) -> RunHandle | None:
+        return self._runs.get(run_id)
+
+    def session_view(self, session_id: str) -> dict[str, Any]:
+        runtime = self.sessions.live(session_id)
+        if runtime is None:
+            return {"active_run_id": None, "queued": 0}
+        active = runtime.lane.active
+        return {"active_run_id": active.run_id if active else None, "queued": runtime.lane.pending_inputs()}
+
+
+def _run_row(session_id: str, slot: Slot, now: Any) -> dict[str, Any]:
+    return {
+        "id": slot.run_id, "session_id": session_id, "status": RunStatus.QUEUED.value, "position": slot.position,
+        "policy": slot.policy.value, "collect": slot.collect, "created_at": now,
+    }
+
+
+def _error(exc: CorralError) -> dict[str, Any]:
+    return {"code": exc.code, "message": str(exc)}
+
+
+def _cancel_error(handle: RunHandle) -> dict[str, Any]:
+    return {"code": "cancelled", "message": handle.cancel_reason or CancelReason.USER}
+
+
+async def _wait_finished(handles: list[RunHandle], within: float) -> None:
+    pending = [asyncio.ensure_future(h.finished.wait()) for h in handles if not h.finished.is_set()]
+    if not pending:
+        return
+    _, not_done = await asyncio.wait(pending, timeout=within)
+    for waiter in not_done:
+        waiter.cancel()

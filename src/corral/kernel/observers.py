@@ -1,0 +1,138 @@
+"""Observers: attach to a session's event log at any position, never slow a run.
+
+Each subscription has a bounded buffer. The writer publishes committed events into
+every buffer without waiting; a full buffer marks its subscription lagged and stops
+receiving. A lagged reader catches up from the store, where every committed event
+is, so nothing is ever dropped, and the run that produced the events never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+
+from corral.store import Event, Store, repo
+
+PAGE = 500
+
+
+class Subscription:
+    def __init__(self, session_id: str, limit: int):
+        self.session_id = session_id
+        self.limit = limit
+        self.buffer: deque[Event] = deque()
+        # Set when the buffer overflowed: events since then are only in the store.
+        self.lagged = False
+        self.catch_ups = 0
+        self._wakeup = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.session_id} buffered={len(self.buffer)} lagged={self.lagged}>"
+
+    def push(self, event: Event) -> None:
+        if self.lagged:
+            return
+        if len(self.buffer) >= self.limit:
+            self.lagged = True
+        else:
+            self.buffer.append(event)
+        self._wakeup.set()
+
+    async def wait(self) -> None:
+        if not self.buffer and not self.lagged:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+
+class EventHub:
+    """Fans committed events out to the subscriptions of their session."""
+
+    def __init__(self, buffer_limit: int = 1000):
+        self.buffer_limit = buffer_limit
+        self._subs: dict[str, set[Subscription]] = {}
+        self.catch_ups = 0
+
+    def __repr__(self) -> str:
+        return f"<EventHub sessions={len(self._subs)} observers={self.observer_count()}>"
+
+    def observer_count(self) -> int:
+        return sum(len(subs) for subs in self._subs.values())
+
+    def publish(self, events: list[Event]) -> None:
+        for event in events:
+            for sub in self._subs.get(event.session_id, ()):
+                sub.push(event)
+
+    def subscribe(self, session_id: str) -> Subscription:
+        sub = Subscription(session_id, self.buffer_limit)
+        self._subs.setdefault(session_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.session_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.session_id]
+
+    def wake_all(self) -> None:
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.wake()
+
+    async def observe(
+        self,
+        store: Store,
+        session_id: str,
+        *,
+        after: int = 0,
+        run_id: str | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[Event]:
+        """Every event after ``after``: the stored backlog, then the live tail.
+
+        No gap: the subscription exists before the backlog is read, so an event is
+        either in that read or arrives live. No duplicate: anything at or below the
+        last yielded seq is skipped. With ``run_id`` only that run's events come, and
+        the iterator ends after its terminal event.
+        """
+        sub = self.subscribe(session_id)
+        last = after
+        try:
+            while True:
+                while True:
+                    async with store.read() as conn:
+                        page = await repo.events_after(conn, session_id, last, run_id=run_id, limit=PAGE)
+                    for event in page:
+                        last = event.seq
+                        yield event
+                        if run_id is not None and event.is_terminal:
+                            return
+                    if len(page) < PAGE:
+                        break
+                while True:
+                    if stop is not None and stop.is_set():
+                        return
+                    if sub.buffer:
+                        event = sub.buffer.popleft()
+                        if event.seq <= last:
+                            continue
+                        last = event.seq
+                        if run_id is not None and event.run_id != run_id:
+                            continue
+                        yield event
+                        if run_id is not None and event.is_terminal:
+                            return
+                        continue
+                    if sub.lagged:
+                        sub.lagged = False
+                        sub.catch_ups += 1
+                        self.catch_ups += 1
+                        break  # read what was missed from the store
+                    await sub.wait()
+        finally:
+            self.unsubscribe(sub)

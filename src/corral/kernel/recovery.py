@@ -1,0 +1,116 @@
+"""Start-up recovery: no run is left `running`, no accepted input is left behind.
+
+What the store says at start:
+- `running` runs were cut off mid-flight: each becomes `interrupted` (with its event),
+  its messages are rolled back out of the context, and by default its inputs move to
+  a new queued run at the front of the session's queue (invariant 12);
+- `waiting` runs keep waiting for their approvals, holding nothing;
+- `queued` runs are rebuilt into their session's lane in order and the head starts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from corral.kernel.lane import Slot
+from corral.kernel.runs import RunHandle
+from corral.store import NewEvent, repo
+from corral.store.tables import utcnow
+from corral.types import EventType, ExecPolicy, InputStatus, RunStatus, new_id
+
+if TYPE_CHECKING:
+    from corral.kernel.kernel import Kernel
+
+INTERRUPTED_ERROR = {"code": "interrupted", "message": "the server stopped while the run was active"}
+
+
+async def recover(kernel: Kernel) -> None:
+    async with kernel.store.read() as conn:
+        runs = list(await repo.unfinished_runs(conn))
+        inputs = await repo.inputs_of_runs(conn, [r.id for r in runs])
+        approvals = await repo.pending_approvals(conn)
+    inputs_by_run: dict[str, list[Any]] = defaultdict(list)
+    for row in inputs:
+        inputs_by_run[row.run_id].append(row)
+    pending_by_run: dict[str, set[str]] = defaultdict(set)
+    for row in approvals:
+        pending_by_run[row.run_id].add(row.call_id)
+    by_session: dict[str, list[Any]] = defaultdict(list)
+    for run in runs:
+        by_session[run.session_id].append(run)
+    for session_id, session_runs in by_session.items():
+        await _recover_session(kernel, session_id, session_runs, inputs_by_run, pending_by_run)
+
+
+async def _recover_session(
+    kernel: Kernel,
+    session_id: str,
+    runs: list[Any],
+    inputs_by_run: dict[str, list[Any]],
+    pending_by_run: dict[str, set[str]],
+) -> None:
+    runtime = await kernel.sessions.get(session_id)
+    queued: list[Slot] = []
+    active: Slot | None = None
+    waiting_handle: RunHandle | None = None
+    for run in runs:
+        rows = inputs_by_run.get(run.id, [])
+        for row in rows:
+            if row.status == InputStatus.PENDING.value or run.status == RunStatus.RUNNING.value:
+                runtime.contents[row.id] = row.content
+        status = RunStatus(run.status)
+        if status is RunStatus.RUNNING:
+            slot = await _interrupt(kernel, session_id, run, rows)
+            if slot is not None:
+                queued.append(slot)
+                kernel._register(runtime, RunHandle(slot.run_id, session_id, slot))
+            continue
+        slot = Slot(run.id, run.position, [r.id for r in rows if r.status == InputStatus.PENDING.value],
+                    ExecPolicy(run.policy), collect=run.collect)
+        if status is RunStatus.WAITING:
+            slot.started = True
+            slot.input_ids = []
+            slot.inbox = [r.id for r in rows if r.status == InputStatus.PENDING.value]
+            active = slot
+            waiting_handle = RunHandle(run.id, session_id, slot, status=RunStatus.WAITING,
+                                       pending_approvals=set(pending_by_run.get(run.id, ())))
+            kernel._register(runtime, waiting_handle)
+        else:
+            queued.append(slot)
+            kernel._register(runtime, RunHandle(run.id, session_id, slot))
+    to_start = runtime.lane.restore(active, queued)
+    if to_start is not None:
+        kernel._start(runtime.handles[to_start.run_id])
+    if waiting_handle is not None and not waiting_handle.pending_approvals:
+        kernel._start(waiting_handle, resume=True)  # decided just before the stop
+
+
+async def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any]) -> Slot | None:
+    now = utcnow()
+    input_ids = [r.id for r in rows]
+    requeue = None
+    if kernel.config.requeue_interrupted and input_ids:
+        requeue = Slot(new_id("run"), run.position - 0.5, input_ids, ExecPolicy(run.policy), urgent=True)
+
+    async def unit(conn: AsyncConnection) -> None:
+        await repo.update_run(conn, run.id, status=RunStatus.INTERRUPTED.value, error=INTERRUPTED_ERROR,
+                              ended_at=now)
+        await repo.roll_back_run_messages(conn, run.id)
+        if requeue is not None:
+            await repo.insert_run(conn, {
+                "id": requeue.run_id, "session_id": session_id, "status": RunStatus.QUEUED.value,
+                "position": requeue.position, "policy": requeue.policy.value, "collect": False, "created_at": now,
+            })
+            await repo.move_inputs(conn, input_ids, requeue.run_id, InputStatus.PENDING)
+
+    events = [NewEvent(session_id, EventType.RUN_INTERRUPTED, run.id,
+                       {"status": RunStatus.INTERRUPTED.value, "error": INTERRUPTED_ERROR})]
+    if requeue is not None:
+        events.append(NewEvent(session_id, EventType.INPUT_REQUEUED, requeue.run_id,
+                               {"input_ids": input_ids, "from_run_id": run.id, "run_id": requeue.run_id}))
+        events.append(NewEvent(session_id, EventType.RUN_QUEUED, requeue.run_id, {"input_ids": input_ids}))
+    await kernel.store.write(unit, events)
+    return requeue

@@ -1,0 +1,68 @@
+"""Run states, the one table of allowed transitions, and a run's in-memory handle."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from corral.errors import InvalidTransition
+from corral.kernel.lane import Slot
+from corral.types import CancelMode, RunStatus
+
+S = RunStatus
+ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED, S.INTERRUPTED}),
+    S.RUNNING: frozenset({S.WAITING, S.COMPLETED, S.FAILED, S.CANCELLED, S.INTERRUPTED}),
+    S.WAITING: frozenset({S.RUNNING, S.CANCELLED, S.FAILED, S.INTERRUPTED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.INTERRUPTED: frozenset(),
+}
+
+
+def check_transition(run_id: str, current: RunStatus, target: RunStatus) -> None:
+    if target not in ALLOWED[current]:
+        raise InvalidTransition(f"run {run_id}: {current.value} -> {target.value} is not allowed")
+
+
+class CancelReason:
+    USER = "cancelled by request"
+    INTERRUPTED = "interrupted by a newer message"
+    SHUTDOWN = "the server is shutting down"
+
+
+@dataclass(eq=False)
+class RunHandle:
+    """The kernel's view of one unfinished run. Only the kernel mutates it."""
+
+    run_id: str
+    session_id: str
+    slot: Slot
+    status: RunStatus = RunStatus.QUEUED
+    # Resolves once the run's accepting write committed: nothing runs before that.
+    accepted: asyncio.Future[object] | None = None
+    task: asyncio.Task[None] | None = None
+    cancel_mode: CancelMode | None = None
+    cancel_reason: str | None = None
+    roll_back: bool = False
+    hard_timer: asyncio.TimerHandle | None = None
+    # Approvals this run waits for (call ids), while parked in `waiting`.
+    pending_approvals: set[str] = field(default_factory=set)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __repr__(self) -> str:
+        cancel = f" cancel={self.cancel_mode.value}" if self.cancel_mode else ""
+        return f"<Run {self.run_id} {self.status.value}{cancel}>"
+
+    def move(self, target: RunStatus) -> None:
+        check_transition(self.run_id, self.status, target)
+        self.status = target
+
+    @property
+    def soft_cancel_requested(self) -> bool:
+        return self.cancel_mode is not None
+
+    @property
+    def interrupted_by_shutdown(self) -> bool:
+        return self.cancel_reason == CancelReason.SHUTDOWN

@@ -1,0 +1,135 @@
+"""Sessions: their rows, their in-memory runtime, and single-flight creation and loading."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from corral.errors import NotFound
+from corral.kernel.lane import Lane
+from corral.kernel.runs import RunHandle
+from corral.store import Store, repo
+from corral.store.tables import utcnow
+from corral.types import Disposition, new_id
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What an accepted input became; returned again for a repeated Idempotency-Key."""
+
+    session_id: str
+    input_id: str
+    run_id: str
+    disposition: Disposition
+    duplicate: bool = False
+
+
+@dataclass(eq=False)
+class SessionRuntime:
+    """A session as the kernel holds it while it is in use. Only the kernel mutates it."""
+
+    id: str
+    agent: str
+    lane: Lane
+    last_input_seq: int
+    # Content of inputs accepted but not yet consumed by a run.
+    contents: dict[str, str] = field(default_factory=dict)
+    # Unfinished runs of this session, queued or active.
+    handles: dict[str, RunHandle] = field(default_factory=dict)
+    idempotency: dict[str, Accepted] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.lane!r}>"
+
+
+class SessionTable:
+    """Creates sessions (one per key, however many ask at once) and loads their runtimes."""
+
+    def __init__(self, store: Store, max_pending: int):
+        self._store = store
+        self._max_pending = max_pending
+        self._live: dict[str, SessionRuntime] = {}
+        self._loading: dict[str, asyncio.Future[SessionRuntime]] = {}
+        self._creating: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<SessionTable live={len(self._live)}>"
+
+    def live(self, session_id: str) -> SessionRuntime | None:
+        return self._live.get(session_id)
+
+    def all_live(self) -> list[SessionRuntime]:
+        return list(self._live.values())
+
+    async def create(self, agent: str, key: str | None, metadata: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """The session's row and whether this call created it (invariant 15)."""
+        if key is None:
+            return await self._insert(agent, None, metadata), True
+        pending = self._creating.get(key)
+        if pending is not None:
+            return dict(await asyncio.shield(pending)), False
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._creating[key] = future
+        try:
+            row, created = await self._get_or_insert(agent, key, metadata)
+            future.set_result(row)
+            return row, created
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here; waiters re-raise it
+            raise
+        finally:
+            del self._creating[key]
+
+    async def _get_or_insert(self, agent: str, key: str, metadata: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        async with self._store.read() as conn:
+            existing = await repo.get_session_by_key(conn, key)
+        if existing is not None:
+            return dict(existing._mapping), False
+        try:
+            return await self._insert(agent, key, metadata), True
+        except IntegrityError:
+            async with self._store.read() as conn:  # another process won the race
+                existing = await repo.get_session_by_key(conn, key)
+            if existing is None:
+                raise
+            return dict(existing._mapping), False
+
+    async def _insert(self, agent: str, key: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
+        session_id = new_id("ses")
+        row = {"id": session_id, "agent": agent, "key": key, "metadata": metadata, "created_at": utcnow()}
+        await self._store.write(lambda conn: repo.insert_session(conn, row))
+        self._live[session_id] = SessionRuntime(session_id, agent, Lane(max_pending=self._max_pending), 0)
+        return row
+
+    async def get(self, session_id: str) -> SessionRuntime:
+        """The session's runtime, loaded once however many callers ask at the same time."""
+        runtime = self._live.get(session_id)
+        if runtime is not None:
+            return runtime
+        pending = self._loading.get(session_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[SessionRuntime] = asyncio.get_running_loop().create_future()
+        self._loading[session_id] = future
+        try:
+            async with self._store.read() as conn:
+                row = await repo.get_session(conn, session_id)
+                if row is None:
+                    raise NotFound(f"no session {session_id!r}")
+                last_seq, top = await repo.session_counters(conn, session_id)
+            runtime = self._live.setdefault(
+                session_id,
+                SessionRuntime(session_id, row.agent, Lane(max_pending=self._max_pending, top_position=top), last_seq),
+            )
+            future.set_result(runtime)
+            return runtime
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()
+            raise
+        finally:
+            del self._loading[session_id]

@@ -1,0 +1,234 @@
+"""The agent step loop: context, model call, tool calls, steering.
+
+One step is: take steering messages, check for a soft cancel, call the model
+(holding a provider slot only for the call), then run the step's tool calls
+concurrently. The loop reads and appends state through the store so that a run
+parked for an approval can be resumed from the store alone, even after a restart.
+State transitions belong to the kernel: the loop returns an outcome and the kernel
+records it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.errors import StepLimitExceeded, ToolError
+from corral.kernel.agents import AgentRuntime
+from corral.kernel.runs import RunHandle
+from corral.loop.messages import message_row, steps_taken, to_chat, unresolved_calls
+from corral.providers.base import ChatMessage, ModelRequest, TextDelta, ToolCall, ToolCallsPart, Usage
+from corral.store import NewEvent, Store, repo
+from corral.tools.base import ToolContext
+from corral.types import Approval, ApprovalStatus, EventType, ExecPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SteerInput:
+    input_id: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A soft cancel was honoured at a boundary; ``partial`` is the text so far."""
+
+    partial: str
+
+
+@dataclass(frozen=True)
+class Parked:
+    """The step needs decisions on these calls; the run should wait, holding nothing."""
+
+    calls: list[ToolCall]
+
+
+Outcome = Finished | Stopped | Parked
+
+
+class _SoftStop(Exception):
+    def __init__(self, partial: str):
+        self.partial = partial
+
+
+@dataclass
+class StepLoop:
+    store: Store
+    agent: AgentRuntime
+    handle: RunHandle
+    policy: ExecPolicy
+    take_steers: Callable[[], list[SteerInput]]
+    tool_slot: asyncio.Semaphore
+    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+
+    @property
+    def run_id(self) -> str:
+        return self.handle.run_id
+
+    @property
+    def session_id(self) -> str:
+        return self.handle.session_id
+
+    async def run(self) -> Outcome:
+        try:
+            return await self._run()
+        except _SoftStop as stop:
+            return Stopped(stop.partial)
+
+    async def _run(self) -> Outcome:
+        async with self.store.read() as conn:
+            rows = await repo.session_messages(conn, self.session_id, include_rolled_back=False)
+            approvals = await repo.approvals_of_run(conn, self.run_id)
+        context = self._system() + [to_chat(row) for row in rows]
+        steps = steps_taken(rows, self.run_id)
+        pending = unresolved_calls(rows, self.run_id)
+        if pending:
+            decided = {a.call_id: ApprovalStatus(a.status) for a in approvals}
+            parked = await self._run_calls(pending, context, decided)
+            if parked:
+                return Parked(parked)
+        while True:
+            self._steer(context)
+            if self.handle.soft_cancel_requested:
+                raise _SoftStop("")
+            if steps >= self.agent.spec.max_steps:
+                raise StepLimitExceeded(f"the run used all {self.agent.spec.max_steps} steps of its agent")
+            text, calls = await self._call_model(context)
+            if not calls:
+                return Finished(text)
+            steps += 1
+            context.append(ChatMessage("assistant", text, tuple(calls)))
+            self._record_step(text, calls)
+            parked = await self._run_calls(calls, context, {})
+            if parked:
+                return Parked(parked)
+
+    def _record_step(self, text: str, calls: list[ToolCall]) -> None:
+        row = message_row(self.session_id, self.run_id, "assistant", text, tool_calls=calls)
+        event = self._event(EventType.MESSAGE_COMPLETED, {"role": "assistant", "content": text,
+                                                          "tool_calls": [c.as_json() for c in calls]})
+        self.store.submit(lambda conn: repo.insert_messages(conn, [row]), [event]).add_done_callback(_raise_later)
+
+    def _system(self) -> list[ChatMessage]:
+        prompt = self.agent.spec.system_prompt
+        return [ChatMessage("system", prompt)] if prompt else []
+
+    def _steer(self, context: list[ChatMessage]) -> None:
+        steers = self.take_steers()
+        if not steers:
+            return
+        rows = [message_row(self.session_id, self.run_id, "user", s.content, input_id=s.input_id) for s in steers]
+        events = [
+            self._event(EventType.RUN_STEERED, {"input_id": s.input_id, "content": s.content}) for s in steers
+        ]
+        self.store.submit(lambda conn: repo.insert_messages(conn, rows), events).add_done_callback(_raise_later)
+        context.extend(ChatMessage("user", s.content) for s in steers)
+
+    async def _call_model(self, context: list[ChatMessage]) -> tuple[str, list[ToolCall]]:
+        provider = self.agent.provider
+        assert provider is not None, "runs start only on ready agents"
+        specs = [tool.spec() for tool in self.agent.tools.values()]
+        parts: list[str] = []
+        calls: list[ToolCall] = []
+        async with self.agent.slot:
+            async with aclosing(provider.stream(ModelRequest(list(context), specs))) as stream:
+                async for part in stream:
+                    if isinstance(part, TextDelta):
+                        parts.append(part.text)
+                        self.store.writer.emit([self._event(EventType.MESSAGE_DELTA, {"text": part.text})])
+                        if self.handle.soft_cancel_requested:
+                            raise _SoftStop("".join(parts))
+                    elif isinstance(part, ToolCallsPart):
+                        calls.extend(part.calls)
+                    elif isinstance(part, Usage):
+                        self.usage["input_tokens"] += part.input_tokens
+                        self.usage["output_tokens"] += part.output_tokens
+        return "".join(parts), calls
+
+    async def _run_calls(
+        self, calls: list[ToolCall], context: list[ChatMessage], decided: dict[str, ApprovalStatus]
+    ) -> list[ToolCall]:
+        """Run what may run now, concurrently; return the calls that need a decision."""
+        needs_decision: list[ToolCall] = []
+        runnable: list[ToolCall] = []
+        results: dict[str, str] = {}
+        for call in calls:
+            verdict = decided.get(call.id)
+            if verdict is ApprovalStatus.DENIED:
+                results[call.id] = f"error: the call to {call.name} was denied by a human"
+            elif verdict is ApprovalStatus.APPROVED:
+                runnable.append(call)
+            elif verdict is ApprovalStatus.PENDING:
+                needs_decision.append(call)
+            else:
+                approval = self._approval_for(call.name)
+                if call.name not in self.agent.tools:
+                    results[call.id] = f"error: unknown tool {call.name!r}"
+                elif approval is Approval.DENY:
+                    results[call.id] = f"error: the policy denies the tool {call.name}"
+                elif approval is Approval.ASK:
+                    needs_decision.append(call)
+                else:
+                    runnable.append(call)
+        for call_id, text in results.items():
+            call = next(c for c in calls if c.id == call_id)
+            self._record_result(call, text, is_error=True)
+        async with asyncio.TaskGroup() as group:
+            tasks = {call.id: group.create_task(self._run_one(call)) for call in runnable}
+        for call_id, task in tasks.items():
+            results[call_id] = task.result()
+        for call in calls:
+            if call.id in results:
+                context.append(ChatMessage("tool", results[call.id], tool_call_id=call.id))
+        return needs_decision
+
+    def _approval_for(self, tool: str) -> Approval:
+        if self.policy is ExecPolicy.PAUSE:
+            return Approval.DENY if self.agent.spec.policy.approval_for(tool) is Approval.DENY else Approval.ASK
+        return self.agent.spec.policy.approval_for(tool)
+
+    async def _run_one(self, call: ToolCall) -> str:
+        tool = self.agent.tools[call.name]
+        self.store.writer.emit([self._event(EventType.TOOL_STARTED, {"call_id": call.id, "tool": call.name,
+                                                                    "arguments": call.arguments})])
+        context = ToolContext(self.run_id, self.session_id, self.agent.name)
+        is_error = False
+        try:
+            if tool.spawns_process:
+                async with self.tool_slot:
+                    text = await tool.call(call.arguments, context)
+            else:
+                text = await tool.call(call.arguments, context)
+        except ToolError as exc:
+            text, is_error = f"error: {exc}", True
+        except Exception as exc:  # a tool bug must not take the run down: the model sees it
+            log.exception("tool %s failed", call.name)
+            text, is_error = f"error: {call.name} failed: {type(exc).__name__}: {exc}", True
+        self._record_result(call, text, is_error=is_error)
+        return text
+
+    def _record_result(self, call: ToolCall, text: str, *, is_error: bool) -> None:
+        row = message_row(self.session_id, self.run_id, "tool", text, tool_call_id=call.id)
+        event = self._event(EventType.TOOL_COMPLETED, {"call_id": call.id, "tool": call.name,
+                                                       "result": text, "is_error": is_error})
+        self.store.submit(lambda conn: repo.insert_messages(conn, [row]), [event]).add_done_callback(_raise_later)
+
+    def _event(self, type_: EventType, data: dict[str, Any]) -> NewEvent:
+        return NewEvent(self.session_id, type_, self.run_id, data)
+
+
+def _raise_later(future: asyncio.Future[Any]) -> None:
+    """Surface a failed background write in the log (the run's final write will fail too)."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a run write failed", exc_info=future.exception())

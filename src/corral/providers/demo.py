@@ -1,0 +1,179 @@
+"""The embedded demo model: a deterministic test double for an LLM.
+
+It needs no network, so ``corral serve`` works on a fresh machine and every test and
+benchmark is repeatable. It echoes the user's turn and obeys directives found on the
+first line of the turn's first message (DESIGN.md section 4):
+
+``/sleep S``, ``/tool NAME {json}`` (one line per parallel call), ``/steps N MS``,
+``/spawn TEXT`` and ``/fail``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.errors import InvalidInput, ProviderError
+from corral.providers.base import (
+    ChatMessage,
+    ModelRequest,
+    StreamPart,
+    TextDelta,
+    ToolCall,
+    ToolCallsPart,
+    Usage,
+)
+
+
+class DemoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latency_ms: float = Field(0, ge=0, description="delay before the first token")
+    token_ms: float = Field(0, ge=0, description="delay between tokens; 0 sends the reply as one delta")
+    startup_ms: float = Field(0, ge=0, description="how long the agent's start takes")
+    max_concurrent_calls: int = Field(1000, ge=1)
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """The messages since the model's last final answer."""
+
+    users: list[str]
+    directive: str | None
+    after_directive: list[ChatMessage]
+
+
+def _current_turn(messages: Sequence[ChatMessage]) -> _Turn:
+    start = 0
+    for index, message in enumerate(messages):
+        if message.role == "assistant" and not message.tool_calls:
+            start = index + 1
+    turn = list(messages[start:])
+    users = [m.content for m in turn if m.role == "user"]
+    for index, message in enumerate(turn):
+        if message.role == "user":
+            first_line = message.content.strip().splitlines()[0] if message.content.strip() else ""
+            if first_line.startswith("/"):
+                return _Turn(users, message.content.strip(), turn[index + 1 :])
+            break
+    return _Turn(users, None, [])
+
+
+class DemoProvider:
+    """Streams ``echo: <text>`` word by word; see the module docstring for directives."""
+
+    name = "demo"
+
+    def __init__(self, options: DemoOptions):
+        self.options = options
+        self.max_concurrent_calls = options.max_concurrent_calls
+        self._calls = 0
+
+    def __repr__(self) -> str:
+        return f"<DemoProvider latency_ms={self.options.latency_ms} calls={self._calls}>"
+
+    async def start(self) -> None:
+        if self.options.startup_ms:
+            await asyncio.sleep(self.options.startup_ms / 1000)
+
+    async def aclose(self) -> None:
+        return None
+
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
+        self._calls += 1
+        turn = _current_turn(request.messages)
+        if self.options.latency_ms:
+            await asyncio.sleep(self.options.latency_ms / 1000)
+        calls, text = self._respond(turn)
+        if calls:
+            yield ToolCallsPart(tuple(calls))
+        else:
+            if turn.directive and turn.directive.startswith("/sleep"):
+                await asyncio.sleep(_sleep_seconds(turn.directive))
+            async for part in self._stream_text(text):
+                yield part
+        prompt_words = sum(len(m.content.split()) for m in request.messages)
+        yield Usage(input_tokens=prompt_words, output_tokens=len(text.split()) + len(calls))
+
+    async def _stream_text(self, text: str) -> AsyncGenerator[TextDelta, None]:
+        if not self.options.token_ms:
+            yield TextDelta(text)
+            return
+        words = text.split(" ")
+        for index, word in enumerate(words):
+            if index:
+                await asyncio.sleep(self.options.token_ms / 1000)
+            yield TextDelta(word if index == 0 else " " + word)
+
+    def _respond(self, turn: _Turn) -> tuple[list[ToolCall], str]:
+        echo = "echo: " + "\n".join(turn.users)
+        directive = turn.directive
+        if directive is None:
+            return [], echo
+        head = directive.split(maxsplit=1)[0]
+        results = [m for m in turn.after_directive if m.role == "tool"]
+        steps_done = sum(1 for m in turn.after_directive if m.role == "assistant" and m.tool_calls)
+        if head == "/fail":
+            raise ProviderError("the demo model was told to fail (/fail)")
+        if head == "/tool":
+            if steps_done:
+                return [], "tool results: " + "; ".join(r.content for r in results)
+            return _parse_tool_lines(directive, self._calls), ""
+        if head == "/spawn":
+            if steps_done:
+                return [], "subagent: " + "; ".join(r.content for r in results)
+            task = directive[len("/spawn") :].strip()
+            return [ToolCall(f"call_{self._calls}_0", "spawn_subagent", {"task": task})], ""
+        if head == "/steps":
+            count, wait_ms = _parse_steps(directive)
+            if steps_done < count:
+                return [ToolCall(f"call_{self._calls}_0", "wait", {"ms": wait_ms})], ""
+            steers = [m.content for m in turn.after_directive if m.role == "user"]
+            return [], f"done {count} steps; steering seen: {json.dumps(steers)}"
+        return [], echo
+
+
+def _sleep_seconds(directive: str) -> float:
+    parts = directive.split()
+    try:
+        return float(parts[1])
+    except (IndexError, ValueError):
+        raise ProviderError("usage: /sleep SECONDS") from None
+
+
+def _parse_steps(directive: str) -> tuple[int, float]:
+    parts = directive.split()
+    try:
+        return int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0
+    except (IndexError, ValueError):
+        raise ProviderError("usage: /steps N MS") from None
+
+
+def _parse_tool_lines(directive: str, call_number: int) -> list[ToolCall]:
+    calls: list[ToolCall] = []
+    for line in directive.splitlines():
+        line = line.strip()
+        if not line.startswith("/tool"):
+            continue
+        parts = line.split(maxsplit=2)
+        if len(parts) < 2:
+            raise ProviderError("usage: /tool NAME {json}")
+        try:
+            arguments = json.loads(parts[2]) if len(parts) > 2 else {}
+        except json.JSONDecodeError as exc:
+            raise ProviderError(f"/tool arguments are not JSON: {exc}") from exc
+        if not isinstance(arguments, dict):
+            raise ProviderError("/tool arguments must be a JSON object")
+        calls.append(ToolCall(f"call_{call_number}_{len(calls)}", parts[1], arguments))
+    return calls
+
+
+def demo_options(raw: dict[str, object]) -> DemoOptions:
+    try:
+        return DemoOptions.model_validate(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"bad provider_options for the demo provider: {exc}") from exc

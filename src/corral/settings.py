@@ -1,0 +1,87 @@
+"""Service settings: command-line flags > ``CORRAL_*`` environment > ``corral.toml`` > defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from corral.kernel import KernelConfig
+from corral.specs import AgentSpec
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def default_agent() -> AgentSpec:
+    return AgentSpec(name="assistant", provider="demo", system_prompt="You are a helpful assistant.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65535)
+    data_dir: Path = Path(".corral")
+    database_url: str | None = Field(None, description="default: a SQLite file in data_dir")
+    api_token: SecretStr | None = Field(None, description="required to bind beyond loopback")
+    max_pending_inputs: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    interrupt_grace_s: float = Field(2.0, ge=0)
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    requeue_interrupted: bool = True
+    max_tool_processes: int = Field(8, ge=1)
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    agents: list[AgentSpec] = Field(default_factory=list, description="extra agents to create at start")
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'corral.db').resolve()}"
+
+    def kernel_config(self) -> KernelConfig:
+        return KernelConfig(
+            max_pending_inputs=self.max_pending_inputs,
+            interrupt_grace_s=self.interrupt_grace_s,
+            shutdown_grace_s=self.shutdown_grace_s,
+            requeue_interrupted=self.requeue_interrupted,
+            max_tool_processes=self.max_tool_processes,
+        )
+
+    def initial_agents(self) -> tuple[AgentSpec, ...]:
+        names = {agent.name for agent in self.agents}
+        base = () if "assistant" in names else (default_agent(),)
+        return base + tuple(self.agents)
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from every source; ``overrides`` (CLI flags) that are None are ignored."""
+    path = config or (Path(os.environ["CORRAL_CONFIG"]) if os.environ.get("CORRAL_CONFIG") else None)
+    if path is None and Path("corral.toml").exists():
+        path = Path("corral.toml")
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+
+    class _FromFile(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if path is not None:
+                sources += (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+            return sources
+
+    return _FromFile(**{key: value for key, value in overrides.items() if value is not None})

@@ -1,0 +1,69 @@
+"""Event records: what a run tells the world, in the order it happened."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from corral.store.tables import utcnow
+from corral.types import TERMINAL_EVENT_TYPES, EventType
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event before it is committed; the writer gives it its sequence number."""
+
+    session_id: str
+    type: EventType
+    run_id: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    ts: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A committed event: ``seq`` is gap-free and increasing within its session."""
+
+    session_id: str
+    seq: int
+    type: str
+    run_id: str | None
+    data: dict[str, Any]
+    ts: datetime
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type in TERMINAL_EVENT_TYPES
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON body clients see: the event's own data plus its envelope."""
+        return {
+            **self.data,
+            "seq": self.seq,
+            "type": self.type,
+            "run_id": self.run_id,
+            "session_id": self.session_id,
+            "ts": self.ts.isoformat(),
+        }
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "seq": self.seq,
+            "type": self.type,
+            "run_id": self.run_id,
+            "data": self.data,
+            "ts": self.ts,
+        }
+
+    @classmethod
+    def from_row(cls, row: Any) -> Event:
+        return cls(
+            session_id=row.session_id,
+            seq=row.seq,
+            type=row.type,
+            run_id=row.run_id,
+            data=row.data,
+            ts=row.ts,
+        )

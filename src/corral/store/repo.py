@@ -1,0 +1,200 @@
+"""Row-level reads and writes. Each takes a connection and never commits:
+the caller owns the transaction (the writer's batch, or a read block)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from corral.store import tables as t
+from corral.store.events import Event
+from corral.types import ACTIVE_STATUSES, ApprovalStatus, InputStatus, RunStatus
+
+Row = sa.Row[Any]
+NON_TERMINAL = [RunStatus.QUEUED.value, RunStatus.RUNNING.value, RunStatus.WAITING.value]
+
+
+# --- agents -------------------------------------------------------------------------
+
+async def insert_agent(conn: AsyncConnection, name: str, config: dict[str, Any], now: datetime) -> None:
+    await conn.execute(t.agents.insert().values(name=name, config=config, created_at=now))
+
+
+async def delete_agent(conn: AsyncConnection, name: str) -> None:
+    await conn.execute(t.agents.delete().where(t.agents.c.name == name))
+
+
+async def all_agents(conn: AsyncConnection) -> Sequence[Row]:
+    return (await conn.execute(sa.select(t.agents).order_by(t.agents.c.created_at))).all()
+
+
+# --- sessions -----------------------------------------------------------------------
+
+async def insert_session(conn: AsyncConnection, row: dict[str, Any]) -> None:
+    await conn.execute(t.sessions.insert().values(**row))
+
+
+async def get_session(conn: AsyncConnection, session_id: str) -> Row | None:
+    return (await conn.execute(sa.select(t.sessions).where(t.sessions.c.id == session_id))).first()
+
+
+async def get_session_by_key(conn: AsyncConnection, key: str) -> Row | None:
+    return (await conn.execute(sa.select(t.sessions).where(t.sessions.c.key == key))).first()
+
+
+async def list_sessions(conn: AsyncConnection, *, agent: str | None, limit: int, offset: int) -> Sequence[Row]:
+    query = sa.select(t.sessions).order_by(t.sessions.c.created_at.desc(), t.sessions.c.id)
+    if agent is not None:
+        query = query.where(t.sessions.c.agent == agent)
+    return (await conn.execute(query.limit(limit).offset(offset))).all()
+
+
+async def session_counters(conn: AsyncConnection, session_id: str) -> tuple[int, float]:
+    """The last input seq and the largest run position of a session (0 when new)."""
+    seq = (await conn.execute(
+        sa.select(sa.func.max(t.inputs.c.seq)).where(t.inputs.c.session_id == session_id)
+    )).scalar()
+    pos = (await conn.execute(
+        sa.select(sa.func.max(t.runs.c.position)).where(t.runs.c.session_id == session_id)
+    )).scalar()
+    return int(seq or 0), float(pos or 0.0)
+
+
+# --- inputs and runs ----------------------------------------------------------------
+
+async def insert_inputs(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(t.inputs.insert(), rows)
+
+
+async def insert_run(conn: AsyncConnection, row: dict[str, Any]) -> None:
+    await conn.execute(t.runs.insert().values(**row))
+
+
+async def update_run(conn: AsyncConnection, run_id: str, **values: Any) -> None:
+    await conn.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
+
+
+async def move_inputs(conn: AsyncConnection, input_ids: Iterable[str], run_id: str, status: InputStatus) -> None:
+    ids = list(input_ids)
+    if ids:
+        await conn.execute(
+            t.inputs.update().where(t.inputs.c.id.in_(ids)).values(run_id=run_id, status=status.value)
+        )
+
+
+async def set_input_status(conn: AsyncConnection, input_ids: Iterable[str], status: InputStatus) -> None:
+    ids = list(input_ids)
+    if ids:
+        await conn.execute(t.inputs.update().where(t.inputs.c.id.in_(ids)).values(status=status.value))
+
+
+async def get_run(conn: AsyncConnection, run_id: str) -> Row | None:
+    return (await conn.execute(sa.select(t.runs).where(t.runs.c.id == run_id))).first()
+
+
+async def list_runs(
+    conn: AsyncConnection,
+    *,
+    session_ids: Sequence[str] | None,
+    statuses: Sequence[str] | None,
+    limit: int,
+    offset: int,
+) -> Sequence[Row]:
+    query = sa.select(t.runs).order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc())
+    if session_ids is not None:
+        query = query.where(t.runs.c.session_id.in_(session_ids))
+    if statuses:
+        query = query.where(t.runs.c.status.in_(statuses))
+    return (await conn.execute(query.limit(limit).offset(offset))).all()
+
+
+async def unfinished_runs(conn: AsyncConnection) -> Sequence[Row]:
+    query = sa.select(t.runs).where(t.runs.c.status.in_(NON_TERMINAL)).order_by(t.runs.c.position)
+    return (await conn.execute(query)).all()
+
+
+async def inputs_of_runs(conn: AsyncConnection, run_ids: Sequence[str]) -> Sequence[Row]:
+    if not run_ids:
+        return []
+    query = sa.select(t.inputs).where(t.inputs.c.run_id.in_(run_ids)).order_by(t.inputs.c.seq)
+    return (await conn.execute(query)).all()
+
+
+async def input_by_idempotency_key(conn: AsyncConnection, session_id: str, key: str) -> Row | None:
+    query = sa.select(t.inputs).where(
+        t.inputs.c.session_id == session_id, t.inputs.c.idempotency_key == key
+    )
+    return (await conn.execute(query)).first()
+
+
+async def count_active_runs(conn: AsyncConnection, session_id: str) -> int:
+    query = sa.select(sa.func.count()).select_from(t.runs).where(
+        t.runs.c.session_id == session_id, t.runs.c.status.in_([s.value for s in ACTIVE_STATUSES])
+    )
+    return int((await conn.execute(query)).scalar() or 0)
+
+
+# --- messages -----------------------------------------------------------------------
+
+async def insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(t.messages.insert(), rows)
+
+
+async def roll_back_run_messages(conn: AsyncConnection, run_id: str) -> None:
+    await conn.execute(t.messages.update().where(t.messages.c.run_id == run_id).values(rolled_back=True))
+
+
+async def session_messages(conn: AsyncConnection, session_id: str, *, include_rolled_back: bool) -> Sequence[Row]:
+    query = sa.select(t.messages).where(t.messages.c.session_id == session_id).order_by(t.messages.c.id)
+    if not include_rolled_back:
+        query = query.where(t.messages.c.rolled_back.is_(False))
+    return (await conn.execute(query)).all()
+
+
+# --- events -------------------------------------------------------------------------
+
+async def events_after(
+    conn: AsyncConnection, session_id: str, after: int, *, run_id: str | None = None, limit: int = 1000
+) -> list[Event]:
+    query = (
+        sa.select(t.events)
+        .where(t.events.c.session_id == session_id, t.events.c.seq > after)
+        .order_by(t.events.c.seq)
+        .limit(limit)
+    )
+    if run_id is not None:
+        query = query.where(t.events.c.run_id == run_id)
+    return [Event.from_row(row) for row in (await conn.execute(query)).all()]
+
+
+# --- approvals ----------------------------------------------------------------------
+
+async def insert_approvals(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(t.approvals.insert(), rows)
+
+
+async def resolve_approval(
+    conn: AsyncConnection, run_id: str, call_id: str, status: ApprovalStatus, now: datetime
+) -> None:
+    await conn.execute(
+        t.approvals.update()
+        .where(t.approvals.c.run_id == run_id, t.approvals.c.call_id == call_id)
+        .values(status=status.value, resolved_at=now)
+    )
+
+
+async def approvals_of_run(conn: AsyncConnection, run_id: str) -> Sequence[Row]:
+    query = sa.select(t.approvals).where(t.approvals.c.run_id == run_id).order_by(t.approvals.c.created_at)
+    return (await conn.execute(query)).all()
+
+
+async def pending_approvals(conn: AsyncConnection) -> Sequence[Row]:
+    query = sa.select(t.approvals).where(t.approvals.c.status == ApprovalStatus.PENDING.value)
+    return (await conn.execute(query)).all()

@@ -1,0 +1,163 @@
+"""The schema, as SQLAlchemy Core tables shared by SQLite and Postgres.
+
+Migrations (``migrations/versions``) create exactly this; a test compares the two.
+Constraint names follow one naming convention so migrations can refer to them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC, whatever the backend stores.
+
+    SQLite keeps no zone; reading back a naive value would make comparisons with
+    aware values raise, so the zone is attached on the way out.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+JSON: Any = sa.JSON().with_variant(sa.JSON(none_as_null=True), "postgresql")
+
+agents = sa.Table(
+    "agents",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("config", JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("key", sa.String(256), nullable=True, unique=True),
+    sa.Column("metadata", JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("session_id", sa.String(40), sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    # Order within the session's queue; fractional so a run can be put in front.
+    sa.Column("position", sa.Float, nullable=False),
+    sa.Column("policy", sa.String(16), nullable=False),
+    sa.Column("collect", sa.Boolean, nullable=False),
+    sa.Column("output", sa.Text, nullable=True),
+    sa.Column("error", JSON, nullable=True),
+    sa.Column("usage", JSON, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=True),
+    sa.Column("ended_at", UTCDateTime, nullable=True),
+    sa.Index("ix_runs_session_id_created_at", "session_id", "created_at"),
+    sa.Index("ix_runs_status", "status"),
+    # Invariant 1 as a database fact: one running-or-waiting run per session.
+    sa.Index(
+        "uq_runs_one_active_per_session",
+        "session_id",
+        unique=True,
+        sqlite_where=sa.text("status IN ('running', 'waiting')"),
+        postgresql_where=sa.text("status IN ('running', 'waiting')"),
+    ),
+)
+
+inputs = sa.Table(
+    "inputs",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("session_id", sa.String(40), sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("content", sa.Text, nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("disposition", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("origin", sa.String(32), nullable=False),
+    sa.Column("idempotency_key", sa.String(256), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("session_id", "seq"),
+    sa.UniqueConstraint("session_id", "idempotency_key"),
+    sa.Index("ix_inputs_run_id", "run_id"),
+)
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("session_id", sa.String(40), nullable=False),
+    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("input_id", sa.String(40), nullable=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("content", sa.Text, nullable=False),
+    sa.Column("tool_calls", JSON, nullable=True),
+    sa.Column("tool_call_id", sa.String(64), nullable=True),
+    sa.Column("rolled_back", sa.Boolean, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_messages_session_id_id", "session_id", "id"),
+    sa.Index("ix_messages_run_id", "run_id"),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("session_id", sa.String(40), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("run_id", sa.String(40), nullable=True),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("data", JSON, nullable=False),
+    sa.Column("ts", UTCDateTime, nullable=False),
+    sa.Index("ix_events_run_id_seq", "run_id", "seq"),
+)
+
+approvals = sa.Table(
+    "approvals",
+    metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("call_id", sa.String(64), primary_key=True),
+    sa.Column("session_id", sa.String(40), nullable=False),
+    sa.Column("tool", sa.String(128), nullable=False),
+    sa.Column("arguments", JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("resolved_at", UTCDateTime, nullable=True),
+)

@@ -1,0 +1,183 @@
+"""The single writer: every write goes through one connection, in group commits.
+
+Why one writer: SQLite allows one writer at a time, and connections fighting for its
+lock collapse throughput (DESIGN.md section 5). Batching many callers' writes into one
+transaction pays one commit for all of them. Postgres gets the same treatment, which
+keeps the per-session event order trivially equal to the commit order.
+
+Contract:
+- ``submit`` is synchronous and FIFO: units commit in the order they were submitted.
+- A unit's function and its events commit in one transaction, all or nothing.
+- Events get their per-session ``seq`` here, at commit time, so a failed unit can
+  never leave a gap.
+- ``on_commit`` sees each batch's events only after the commit returned: an observer
+  never sees an event that could still be rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from corral.errors import ShuttingDown
+from corral.store import tables as t
+from corral.store.events import Event, NewEvent
+
+log = logging.getLogger(__name__)
+
+WriteFn = Callable[[AsyncConnection], Awaitable[Any]]
+CommitHook = Callable[[list[Event]], None]
+
+
+@dataclass(slots=True)
+class _Unit:
+    fn: WriteFn | None
+    events: list[NewEvent]
+    future: asyncio.Future[Any]
+    committed: list[Event] = field(default_factory=list)
+
+
+class Writer:
+    """Owns the write connection and commits submitted units in batches."""
+
+    def __init__(self, engine: AsyncEngine, on_commit: CommitHook, *, max_batch: int = 1024):
+        self._engine = engine
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        # Units wait here until the loop takes them; only the loop pops.
+        self._pending: deque[_Unit] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        # session id -> next event seq; authoritative because this writer is the
+        # only one appending events for the sessions this process owns.
+        self._next_seq: dict[str, int] = {}
+        self.batches = 0
+        self.units = 0
+
+    def __repr__(self) -> str:
+        return f"<Writer pending={len(self._pending)} batches={self.batches} units={self.units}>"
+
+    def submit(self, fn: WriteFn | None, events: list[NewEvent] | None = None) -> asyncio.Future[Any]:
+        """Queue a unit; the future resolves to ``fn``'s result once committed."""
+        if self._closing:
+            raise ShuttingDown("the store is closed for writes")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Unit(fn, list(events or ()), future))
+        self._wakeup.set()
+        return future
+
+    async def write(self, fn: WriteFn | None, events: list[NewEvent] | None = None) -> Any:
+        return await self.submit(fn, events)
+
+    def emit(self, events: list[NewEvent]) -> None:
+        """Append events without waiting; a failure is logged (and the seq is not used)."""
+        future = self.submit(None, events)
+        future.add_done_callback(_log_failure)
+
+    async def run(self, started: asyncio.Event | None = None) -> None:
+        """The writer loop; returns once ``close`` was called and every unit is done."""
+        async with self._engine.connect() as conn:
+            if started is not None:
+                started.set()
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
+                await self._commit(conn, batch)
+
+    def close(self) -> None:
+        """Refuse new units; the loop finishes what is queued and returns."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def _commit(self, conn: AsyncConnection, batch: list[_Unit]) -> None:
+        saved = dict(self._next_seq)
+        try:
+            results = await self._run_units(conn, batch)
+        except asyncio.CancelledError:
+            self._next_seq = saved
+            for unit in batch:
+                if not unit.future.done():
+                    unit.future.set_exception(ShuttingDown("the writer was stopped"))
+            raise
+        except Exception:
+            # One bad unit must not fail its neighbours: retry each on its own.
+            self._next_seq = saved
+            log.debug("batch of %d failed; retrying units one by one", len(batch), exc_info=True)
+            for unit in batch:
+                await self._commit_alone(conn, unit)
+            return
+        self.batches += 1
+        self.units += len(batch)
+        committed = [event for unit in batch for event in unit.committed]
+        self._publish(committed)
+        for unit, result in zip(batch, results, strict=True):
+            if not unit.future.done():
+                unit.future.set_result(result)
+
+    async def _commit_alone(self, conn: AsyncConnection, unit: _Unit) -> None:
+        saved = dict(self._next_seq)
+        try:
+            (result,) = await self._run_units(conn, [unit])
+        except Exception as exc:
+            self._next_seq = saved
+            if not unit.future.done():
+                unit.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.units += 1
+        self._publish(unit.committed)
+        if not unit.future.done():
+            unit.future.set_result(result)
+
+    async def _run_units(self, conn: AsyncConnection, batch: list[_Unit]) -> list[Any]:
+        results: list[Any] = []
+        async with conn.begin():
+            for unit in batch:
+                results.append(await unit.fn(conn) if unit.fn is not None else None)
+            rows = await self._number_events(conn, batch)
+            if rows:
+                await conn.execute(t.events.insert(), rows)
+        return results
+
+    async def _number_events(self, conn: AsyncConnection, batch: list[_Unit]) -> list[dict[str, Any]]:
+        unknown = {e.session_id for u in batch for e in u.events if e.session_id not in self._next_seq}
+        if unknown:
+            query = (
+                sa.select(t.events.c.session_id, sa.func.max(t.events.c.seq))
+                .where(t.events.c.session_id.in_(unknown))
+                .group_by(t.events.c.session_id)
+            )
+            found = {sid: top for sid, top in (await conn.execute(query)).all()}
+            for sid in unknown:
+                self._next_seq[sid] = (found.get(sid) or 0) + 1
+        rows: list[dict[str, Any]] = []
+        for unit in batch:
+            unit.committed = []
+            for new in unit.events:
+                seq = self._next_seq[new.session_id]
+                self._next_seq[new.session_id] = seq + 1
+                event = Event(new.session_id, seq, new.type.value, new.run_id, new.data, new.ts)
+                unit.committed.append(event)
+                rows.append(event.row())
+        return rows
+
+    def _publish(self, events: list[Event]) -> None:
+        if events:
+            self._on_commit(events)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("event append failed", exc_info=future.exception())

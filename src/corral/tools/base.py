@@ -1,0 +1,78 @@
+"""The tool interface and the registry agents pick their tools from."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from corral.errors import InvalidInput, ToolError
+from corral.providers.base import ToolSpec
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool may know about the call it serves."""
+
+    run_id: str
+    session_id: str
+    agent: str
+
+
+ToolFn = Callable[[Any, ToolContext], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A named function the model can call.
+
+    ``args`` is a pydantic model: it is both the JSON schema the model sees and the
+    validator of what the model sent. ``spawns_process`` tools take a slot of the
+    tool-process semaphore while they run; in-process tools do not.
+    """
+
+    name: str
+    description: str
+    args: type[BaseModel]
+    fn: ToolFn
+    spawns_process: bool = False
+
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.description, self.args.model_json_schema())
+
+    async def call(self, arguments: dict[str, Any], context: ToolContext) -> str:
+        try:
+            parsed = self.args.model_validate(arguments)
+        except ValidationError as exc:
+            raise ToolError(f"bad arguments for {self.name}: {exc.errors(include_url=False)}") from exc
+        return await self.fn(parsed, context)
+
+
+class ToolRegistry:
+    def __init__(self, tools: Iterable[Tool] = ()):
+        self._tools: dict[str, Tool] = {}
+        for tool in tools:
+            self.add(tool)
+
+    def __repr__(self) -> str:
+        return f"<ToolRegistry {sorted(self._tools)}>"
+
+    def add(self, tool: Tool) -> None:
+        self._tools[tool.name] = tool
+
+    def names(self) -> list[str]:
+        return sorted(self._tools)
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def select(self, names: Iterable[str]) -> dict[str, Tool]:
+        chosen: dict[str, Tool] = {}
+        for name in names:
+            tool = self._tools.get(name)
+            if tool is None:
+                raise InvalidInput(f"unknown tool {name!r}; available: {', '.join(self.names())}")
+            chosen[name] = tool
+        return chosen
