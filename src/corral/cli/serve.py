@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from types import FrameType
 
 import uvicorn
@@ -25,6 +27,27 @@ class _Server(uvicorn.Server):
         if kernel is not None:
             kernel.begin_stop()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        reaper = asyncio.create_task(self._abort_unflushable())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            reaper.cancel()
+
+    async def _abort_unflushable(self) -> None:
+        """Drop connections that are closing but cannot flush: an observer that stopped reading.
+
+        Its stream is already over (``begin_stop``), but ``transport.close()`` waits for the
+        peer to read the buffered bytes, so without this uvicorn's drain would sit out all of
+        ``timeout_graceful_shutdown`` for a client that will never read them.
+        """
+        while True:
+            await asyncio.sleep(0.1)
+            for connection in list(self.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if isinstance(transport, asyncio.Transport) and transport.is_closing():
+                    transport.abort()
 
 
 def check_exposure(settings: Settings) -> None:

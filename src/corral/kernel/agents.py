@@ -20,7 +20,8 @@ from corral.errors import AgentUnavailable, Conflict, NotFound
 from corral.providers.base import Provider
 from corral.providers.registry import create_provider, validate_options
 from corral.specs import AgentSpec
-from corral.store import Store, repo
+from corral.store import Store, ops, repo
+from corral.store import tables as t
 from corral.store.tables import utcnow
 from corral.tools.base import Tool, ToolRegistry
 from corral.types import AgentState
@@ -93,9 +94,8 @@ class AgentManager:
             raise Conflict(f"an agent named {spec.name!r} already exists")
         agent = self._reserve(spec, tools=tools, start=False)
         try:
-            await self._store.write(
-                lambda conn: repo.insert_agent(conn, spec.name, spec.model_dump(mode="json"), agent.created_at)
-            )
+            row = {"name": spec.name, "config": spec.model_dump(mode="json"), "created_at": agent.created_at}
+            await self._store.write([ops.Insert(t.agents, [row])])
         except IntegrityError as exc:
             self._drop(agent)
             raise Conflict(f"an agent named {spec.name!r} already exists") from exc

@@ -15,8 +15,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from corral.errors import Conflict, CorralError, NotFound, ShuttingDown
 from corral.kernel.agents import AgentManager
 from corral.kernel.lane import Acceptance, Slot
@@ -27,7 +25,8 @@ from corral.loop.messages import message_row
 from corral.loop.runner import Finished, Parked, SteerInput, StepLoop, Stopped
 from corral.providers.base import ToolCall
 from corral.specs import AgentSpec
-from corral.store import NewEvent, Store, repo
+from corral.store import NewEvent, Store, ops, repo
+from corral.store import tables as t
 from corral.store.tables import utcnow
 from corral.tools import ToolRegistry, default_registry
 from corral.types import (
@@ -200,7 +199,7 @@ class Kernel:
     def _accept_unit(
         self, runtime: SessionRuntime, acceptance: Acceptance, input_id: str, content: str, mode: Mode,
         idempotency_key: str | None, origin: str,
-    ) -> tuple[Any, list[NewEvent]]:
+    ) -> tuple[list[ops.Op], list[NewEvent]]:
         slot, now = acceptance.slot, utcnow()
         run_row = _run_row(runtime.id, slot, now) if acceptance.created else None
         input_row = {
@@ -210,10 +209,8 @@ class Kernel:
             "created_at": now,
         }
 
-        async def unit(conn: AsyncConnection) -> None:
-            if run_row is not None:
-                await repo.insert_run(conn, run_row)
-            await repo.insert_inputs(conn, [input_row])
+        unit: list[ops.Op] = [ops.Insert(t.runs, [run_row])] if run_row is not None else []
+        unit.append(ops.Insert(t.inputs, [input_row]))
 
         events = []
         if acceptance.created:
@@ -248,7 +245,24 @@ class Kernel:
     def _start(self, handle: RunHandle, *, resume: bool = False) -> None:
         if not self.accepting:
             return  # left queued (or waiting) in the store; the next start picks it up
-        handle.task = self._spawn(self._drive(handle, resume=resume), f"run:{handle.run_id}")
+        task = self._spawn(self._drive(handle, resume=resume), f"run:{handle.run_id}")
+        handle.task = task
+        task.add_done_callback(lambda _: self._drive_ended(handle, task))
+
+    def _drive_ended(self, handle: RunHandle, task: asyncio.Task[None]) -> None:
+        """Record the end of a run whose task ended before ``_drive`` could.
+
+        A task cancelled before its first step (an interrupt or hard cancel right after
+        the run was created) never runs any of ``_drive``'s handlers; left alone, the
+        run would hold its session's lane forever.
+        """
+        if handle.task is not task or handle.finished.is_set():
+            return  # recorded, parked for an approval, or resumed by a newer task
+        if handle.interrupted_by_shutdown or not self.accepting:
+            handle.finished.set()  # never began here: stays queued (or waiting) in the store
+            return
+        self._spawn(self._finalize(handle, RunStatus.CANCELLED, error=_cancel_error(handle)),
+                    f"cancelled:{handle.run_id}")
 
     # --- execution ------------------------------------------------------------------
 
@@ -257,7 +271,7 @@ class Kernel:
         runtime = await self.sessions.get(handle.session_id)
         if handle.accepted is not None:
             try:
-                await handle.accepted
+                await asyncio.shield(handle.accepted)  # a cancel must not cancel the write
             except BaseException:
                 return  # submit() undoes the acceptance and reports the error
         begun = resume
@@ -327,17 +341,17 @@ class Kernel:
                 for i in input_ids]
         now = utcnow()
 
-        async def unit(conn: AsyncConnection) -> None:
-            await repo.update_run(conn, handle.run_id, status=RunStatus.RUNNING.value, started_at=now)
-            await repo.set_input_status(conn, input_ids, InputStatus.CONSUMED)
-            await repo.insert_messages(conn, rows)
-
+        unit: list[ops.Op] = [
+            ops.UpdateRun(handle.run_id, status=RunStatus.RUNNING.value, started_at=now),
+            ops.MoveInputs(input_ids, InputStatus.CONSUMED.value),
+            ops.Insert(t.messages, rows),
+        ]
         await self.store.write(unit, [NewEvent(runtime.id, EventType.RUN_STARTED, handle.run_id,
                                                {"input_ids": input_ids})])
 
     async def _resume(self, handle: RunHandle) -> None:
         handle.move(RunStatus.RUNNING)
-        await self.store.write(lambda conn: repo.update_run(conn, handle.run_id, status=RunStatus.RUNNING.value))
+        await self.store.write([ops.UpdateRun(handle.run_id, status=RunStatus.RUNNING.value)])
 
     def _take_steers(self, runtime: SessionRuntime, handle: RunHandle) -> list[SteerInput]:
         ids = runtime.lane.take_steers(handle.run_id)
@@ -352,9 +366,9 @@ class Kernel:
                  "arguments": c.arguments, "status": ApprovalStatus.PENDING.value, "created_at": now}
                 for c in calls]
 
-        async def unit(conn: AsyncConnection) -> None:
-            await repo.insert_approvals(conn, rows)
-            await repo.update_run(conn, handle.run_id, status=RunStatus.WAITING.value)
+        unit: list[ops.Op] = [
+            ops.Insert(t.approvals, rows), ops.UpdateRun(handle.run_id, status=RunStatus.WAITING.value)
+        ]
 
         events = [NewEvent(handle.session_id, EventType.APPROVAL_REQUESTED, handle.run_id,
                            {"call_id": c.id, "tool": c.name, "arguments": c.arguments}) for c in calls]
@@ -408,7 +422,7 @@ class Kernel:
         self, runtime: SessionRuntime, handle: RunHandle, status: RunStatus, text: str | None,
         error: dict[str, Any] | None, usage: dict[str, int] | None, began: bool, *, unstarted: bool,
         requeued: Slot | None, requeue: Slot | None,
-    ) -> tuple[Any, list[NewEvent]]:
+    ) -> tuple[list[ops.Op], list[NewEvent]]:
         now, run_id, sid = utcnow(), handle.run_id, runtime.id
         final_rows = [message_row(sid, run_id, "assistant", text)] if text else []
         roll_back = began and (handle.roll_back or requeue is not None)
@@ -418,20 +432,19 @@ class Kernel:
             for input_id in handle.slot.input_ids:
                 runtime.contents.pop(input_id, None)
 
-        async def unit(conn: AsyncConnection) -> None:
-            await repo.update_run(conn, run_id, status=status.value, output=text if text else None,
-                                  error=error, usage=usage, ended_at=now)
-            await repo.insert_messages(conn, final_rows)
-            if unstarted:
-                await repo.set_input_status(conn, handle.slot.input_ids, InputStatus.CANCELLED)
-            if roll_back:
-                await repo.roll_back_run_messages(conn, run_id)
-            for slot in new_runs:
-                await repo.insert_run(conn, _run_row(sid, slot, now))
-            if requeued is not None:
-                await repo.move_inputs(conn, steer_moves, requeued.run_id, InputStatus.PENDING)
-            if requeue is not None:
-                await repo.move_inputs(conn, requeue.input_ids, requeue.run_id, InputStatus.PENDING)
+        unit: list[ops.Op] = [
+            ops.UpdateRun(run_id, status=status.value, output=text or None, error=error, usage=usage, ended_at=now),
+            ops.Insert(t.messages, final_rows),
+            ops.Insert(t.runs, [_run_row(sid, slot, now) for slot in new_runs]),
+        ]
+        if unstarted:
+            unit.append(ops.MoveInputs(list(handle.slot.input_ids), InputStatus.CANCELLED.value))
+        if roll_back:
+            unit.append(ops.RollBack(run_id))
+        if requeued is not None:
+            unit.append(ops.MoveInputs(steer_moves, InputStatus.PENDING.value, requeued.run_id))
+        if requeue is not None:
+            unit.append(ops.MoveInputs(list(requeue.input_ids), InputStatus.PENDING.value, requeue.run_id))
 
         events: list[NewEvent] = []
         if text:
@@ -516,7 +529,7 @@ class Kernel:
         status = ApprovalStatus.APPROVED if decision is Decision.APPROVE else ApprovalStatus.DENIED
         now = utcnow()
         await self.store.write(
-            lambda conn: repo.resolve_approval(conn, run_id, call_id, status, now),
+            [ops.ResolveApproval(run_id, call_id, status.value, now)],
             [NewEvent(handle.session_id, EventType.APPROVAL_RESOLVED, run_id,
                       {"call_id": call_id, "decision": decision.value})],
         )

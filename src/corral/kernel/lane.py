@@ -97,6 +97,12 @@ class Lane:
             raise TooManyPending(f"the session already has {self.max_pending} inputs waiting")
         assert self.active is not None
         if mode is Mode.STEER:
+            # Interrupts already waiting doom the active run: steer the newest of them
+            # instead, so the steer neither dies with the run nor overtakes them.
+            doomed_by = next((slot for slot in reversed(self.queued) if slot.urgent), None)
+            if doomed_by is not None:
+                doomed_by.input_ids.append(input_id)
+                return Acceptance(Disposition.STEERED, doomed_by, created=False)
             self.active.inbox.append(input_id)
             return Acceptance(Disposition.STEERED, self.active, created=False)
         if mode is Mode.COLLECT:
@@ -162,7 +168,10 @@ class Lane:
         return None
 
     def _collect_target(self) -> Slot | None:
-        candidates = ([self.active] if self.active and not self.active.started else []) + self.queued
+        # An unstarted active run with steers waiting is closed to collects: joining its
+        # opening messages would put them before the earlier steers (invariant 16).
+        joinable = self.active is not None and not self.active.started and not self.active.inbox
+        candidates = ([self.active] if self.active and joinable else []) + self.queued
         last = candidates[-1] if candidates else None
         if last is not None and last.collect and not last.started:
             return last

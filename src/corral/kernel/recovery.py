@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from corral.kernel.lane import Slot
 from corral.kernel.runs import RunHandle
-from corral.store import NewEvent, repo
+from corral.store import NewEvent, ops, repo
+from corral.store import tables as t
 from corral.store.tables import utcnow
 from corral.types import EventType, ExecPolicy, InputStatus, RunStatus, new_id
 
@@ -95,16 +94,16 @@ async def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any])
     if kernel.config.requeue_interrupted and input_ids:
         requeue = Slot(new_id("run"), run.position - 0.5, input_ids, ExecPolicy(run.policy), urgent=True)
 
-    async def unit(conn: AsyncConnection) -> None:
-        await repo.update_run(conn, run.id, status=RunStatus.INTERRUPTED.value, error=INTERRUPTED_ERROR,
-                              ended_at=now)
-        await repo.roll_back_run_messages(conn, run.id)
-        if requeue is not None:
-            await repo.insert_run(conn, {
-                "id": requeue.run_id, "session_id": session_id, "status": RunStatus.QUEUED.value,
-                "position": requeue.position, "policy": requeue.policy.value, "collect": False, "created_at": now,
-            })
-            await repo.move_inputs(conn, input_ids, requeue.run_id, InputStatus.PENDING)
+    unit: list[ops.Op] = [
+        ops.UpdateRun(run.id, status=RunStatus.INTERRUPTED.value, error=INTERRUPTED_ERROR, ended_at=now),
+        ops.RollBack(run.id),
+    ]
+    if requeue is not None:
+        unit.append(ops.Insert(t.runs, [{
+            "id": requeue.run_id, "session_id": session_id, "status": RunStatus.QUEUED.value,
+            "position": requeue.position, "policy": requeue.policy.value, "collect": False, "created_at": now,
+        }]))
+        unit.append(ops.MoveInputs(input_ids, InputStatus.PENDING.value, requeue.run_id))
 
     events = [NewEvent(session_id, EventType.RUN_INTERRUPTED, run.id,
                        {"status": RunStatus.INTERRUPTED.value, "error": INTERRUPTED_ERROR})]

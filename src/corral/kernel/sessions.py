@@ -11,7 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from corral.errors import NotFound
 from corral.kernel.lane import Lane
 from corral.kernel.runs import RunHandle
-from corral.store import Store, repo
+from corral.store import Store, ops, repo
+from corral.store import tables as t
 from corral.store.tables import utcnow
 from corral.types import Disposition, new_id
 
@@ -101,7 +102,7 @@ class SessionTable:
     async def _insert(self, agent: str, key: str | None, metadata: dict[str, Any]) -> dict[str, Any]:
         session_id = new_id("ses")
         row = {"id": session_id, "agent": agent, "key": key, "metadata": metadata, "created_at": utcnow()}
-        await self._store.write(lambda conn: repo.insert_session(conn, row))
+        await self._store.write([ops.Insert(t.sessions, [row])])
         self._live[session_id] = SessionRuntime(session_id, agent, Lane(max_pending=self._max_pending), 0)
         return row
 

@@ -22,7 +22,8 @@ from corral.kernel.agents import AgentRuntime
 from corral.kernel.runs import RunHandle
 from corral.loop.messages import message_row, steps_taken, to_chat, unresolved_calls
 from corral.providers.base import ChatMessage, ModelRequest, TextDelta, ToolCall, ToolCallsPart, Usage
-from corral.store import NewEvent, Store, repo
+from corral.store import NewEvent, Store, ops, repo
+from corral.store import tables as t
 from corral.tools.base import ToolContext
 from corral.types import Approval, ApprovalStatus, EventType, ExecPolicy
 
@@ -89,11 +90,12 @@ class StepLoop:
     async def _run(self) -> Outcome:
         async with self.store.read() as conn:
             rows = await repo.session_messages(conn, self.session_id, include_rolled_back=False)
-            approvals = await repo.approvals_of_run(conn, self.run_id)
         context = self._system() + [to_chat(row) for row in rows]
         steps = steps_taken(rows, self.run_id)
         pending = unresolved_calls(rows, self.run_id)
-        if pending:
+        if pending:  # resuming after approvals (or a restart while waiting)
+            async with self.store.read() as conn:
+                approvals = await repo.approvals_of_run(conn, self.run_id)
             decided = {a.call_id: ApprovalStatus(a.status) for a in approvals}
             parked = await self._run_calls(pending, context, decided)
             if parked:
@@ -118,7 +120,7 @@ class StepLoop:
         row = message_row(self.session_id, self.run_id, "assistant", text, tool_calls=calls)
         event = self._event(EventType.MESSAGE_COMPLETED, {"role": "assistant", "content": text,
                                                           "tool_calls": [c.as_json() for c in calls]})
-        self.store.submit(lambda conn: repo.insert_messages(conn, [row]), [event]).add_done_callback(_raise_later)
+        self.store.submit([ops.Insert(t.messages, [row])], [event]).add_done_callback(_raise_later)
 
     def _system(self) -> list[ChatMessage]:
         prompt = self.agent.spec.system_prompt
@@ -132,7 +134,7 @@ class StepLoop:
         events = [
             self._event(EventType.RUN_STEERED, {"input_id": s.input_id, "content": s.content}) for s in steers
         ]
-        self.store.submit(lambda conn: repo.insert_messages(conn, rows), events).add_done_callback(_raise_later)
+        self.store.submit([ops.Insert(t.messages, rows)], events).add_done_callback(_raise_later)
         context.extend(ChatMessage("user", s.content) for s in steers)
 
     async def _call_model(self, context: list[ChatMessage]) -> tuple[str, list[ToolCall]]:
@@ -222,7 +224,7 @@ class StepLoop:
         row = message_row(self.session_id, self.run_id, "tool", text, tool_call_id=call.id)
         event = self._event(EventType.TOOL_COMPLETED, {"call_id": call.id, "tool": call.name,
                                                        "result": text, "is_error": is_error})
-        self.store.submit(lambda conn: repo.insert_messages(conn, [row]), [event]).add_done_callback(_raise_later)
+        self.store.submit([ops.Insert(t.messages, [row])], [event]).add_done_callback(_raise_later)
 
     def _event(self, type_: EventType, data: dict[str, Any]) -> NewEvent:
         return NewEvent(self.session_id, type_, self.run_id, data)

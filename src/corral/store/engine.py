@@ -63,13 +63,16 @@ class PostgresDialect(Dialect):
 
 def dialect_for(url: str, *, sqlite_synchronous: str = "FULL") -> Dialect:
     try:
-        backend = make_url(url).get_backend_name()
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
     except Exception as exc:  # sqlalchemy raises ArgumentError with no stable subclass
         raise InvalidInput(f"not a database URL: {url!r}") from exc
     if backend == "sqlite":
         if not url.startswith("sqlite+aiosqlite"):
             raise InvalidInput("use the async SQLite driver: sqlite+aiosqlite:///path")
-        if ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:"):
+        # ``file:name?mode=memory&uri=true`` is in-memory too (each connection its own database).
+        in_memory = "memory" in str(parsed.query.get("mode", ""))
+        if in_memory or ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:"):
             raise InvalidInput("an in-memory SQLite database cannot be shared by the writer and readers")
         return SQLiteDialect(url, synchronous=sqlite_synchronous.upper())
     if backend == "postgresql":

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from corral.store.engine import Dialect, dialect_for
 from corral.store.events import Event, NewEvent
-from corral.store.writer import CommitHook, WriteFn, Writer
+from corral.store.writer import CommitHook, Unit, Writer
 
 
 def _alembic_config(connection: Connection) -> Config:
@@ -62,11 +62,11 @@ class Store:
     async def run_writer(self, started: asyncio.Event | None = None) -> None:
         await self.writer.run(started)
 
-    def submit(self, fn: WriteFn | None, events: list[NewEvent] | None = None) -> asyncio.Future[Any]:
-        return self.writer.submit(fn, events)
+    def submit(self, unit: Unit, events: list[NewEvent] | None = None) -> asyncio.Future[Any]:
+        return self.writer.submit(unit, events)
 
-    async def write(self, fn: WriteFn | None, events: list[NewEvent] | None = None) -> Any:
-        return await self.writer.write(fn, events)
+    async def write(self, unit: Unit, events: list[NewEvent] | None = None) -> Any:
+        return await self.writer.write(unit, events)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -7,7 +7,8 @@ keeps the per-session event order trivially equal to the commit order.
 
 Contract:
 - ``submit`` is synchronous and FIFO: units commit in the order they were submitted.
-- A unit's function and its events commit in one transaction, all or nothing.
+- A unit's operations and its events commit in one transaction, all or nothing. A batch
+  merges its units' operations into one statement per kind (``corral.store.ops``).
 - Events get their per-session ``seq`` here, at commit time, so a failed unit can
   never leave a gap.
 - ``on_commit`` sees each batch's events only after the commit returned: an observer
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,21 +28,37 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from corral.errors import ShuttingDown
+from corral.store import ops as o
 from corral.store import tables as t
 from corral.store.events import Event, NewEvent
 
 log = logging.getLogger(__name__)
 
-WriteFn = Callable[[AsyncConnection], Awaitable[Any]]
+WriteFn = o.WriteFn
+Unit = WriteFn | Sequence[o.Op] | None
 CommitHook = Callable[[list[Event]], None]
 
 
 @dataclass(slots=True)
 class _Unit:
-    fn: WriteFn | None
+    ops: list[o.Op]
     events: list[NewEvent]
     future: asyncio.Future[Any]
     committed: list[Event] = field(default_factory=list)
+    result: Any = None
+
+
+def _as_ops(unit: Unit, holder: list[_Unit]) -> list[o.Op]:
+    if unit is None:
+        return []
+    if callable(unit):
+        fn = unit
+
+        async def call(conn: AsyncConnection) -> None:
+            holder[0].result = await fn(conn)
+
+        return [o.Call(call)]
+    return list(unit)
 
 
 class Writer:
@@ -64,17 +81,23 @@ class Writer:
     def __repr__(self) -> str:
         return f"<Writer pending={len(self._pending)} batches={self.batches} units={self.units}>"
 
-    def submit(self, fn: WriteFn | None, events: list[NewEvent] | None = None) -> asyncio.Future[Any]:
-        """Queue a unit; the future resolves to ``fn``'s result once committed."""
+    def submit(self, unit: Unit, events: list[NewEvent] | None = None) -> asyncio.Future[Any]:
+        """Queue a unit (operations, or a function of the connection) with its events.
+
+        The future resolves once committed: to the function's result, or None.
+        """
         if self._closing:
             raise ShuttingDown("the store is closed for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Unit(fn, list(events or ()), future))
+        holder: list[_Unit] = []
+        entry = _Unit(_as_ops(unit, holder), list(events or ()), future)
+        holder.append(entry)
+        self._pending.append(entry)
         self._wakeup.set()
         return future
 
-    async def write(self, fn: WriteFn | None, events: list[NewEvent] | None = None) -> Any:
-        return await self.submit(fn, events)
+    async def write(self, unit: Unit, events: list[NewEvent] | None = None) -> Any:
+        return await self.submit(unit, events)
 
     def emit(self, events: list[NewEvent]) -> None:
         """Append events without waiting; a failure is logged (and the seq is not used)."""
@@ -104,7 +127,7 @@ class Writer:
     async def _commit(self, conn: AsyncConnection, batch: list[_Unit]) -> None:
         saved = dict(self._next_seq)
         try:
-            results = await self._run_units(conn, batch)
+            await self._run_units(conn, batch)
         except asyncio.CancelledError:
             self._next_seq = saved
             for unit in batch:
@@ -122,14 +145,14 @@ class Writer:
         self.units += len(batch)
         committed = [event for unit in batch for event in unit.committed]
         self._publish(committed)
-        for unit, result in zip(batch, results, strict=True):
+        for unit in batch:
             if not unit.future.done():
-                unit.future.set_result(result)
+                unit.future.set_result(unit.result)
 
     async def _commit_alone(self, conn: AsyncConnection, unit: _Unit) -> None:
         saved = dict(self._next_seq)
         try:
-            (result,) = await self._run_units(conn, [unit])
+            await self._run_units(conn, [unit])
         except Exception as exc:
             self._next_seq = saved
             if not unit.future.done():
@@ -139,17 +162,14 @@ class Writer:
         self.units += 1
         self._publish(unit.committed)
         if not unit.future.done():
-            unit.future.set_result(result)
+            unit.future.set_result(unit.result)
 
-    async def _run_units(self, conn: AsyncConnection, batch: list[_Unit]) -> list[Any]:
-        results: list[Any] = []
+    async def _run_units(self, conn: AsyncConnection, batch: list[_Unit]) -> None:
         async with conn.begin():
-            for unit in batch:
-                results.append(await unit.fn(conn) if unit.fn is not None else None)
+            await o.apply(conn, [op for unit in batch for op in unit.ops])
             rows = await self._number_events(conn, batch)
             if rows:
                 await conn.execute(t.events.insert(), rows)
-        return results
 
     async def _number_events(self, conn: AsyncConnection, batch: list[_Unit]) -> list[dict[str, Any]]:
         unknown = {e.session_id for u in batch for e in u.events if e.session_id not in self._next_seq}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,8 @@ class Tool:
     spawns_process: bool = False
 
     def spec(self) -> ToolSpec:
-        return ToolSpec(self.name, self.description, self.args.model_json_schema())
+        # Generating a JSON schema is costly and the answer never changes: compute it once.
+        return _spec(self.name, self.description, self.args)
 
     async def call(self, arguments: dict[str, Any], context: ToolContext) -> str:
         try:
@@ -48,6 +50,11 @@ class Tool:
         except ValidationError as exc:
             raise ToolError(f"bad arguments for {self.name}: {exc.errors(include_url=False)}") from exc
         return await self.fn(parsed, context)
+
+
+@functools.cache
+def _spec(name: str, description: str, args: type[BaseModel]) -> ToolSpec:
+    return ToolSpec(name, description, args.model_json_schema())
 
 
 class ToolRegistry:
