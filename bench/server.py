@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 
@@ -29,10 +30,7 @@ async def corral_server(env: dict[str, str] | None = None) -> AsyncIterator[str]
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as data_dir:
         port = free_port()
         command = [sys.executable, "-m", "corral", "serve", "--port", str(port), "--data-dir", data_dir]
-        log = open(Path(data_dir) / "server.log", "wb")  # noqa: SIM115 - closed below
-        process = subprocess.Popen(
-            command, env={**os.environ, "CORRAL_LOG_LEVEL": "warning", **(env or {})}, stdout=log, stderr=log
-        )
+        log, process = _spawn(command, {**os.environ, "CORRAL_LOG_LEVEL": "warning", **(env or {})}, data_dir)
         base = f"http://127.0.0.1:{port}"
         try:
             await _wait_healthy(base, process)
@@ -45,6 +43,12 @@ async def corral_server(env: dict[str, str] | None = None) -> AsyncIterator[str]
                 process.kill()
                 process.wait()
             log.close()
+
+
+def _spawn(command: list[str], env: dict[str, str], data_dir: str) -> tuple[IO[bytes], subprocess.Popen[bytes]]:
+    """Start the server with its output in a log file (sync: it only forks)."""
+    log = open(Path(data_dir) / "server.log", "wb")  # noqa: SIM115 - the caller closes it
+    return log, subprocess.Popen(command, env=env, stdout=log, stderr=log)
 
 
 async def _wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 30.0) -> None:

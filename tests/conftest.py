@@ -49,7 +49,7 @@ async def postgres_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Store tests run on both backends (Prefect's habit)."""
     if request.param == "sqlite":
         return sqlite_url(tmp_path)

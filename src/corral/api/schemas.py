@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.types import AgentState, CancelMode, Decision, Disposition, ExecPolicy, Mode, RunStatus
 
+# Positions and offsets are stored as 64-bit integers: anything larger is a client error, not a 500.
+MAX_INT64 = 2**63 - 1
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -40,14 +40,23 @@ class _Server(uvicorn.Server):
 
         Its stream is already over (``begin_stop``), but ``transport.close()`` waits for the
         peer to read the buffered bytes, so without this uvicorn's drain would sit out all of
-        ``timeout_graceful_shutdown`` for a client that will never read them.
+        ``timeout_graceful_shutdown`` for a client that will never read them. A closing
+        connection whose buffer still shrinks (a slow but reading client) is left to finish.
         """
+        last: dict[asyncio.Transport, int] = {}
         while True:
             await asyncio.sleep(0.1)
+            seen: dict[asyncio.Transport, int] = {}
             for connection in list(self.server_state.connections):
                 transport = getattr(connection, "transport", None)
-                if isinstance(transport, asyncio.Transport) and transport.is_closing():
-                    transport.abort()
+                if not isinstance(transport, asyncio.Transport) or not transport.is_closing():
+                    continue
+                pending = transport.get_write_buffer_size()
+                if pending and pending >= last.get(transport, pending + 1):
+                    transport.abort()  # no progress since the last look
+                else:
+                    seen[transport] = pending
+            last = seen
 
 
 def check_exposure(settings: Settings) -> None:

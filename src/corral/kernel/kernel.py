@@ -355,6 +355,7 @@ class Kernel:
 
     def _take_steers(self, runtime: SessionRuntime, handle: RunHandle) -> list[SteerInput]:
         ids = runtime.lane.take_steers(handle.run_id)
+        handle.slot.input_ids.extend(ids)  # now part of this run's turn: requeued with it if interrupted
         return [SteerInput(i, runtime.contents.pop(i)) for i in ids]
 
     async def _park(self, handle: RunHandle, calls: list[ToolCall]) -> bool:
@@ -407,8 +408,9 @@ class Kernel:
         queued_slot = runtime.lane.cancel_queued(handle.run_id)
         handover = runtime.lane.finish(handle.run_id, lambda: new_id("run"))
         requeue: Slot | None = None
-        if status is RunStatus.INTERRUPTED and began and self.config.requeue_interrupted:
-            requeue = Slot(new_id("run"), handle.slot.position - 0.5, list(handle.slot.input_ids), urgent=True)
+        if status is RunStatus.INTERRUPTED and began and self.config.requeue_interrupted and handle.slot.input_ids:
+            requeue = Slot(new_id("run"), handle.slot.position - 0.5, list(handle.slot.input_ids),
+                           handle.slot.policy, urgent=True)
         unit, events = self._final_unit(runtime, handle, status, text, error, usage, began,
                                         unstarted=queued_slot is not None or not began,
                                         requeued=handover.requeued, requeue=requeue)

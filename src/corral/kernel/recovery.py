@@ -71,7 +71,8 @@ async def _recover_session(
                     ExecPolicy(run.policy), collect=run.collect)
         if status is RunStatus.WAITING:
             slot.started = True
-            slot.input_ids = []
+            # What it already consumed: requeued with it should it be interrupted later.
+            slot.input_ids = [r.id for r in rows if r.status == InputStatus.CONSUMED.value]
             slot.inbox = [r.id for r in rows if r.status == InputStatus.PENDING.value]
             active = slot
             waiting_handle = RunHandle(run.id, session_id, slot, status=RunStatus.WAITING,
@@ -89,9 +90,10 @@ async def _recover_session(
 
 async def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any]) -> Slot | None:
     now = utcnow()
-    input_ids = [r.id for r in rows]
+    # The cut-off turn's inputs are re-run by policy; steers it never took always are (invariant 6).
+    input_ids = [r.id for r in rows if kernel.config.requeue_interrupted or r.status == InputStatus.PENDING.value]
     requeue = None
-    if kernel.config.requeue_interrupted and input_ids:
+    if input_ids:
         requeue = Slot(new_id("run"), run.position - 0.5, input_ids, ExecPolicy(run.policy), urgent=True)
 
     unit: list[ops.Op] = [

@@ -1,6 +1,6 @@
 """The agent step loop: context, model call, tool calls, steering.
 
-One step is: take steering messages, check for a soft cancel, call the model
+One step is: check for a soft cancel, take steering messages, call the model
 (holding a provider slot only for the call), then run the step's tool calls
 concurrently. The loop reads and appends state through the store so that a run
 parked for an approval can be resumed from the store alone, even after a restart.
@@ -25,7 +25,7 @@ from corral.providers.base import ChatMessage, ModelRequest, TextDelta, ToolCall
 from corral.store import NewEvent, Store, ops, repo
 from corral.store import tables as t
 from corral.tools.base import ToolContext
-from corral.types import Approval, ApprovalStatus, EventType, ExecPolicy
+from corral.types import Approval, ApprovalStatus, EventType, ExecPolicy, InputStatus
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,11 @@ class StepLoop:
             if parked:
                 return Parked(parked)
         while True:
-            self._steer(context)
+            # Cancel first: a stopping run must leave its steers untaken, so they are
+            # requeued as the next run instead of dying (or being rolled back) with it.
             if self.handle.soft_cancel_requested:
                 raise _SoftStop("")
+            self._steer(context)
             if steps >= self.agent.spec.max_steps:
                 raise StepLimitExceeded(f"the run used all {self.agent.spec.max_steps} steps of its agent")
             text, calls = await self._call_model(context)
@@ -134,7 +136,11 @@ class StepLoop:
         events = [
             self._event(EventType.RUN_STEERED, {"input_id": s.input_id, "content": s.content}) for s in steers
         ]
-        self.store.submit([ops.Insert(t.messages, rows)], events).add_done_callback(_raise_later)
+        # The steer's message and its input's `consumed` commit together: a restart neither
+        # delivers it twice nor forgets it.
+        unit: list[ops.Op] = [ops.Insert(t.messages, rows),
+                              ops.MoveInputs([s.input_id for s in steers], InputStatus.CONSUMED.value)]
+        self.store.submit(unit, events).add_done_callback(_raise_later)
         context.extend(ChatMessage("user", s.content) for s in steers)
 
     async def _call_model(self, context: list[ChatMessage]) -> tuple[str, list[ToolCall]]:

@@ -53,7 +53,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-JSON: Any = sa.JSON().with_variant(sa.JSON(none_as_null=True), "postgresql")
+# None is SQL NULL on both backends (plain sa.JSON stores the JSON text 'null' on SQLite,
+# so ``IS NULL`` would mean different things per backend).
+JSON: Any = sa.JSON(none_as_null=True)
 
 agents = sa.Table(
     "agents",

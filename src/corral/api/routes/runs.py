@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from corral.api.deps import KernelDep
-from corral.api.schemas import CancelIn, CancelOut, DecisionIn, RunList, RunOut
+from corral.api.schemas import MAX_INT64, CancelIn, CancelOut, DecisionIn, RunList, RunOut
 from corral.errors import NotFound
 from corral.store import repo
 from corral.types import RunStatus
@@ -25,7 +25,7 @@ async def list_runs(
     session_id: str | None = None,
     status: Annotated[list[RunStatus] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
 ) -> RunList:
     async with kernel.store.read() as conn:
         rows = await repo.list_runs(

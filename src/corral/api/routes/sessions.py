@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response
 
 from corral.api.deps import KernelDep
-from corral.api.schemas import AcceptedOut, MessageIn, MessageOut, SessionIn, SessionOut
+from corral.api.schemas import MAX_INT64, AcceptedOut, MessageIn, MessageOut, SessionIn, SessionOut
 from corral.errors import NotFound
 from corral.kernel import Kernel
 from corral.store import repo
@@ -34,7 +34,7 @@ async def list_sessions(
     kernel: KernelDep,
     agent: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
 ) -> list[SessionOut]:
     async with kernel.store.read() as conn:
         rows = await repo.list_sessions(conn, agent=agent, limit=limit, offset=offset)
