@@ -19,7 +19,7 @@ from corral.errors import Conflict, CorralError, NotFound, ShuttingDown
 from corral.kernel.agents import AgentManager
 from corral.kernel.lane import Acceptance, Slot
 from corral.kernel.observers import EventHub
-from corral.kernel.runs import CancelReason, RunHandle
+from corral.kernel.runs import CancelReason, RunHandle, queued_run_row
 from corral.kernel.sessions import Accepted, SessionRuntime, SessionTable
 from corral.loop.messages import message_row
 from corral.loop.runner import Finished, Parked, SteerInput, StepLoop, Stopped
@@ -201,7 +201,7 @@ class Kernel:
         idempotency_key: str | None, origin: str,
     ) -> tuple[list[ops.Op], list[NewEvent]]:
         slot, now = acceptance.slot, utcnow()
-        run_row = _run_row(runtime.id, slot, now) if acceptance.created else None
+        run_row = queued_run_row(runtime.id, slot, now) if acceptance.created else None
         input_row = {
             "id": input_id, "session_id": runtime.id, "run_id": slot.run_id, "seq": runtime.last_input_seq,
             "content": content, "mode": mode.value, "disposition": acceptance.disposition.value,
@@ -437,7 +437,7 @@ class Kernel:
         unit: list[ops.Op] = [
             ops.UpdateRun(run_id, status=status.value, output=text or None, error=error, usage=usage, ended_at=now),
             ops.Insert(t.messages, final_rows),
-            ops.Insert(t.runs, [_run_row(sid, slot, now) for slot in new_runs]),
+            ops.Insert(t.runs, [queued_run_row(sid, slot, now) for slot in new_runs]),
         ]
         if unstarted:
             unit.append(ops.MoveInputs(list(handle.slot.input_ids), InputStatus.CANCELLED.value))
@@ -556,13 +556,6 @@ class Kernel:
             return {"active_run_id": None, "queued": 0}
         active = runtime.lane.active
         return {"active_run_id": active.run_id if active else None, "queued": runtime.lane.pending_inputs()}
-
-
-def _run_row(session_id: str, slot: Slot, now: Any) -> dict[str, Any]:
-    return {
-        "id": slot.run_id, "session_id": session_id, "status": RunStatus.QUEUED.value, "position": slot.position,
-        "policy": slot.policy.value, "collect": slot.collect, "created_at": now,
-    }
 
 
 def _error(exc: CorralError) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from corral.kernel.lane import Slot
-from corral.kernel.runs import RunHandle
+from corral.kernel.runs import RunHandle, queued_run_row
 from corral.store import NewEvent, ops, repo
 from corral.store import tables as t
 from corral.store.tables import utcnow
@@ -101,10 +101,7 @@ async def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any])
         ops.RollBack(run.id),
     ]
     if requeue is not None:
-        unit.append(ops.Insert(t.runs, [{
-            "id": requeue.run_id, "session_id": session_id, "status": RunStatus.QUEUED.value,
-            "position": requeue.position, "policy": requeue.policy.value, "collect": False, "created_at": now,
-        }]))
+        unit.append(ops.Insert(t.runs, [queued_run_row(session_id, requeue, now)]))
         unit.append(ops.MoveInputs(input_ids, InputStatus.PENDING.value, requeue.run_id))
 
     events = [NewEvent(session_id, EventType.RUN_INTERRUPTED, run.id,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from corral.errors import InvalidTransition
 from corral.kernel.lane import Slot
@@ -66,3 +68,11 @@ class RunHandle:
     @property
     def interrupted_by_shutdown(self) -> bool:
         return self.cancel_reason == CancelReason.SHUTDOWN
+
+
+def queued_run_row(session_id: str, slot: Slot, now: datetime) -> dict[str, Any]:
+    """The stored row of a run that has just been queued for ``slot``."""
+    return {
+        "id": slot.run_id, "session_id": session_id, "status": RunStatus.QUEUED.value, "position": slot.position,
+        "policy": slot.policy.value, "collect": slot.collect, "created_at": now,
+    }

@@ -3,7 +3,7 @@ the caller owns the transaction (the writer's batch, or a read block)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.store import tables as t
 from corral.store.events import Event
-from corral.types import ACTIVE_STATUSES, ApprovalStatus, InputStatus, RunStatus
+from corral.types import ACTIVE_STATUSES, ApprovalStatus, RunStatus
 
 Row = sa.Row[Any]
 NON_TERMINAL = [RunStatus.QUEUED.value, RunStatus.RUNNING.value, RunStatus.WAITING.value]
@@ -66,9 +66,6 @@ async def session_counters(conn: AsyncConnection, session_id: str) -> tuple[int,
 
 # --- inputs and runs ----------------------------------------------------------------
 
-async def insert_inputs(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        await conn.execute(t.inputs.insert(), rows)
 
 
 async def insert_run(conn: AsyncConnection, row: dict[str, Any]) -> None:
@@ -79,18 +76,8 @@ async def update_run(conn: AsyncConnection, run_id: str, **values: Any) -> None:
     await conn.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
 
 
-async def move_inputs(conn: AsyncConnection, input_ids: Iterable[str], run_id: str, status: InputStatus) -> None:
-    ids = list(input_ids)
-    if ids:
-        await conn.execute(
-            t.inputs.update().where(t.inputs.c.id.in_(ids)).values(run_id=run_id, status=status.value)
-        )
 
 
-async def set_input_status(conn: AsyncConnection, input_ids: Iterable[str], status: InputStatus) -> None:
-    ids = list(input_ids)
-    if ids:
-        await conn.execute(t.inputs.update().where(t.inputs.c.id.in_(ids)).values(status=status.value))
 
 
 async def get_run(conn: AsyncConnection, run_id: str) -> Row | None:
@@ -146,8 +133,6 @@ async def insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> 
         await conn.execute(t.messages.insert(), rows)
 
 
-async def roll_back_run_messages(conn: AsyncConnection, run_id: str) -> None:
-    await conn.execute(t.messages.update().where(t.messages.c.run_id == run_id).values(rolled_back=True))
 
 
 async def session_messages(conn: AsyncConnection, session_id: str, *, include_rolled_back: bool) -> Sequence[Row]:
@@ -175,19 +160,8 @@ async def events_after(
 
 # --- approvals ----------------------------------------------------------------------
 
-async def insert_approvals(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        await conn.execute(t.approvals.insert(), rows)
 
 
-async def resolve_approval(
-    conn: AsyncConnection, run_id: str, call_id: str, status: ApprovalStatus, now: datetime
-) -> None:
-    await conn.execute(
-        t.approvals.update()
-        .where(t.approvals.c.run_id == run_id, t.approvals.c.call_id == call_id)
-        .values(status=status.value, resolved_at=now)
-    )
 
 
 async def approvals_of_run(conn: AsyncConnection, run_id: str) -> Sequence[Row]:
