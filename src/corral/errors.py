@@ -25,6 +25,12 @@ class NotFound(CorralError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """The OpenAI-compatible endpoint was asked for a model (agent) that does not exist."""
+
+    code = "model_not_found"
+
+
 class Conflict(CorralError):
     """The request clashes with current state: an existing name, a busy session."""
 
@@ -83,6 +89,12 @@ class Unauthorized(CorralError):
     """No valid API token was given."""
 
     code = "unauthorized"
+
+
+class Forbidden(CorralError):
+    """The caller is known but may not do this (an admin-only action)."""
+
+    code = "forbidden"
 
 
 class BodyTooLarge(CorralError):

@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from corral.kernel import KernelConfig
+from corral.principals import Principal, TokenTable
 from corral.specs import AgentSpec
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -19,6 +20,16 @@ def default_agent() -> AgentSpec:
     return AgentSpec(name="assistant", provider="demo", system_prompt="You are a helpful assistant.")
 
 
+class PrincipalToken(BaseModel):
+    """One API token and the principal it authenticates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    token: SecretStr = Field(min_length=16)
+    admin: bool = False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="forbid")
 
@@ -26,7 +37,9 @@ class Settings(BaseSettings):
     port: int = Field(8787, ge=0, le=65535)
     data_dir: Path = Path(".corral")
     database_url: str | None = Field(None, description="default: a SQLite file in data_dir")
-    api_token: SecretStr | None = Field(None, description="required to bind beyond loopback")
+    api_token: SecretStr | None = Field(None, description="the admin principal's token")
+    principals: list[PrincipalToken] = Field(default_factory=list, description="more tokens, one per principal")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a browser")
     max_pending_inputs: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     interrupt_grace_s: float = Field(2.0, ge=0)
@@ -55,6 +68,16 @@ class Settings(BaseSettings):
         names = {agent.name for agent in self.agents}
         base = () if "assistant" in names else (default_agent(),)
         return base + tuple(self.agents)
+
+    def token_table(self) -> TokenTable:
+        entries = [(p.token.get_secret_value(), Principal(p.name, admin=p.admin)) for p in self.principals]
+        if self.api_token is not None:
+            entries.append((self.api_token.get_secret_value(), Principal("admin", admin=True)))
+        return TokenTable(entries)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.api_token is not None or bool(self.principals)
 
     @property
     def is_loopback(self) -> bool:

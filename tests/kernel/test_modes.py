@@ -326,7 +326,7 @@ async def test_reject_on_a_busy_session_stores_nothing(kernel: Kernel) -> None:
         after = (await rows(kernel, t.inputs, session), await rows(kernel, t.runs, session),
                  await all_events(kernel, session))
         assert [len(x) for x in after] == [len(x) for x in before]
-        assert kernel.session_view(session) == {"active_run_id": blocker, "queued": 0}
+        assert kernel.session_view(session) == {"active_run_id": blocker, "active_status": "waiting", "queued": 0}
         await kernel.decide(blocker, call, Decision.APPROVE)
         await wait_run(kernel, blocker)
         idle = await kernel.submit(session, "now", mode=Mode.REJECT, idempotency_key="k")

@@ -117,7 +117,8 @@ async def seed(url: str, *sessions: SessionSeed) -> None:
         await store.migrate()
         async with store.raw_write_connection() as conn:
             for s in sessions:
-                await repo.insert_session(conn, {"id": s.id, "agent": s.agent, "key": None, "metadata": {},
+                await repo.insert_session(conn, {"id": s.id, "agent": s.agent, "owner": "local", "key": None,
+                                                 "metadata": {},
                                                  "created_at": datetime.now(UTC)})
             for table in (t.runs, t.inputs, t.messages, t.approvals, t.events):
                 rows = [row for s in sessions for row in s.rows[table.name]]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError, StatementError
@@ -24,6 +25,7 @@ from corral.errors import InvalidInput, ShuttingDown
 from corral.store import Event, NewEvent, Store, ops, repo
 from corral.store import tables as t
 from corral.store.engine import PostgresDialect, SQLiteDialect, dialect_for
+from corral.store.store import _alembic_config
 from corral.types import EventType, RunStatus
 
 LIMIT = 20.0
@@ -78,7 +80,8 @@ async def agent_names(store: Store) -> list[str]:
 
 
 def session_row(session_id: str) -> dict[str, Any]:
-    return {"id": session_id, "agent": "assistant", "key": None, "metadata": {}, "created_at": datetime.now(UTC)}
+    return {"id": session_id, "agent": "assistant", "owner": "local", "key": None, "metadata": {},
+            "created_at": datetime.now(UTC)}
 
 
 def run_row(run_id: str, session_id: str, status: str, position: float = 1.0,
@@ -104,8 +107,37 @@ async def test_migrations_produce_exactly_the_metadata(db_url: str) -> None:
                 assert await conn.run_sync(_schema_diff) == []
                 version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalars().all()
                 names = set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
-            assert version == ["0001"]
+            assert version == ["0002"]
             assert names == set(t.metadata.tables) | {"alembic_version"}
+        finally:
+            await store.aclose()
+
+
+async def test_upgrade_from_0001_gives_old_sessions_to_local_and_scopes_keys(db_url: str) -> None:
+    """A database made before principals keeps its sessions, runs and references; keys become per owner."""
+    async with asyncio.timeout(LIMIT):
+        store = Store(db_url)
+        try:
+            async with store.raw_write_connection() as conn:
+                await conn.run_sync(lambda c: command.upgrade(_alembic_config(c), "0001"))
+                await conn.execute(sa.text(
+                    "INSERT INTO sessions (id, agent, key, metadata, created_at) "
+                    "VALUES ('ses_old', 'assistant', 'main', '{}', :now)"), {"now": datetime.now(UTC)})
+                await conn.execute(t.runs.insert(), [run_row("run_old", "ses_old", "completed")])
+            await store.migrate()
+            async with store.read() as conn:
+                assert await conn.run_sync(_schema_diff) == []
+                old = await repo.get_session(conn, "ses_old")
+                assert old is not None and old.owner == "local" and old.key == "main"
+                assert (await repo.get_run(conn, "run_old")) is not None
+            async with store.raw_write_connection() as conn:  # the same key, another owner: allowed
+                await conn.execute(t.sessions.insert(), [{**session_row("ses_new"), "owner": "alice", "key": "main"}])
+            with pytest.raises(IntegrityError):
+                async with store.raw_write_connection() as conn:  # the same key, the same owner: refused
+                    await conn.execute(t.sessions.insert(), [{**session_row("ses_dup"), "key": "main"}])
+            with pytest.raises(IntegrityError):
+                async with store.raw_write_connection() as conn:  # foreign keys still enforced after the rebuild
+                    await conn.execute(t.runs.insert(), [run_row("run_orphan", "ses_missing", "queued")])
         finally:
             await store.aclose()
 
@@ -140,7 +172,7 @@ async def test_migrate_is_idempotent_and_keeps_data(db_url: str) -> None:
             async with store.read() as conn:
                 assert await conn.run_sync(_schema_diff) == []
                 version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalars().all()
-            assert version == ["0001"]
+            assert version == ["0002"]
             assert await agent_names(store) == ["kept"]
             assert [e.seq for e in await stored_events(store, "ses_a")] == [1, 2]
         finally:

@@ -1,19 +1,25 @@
-"""The FastAPI application: routes, error mapping, limits, and the kernel's lifespan."""
+"""The FastAPI application: routes, error mapping, limits, auth, the web page, and the kernel's lifespan."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from corral import __version__
 from corral.api import errors
-from corral.api.limits import BodyLimit, TokenAuth
-from corral.api.routes import agents, events, runs, sessions
+from corral.api.limits import Authenticate, BodyLimit
+from corral.api.routes import agents, events, meta, openai, runs, sessions
 from corral.kernel import Kernel
 from corral.settings import Settings
 from corral.store import Store
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -27,17 +33,26 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     app = FastAPI(title="Corral", version=__version__, lifespan=lifespan)
+    app.state.auth_required = settings.auth_enabled
     errors.install(app)
-    for module in (agents, sessions, runs, events):
+    for module in (meta, agents, sessions, runs, events, openai):
         app.include_router(module.router)
 
-    @app.get("/healthz", tags=["meta"])
-    async def healthz() -> dict[str, str]:
-        kernel: Kernel | None = getattr(app.state, "kernel", None)
-        state = "stopping" if kernel is None or kernel.stopping.is_set() else "ok"
-        return {"status": state, "version": __version__}
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"cache-control": "no-cache"})
 
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    # Outermost last: CORS answers preflights before auth asks for a token; auth runs before
+    # any route reads a body, and the body limit guards every route.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    if settings.api_token is not None:
-        app.add_middleware(TokenAuth, token=settings.api_token.get_secret_value())
+    app.add_middleware(Authenticate, tokens=settings.token_table())
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "idempotency-key", "last-event-id", "x-corral-session"],
+        )
     return app

@@ -1,12 +1,15 @@
-"""Request-scoped access to the kernel the lifespan created (no globals)."""
+"""Request-scoped access to the kernel the lifespan created and to the caller (no globals)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from corral.errors import Forbidden, NotFound
 from corral.kernel import Kernel
+from corral.principals import LOCAL, Principal
+from corral.store import repo
 
 
 def get_kernel(request: Request) -> Kernel:
@@ -14,4 +17,45 @@ def get_kernel(request: Request) -> Kernel:
     return kernel
 
 
+def get_principal(request: Request) -> Principal:
+    # Set by the Authenticate middleware; an app built without it serves the local admin.
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal or LOCAL
+
+
 KernelDep = Annotated[Kernel, Depends(get_kernel)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.admin:
+        raise Forbidden(f"principal {principal.name!r} may not do this: it is for admins")
+
+
+async def owned_session(kernel: Kernel, principal: Principal, session_id: str) -> Any:
+    """The session's row, or NotFound, also when it exists but belongs to someone else:
+    a stranger learns nothing, not even that the id is taken."""
+    async with kernel.store.read() as conn:
+        row = await repo.get_session(conn, session_id)
+    if row is None or not principal.may_access(row.owner):
+        raise NotFound(f"no session {session_id!r}")
+    return row
+
+
+async def check_session(kernel: Kernel, principal: Principal, session_id: str) -> None:
+    """Like ``owned_session`` for the hot path: a live session answers from memory."""
+    live = kernel.sessions.live(session_id)
+    if live is None:
+        await owned_session(kernel, principal, session_id)
+    elif not principal.may_access(live.owner):
+        raise NotFound(f"no session {session_id!r}")
+
+
+async def owned_run(kernel: Kernel, principal: Principal, run_id: str) -> Any:
+    """The run's row, or NotFound when it does not exist or is in someone else's session."""
+    async with kernel.store.read() as conn:
+        row = await repo.get_run(conn, run_id)
+        owner = None if row is None else await repo.session_owner(conn, row.session_id)
+    if row is None or owner is None or not principal.may_access(owner):
+        raise NotFound(f"no run {run_id!r}")
+    return row

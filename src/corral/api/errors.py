@@ -14,6 +14,7 @@ from corral import errors as e
 STATUS: list[tuple[type[e.CorralError], int]] = [
     (e.InvalidInput, 400),
     (e.Unauthorized, 401),
+    (e.Forbidden, 403),
     (e.NotFound, 404),
     (e.Conflict, 409),
     (e.BodyTooLarge, 413),
@@ -33,9 +34,17 @@ def status_for(exc: e.CorralError) -> int:
     return 500
 
 
+# The OpenAI error ``type`` for each status, so OpenAI clients classify Corral's errors too.
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}
+
+
 async def _corral_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.CorralError)
-    return JSONResponse(error_body(exc.code, str(exc)), status_code=status_for(exc))
+    status = status_for(exc)
+    body = error_body(exc.code, str(exc), type=OPENAI_TYPES.get(status, "server_error"))
+    return JSONResponse(body, status_code=status)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.api.errors import error_body
+from corral.principals import LOCAL, Principal, TokenTable
 
 
 async def _reply(send: Send, status: int, code: str, message: str) -> None:
@@ -68,24 +68,37 @@ class _TooLarge(Exception):
     pass
 
 
-class TokenAuth:
-    """Require ``Authorization: Bearer <token>`` on the API when a token is configured."""
+class Authenticate:
+    """Resolve the caller's principal from ``Authorization: Bearer <token>``.
 
-    OPEN_PATHS = ("/healthz",)
+    With no tokens configured everyone is the local admin (a loopback-only service,
+    see ``check_exposure``). The web page's own files are public: they hold no data,
+    and the page asks for a token before it calls the API.
+    """
 
-    def __init__(self, app: ASGIApp, token: str):
+    OPEN_PATHS = frozenset({"/", "/healthz", "/favicon.ico"})
+    OPEN_PREFIXES = ("/static/",)
+
+    def __init__(self, app: ASGIApp, tokens: TokenTable):
         self.app = app
-        self.token = token.encode()
+        self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                given = value[7:].strip()
-        if not hmac.compare_digest(given, self.token):
+        principal = LOCAL if not self.tokens.enabled else self._principal(scope)
+        if principal is None and not self._is_open(scope["path"]):
             await _reply(send, 401, "unauthorized", "a valid API token is required (Authorization: Bearer ...)")
             return
+        scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
+
+    def _principal(self, scope: Scope) -> Principal | None:
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                return self.tokens.lookup(value[7:].strip().decode("latin-1"))
+        return None
+
+    def _is_open(self, path: str) -> bool:
+        return path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES)

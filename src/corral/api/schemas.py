@@ -53,10 +53,12 @@ class AgentOut(BaseModel):
 class SessionOut(BaseModel):
     id: str
     agent: str
+    owner: str
     key: str | None
     metadata: dict[str, Any]
     created_at: datetime
     active_run_id: str | None
+    active_status: RunStatus | None
     queued: int
 
 

@@ -60,10 +60,10 @@ class _Server(uvicorn.Server):
 
 
 def check_exposure(settings: Settings) -> None:
-    if not settings.is_loopback and settings.api_token is None:
+    if not settings.is_loopback and not settings.auth_enabled:
         raise InvalidInput(
             f"refusing to bind {settings.host}: binding beyond loopback requires an API token "
-            "(set CORRAL_API_TOKEN or api_token in corral.toml)"
+            "(set CORRAL_API_TOKEN, or api_token or [[principals]] in corral.toml)"
         )
 
 

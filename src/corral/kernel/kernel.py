@@ -68,7 +68,7 @@ class Kernel:
         self.config = config or KernelConfig()
         self.hub = EventHub()
         store.on_commit(self.hub.publish)
-        self.sessions = SessionTable(store, self.config.max_pending_inputs)
+        self.sessions = SessionTable(store, self.config.max_pending_inputs, on_created=self._session_created)
         self.agents = AgentManager(store, tools or default_registry(), self._spawn)
         self.tool_slot = asyncio.Semaphore(self.config.max_tool_processes)
         self.stopping = asyncio.Event()
@@ -456,6 +456,8 @@ class Kernel:
             body["output"] = text
         if error:
             body["error"] = error
+        if usage:
+            body["usage"] = usage
         events.append(NewEvent(sid, TERMINAL_EVENT[status], run_id, body))
         for slot in new_runs:
             events.append(NewEvent(sid, EventType.INPUT_REQUEUED, slot.run_id,
@@ -551,11 +553,22 @@ class Kernel:
         return self._runs.get(run_id)
 
     def session_view(self, session_id: str) -> dict[str, Any]:
+        """What only memory knows about a session: its active run and how much waits behind it."""
         runtime = self.sessions.live(session_id)
-        if runtime is None:
-            return {"active_run_id": None, "queued": 0}
-        active = runtime.lane.active
-        return {"active_run_id": active.run_id if active else None, "queued": runtime.lane.pending_inputs()}
+        if runtime is None or runtime.lane.active is None:
+            queued = runtime.lane.pending_inputs() if runtime is not None else 0
+            return {"active_run_id": None, "active_status": None, "queued": queued}
+        handle = self._runs.get(runtime.lane.active.run_id)
+        return {
+            "active_run_id": runtime.lane.active.run_id,
+            "active_status": handle.status.value if handle is not None else None,
+            "queued": runtime.lane.pending_inputs(),
+        }
+
+    def _session_created(self, row: dict[str, Any]) -> None:
+        data = {key: value for key, value in row.items() if key != "created_at"}
+        data["created_at"] = row["created_at"].isoformat()
+        self.hub.notify(row["id"], "session.created", {**data, **self.session_view(row["id"])})
 
 
 def _error(exc: CorralError) -> dict[str, Any]:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from corral.store import Event, Store, repo
+from corral.types import EventType
 
 PAGE = 500
+# What a feed carries: every event but the token stream, which only the session's own log serves.
+FEED_EXCLUDED = frozenset({EventType.MESSAGE_DELTA.value})
 
 
 class Subscription:
@@ -48,16 +52,63 @@ class Subscription:
         self._wakeup.set()
 
 
+class Feed:
+    """Notices about many sessions (runs starting, ending, waiting; sessions created).
+
+    Unlike a subscription this is not a log: it has no position to resume from. When
+    its buffer overflows it drops what follows and says so once (``overflowed``), and
+    its reader refetches current state instead, so a stalled reader still costs
+    nothing but its bounded buffer.
+    """
+
+    def __init__(self, accepts: Callable[[str], bool], limit: int):
+        self.accepts = accepts
+        self.limit = limit
+        self.buffer: deque[tuple[str, dict[str, Any]]] = deque()
+        self.overflowed = False
+        self._wakeup = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Feed buffered={len(self.buffer)} overflowed={self.overflowed}>"
+
+    def push(self, kind: str, data: dict[str, Any]) -> None:
+        if self.overflowed:
+            return
+        if len(self.buffer) >= self.limit:
+            self.overflowed = True
+            self.buffer.clear()
+        else:
+            self.buffer.append((kind, data))
+        self._wakeup.set()
+
+    async def get(self, stop: asyncio.Event | None = None) -> tuple[str, dict[str, Any]] | None:
+        """The next notice, ``("resync", {})`` after an overflow, or None once ``stop`` is set."""
+        while True:
+            if stop is not None and stop.is_set():
+                return None
+            if self.overflowed:
+                self.overflowed = False
+                return "resync", {}
+            if self.buffer:
+                return self.buffer.popleft()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+
 class EventHub:
-    """Fans committed events out to the subscriptions of their session."""
+    """Fans committed events out to the subscriptions of their session, and to feeds."""
 
     def __init__(self, buffer_limit: int = 1000):
         self.buffer_limit = buffer_limit
         self._subs: dict[str, set[Subscription]] = {}
+        self._feeds: set[Feed] = set()
         self.catch_ups = 0
 
     def __repr__(self) -> str:
-        return f"<EventHub sessions={len(self._subs)} observers={self.observer_count()}>"
+        return f"<EventHub sessions={len(self._subs)} observers={self.observer_count()} feeds={len(self._feeds)}>"
 
     def observer_count(self) -> int:
         return sum(len(subs) for subs in self._subs.values())
@@ -66,6 +117,22 @@ class EventHub:
         for event in events:
             for sub in self._subs.get(event.session_id, ()):
                 sub.push(event)
+            if self._feeds and event.type not in FEED_EXCLUDED:
+                self.notify(event.session_id, event.type, event.payload())
+
+    def notify(self, session_id: str, kind: str, data: dict[str, Any]) -> None:
+        """Tell the feeds that may see ``session_id`` (events, and notices that are not events)."""
+        for feed in self._feeds:
+            if feed.accepts(session_id):
+                feed.push(kind, data)
+
+    def open_feed(self, accepts: Callable[[str], bool]) -> Feed:
+        feed = Feed(accepts, self.buffer_limit)
+        self._feeds.add(feed)
+        return feed
+
+    def close_feed(self, feed: Feed) -> None:
+        self._feeds.discard(feed)
 
     def subscribe(self, session_id: str) -> Subscription:
         sub = Subscription(session_id, self.buffer_limit)
@@ -83,6 +150,8 @@ class EventHub:
         for subs in self._subs.values():
             for sub in subs:
                 sub.wake()
+        for feed in self._feeds:
+            feed.wake()
 
     async def observe(
         self,

@@ -5,7 +5,8 @@ benchmark is repeatable. It echoes the user's turn and obeys directives found on
 first line of the turn's first message (DESIGN.md section 4):
 
 ``/sleep S``, ``/tool NAME {json}`` (one line per parallel call), ``/steps N MS``,
-``/spawn TEXT`` and ``/fail``.
+``/spawn TEXT``, ``/fail``, and ``/recall`` (lists the user messages of earlier turns,
+so a test can see what context a conversation kept).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class _Turn:
     users: list[str]
     directive: str | None
     after_directive: list[ChatMessage]
+    earlier_users: list[str]
 
 
 def _current_turn(messages: Sequence[ChatMessage]) -> _Turn:
@@ -54,13 +56,14 @@ def _current_turn(messages: Sequence[ChatMessage]) -> _Turn:
             start = index + 1
     turn = list(messages[start:])
     users = [m.content for m in turn if m.role == "user"]
+    earlier = [m.content for m in messages[:start] if m.role == "user"]
     for index, message in enumerate(turn):
         if message.role == "user":
             first_line = message.content.strip().splitlines()[0] if message.content.strip() else ""
             if first_line.startswith("/"):
-                return _Turn(users, message.content.strip(), turn[index + 1 :])
+                return _Turn(users, message.content.strip(), turn[index + 1 :], earlier)
             break
-    return _Turn(users, None, [])
+    return _Turn(users, None, [], earlier)
 
 
 class DemoProvider:
@@ -119,6 +122,8 @@ class DemoProvider:
         steps_done = sum(1 for m in turn.after_directive if m.role == "assistant" and m.tool_calls)
         if head == "/fail":
             raise ProviderError("the demo model was told to fail (/fail)")
+        if head == "/recall":
+            return [], "recall: " + json.dumps(turn.earlier_users)
         if head == "/tool":
             if steps_done:
                 return [], "tool results: " + "; ".join(r.content for r in results)

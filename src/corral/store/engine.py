@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from corral.errors import InvalidInput
 
@@ -24,6 +26,11 @@ class Dialect:
 
     def reader_engine(self) -> AsyncEngine:
         return create_async_engine(self.url, pool_size=8, max_overflow=8)
+
+    @asynccontextmanager
+    async def migrating(self, conn: AsyncConnection) -> AsyncIterator[None]:
+        """Whatever the backend needs around a schema migration on ``conn``."""
+        yield
 
 
 class SQLiteDialect(Dialect):
@@ -55,6 +62,22 @@ class SQLiteDialect(Dialect):
 
     def reader_engine(self) -> AsyncEngine:
         return self._engine(pool_size=4, max_overflow=4)
+
+    @asynccontextmanager
+    async def migrating(self, conn: AsyncConnection) -> AsyncIterator[None]:
+        """SQLite alters a table by rebuilding it, and dropping a table that others refer to
+        is refused while foreign keys are enforced; the switch only works outside a
+        transaction. Every reference is checked again before enforcement resumes."""
+        await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        await conn.commit()
+        try:
+            yield
+        finally:
+            broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+            await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            await conn.commit()
+        if broken:
+            raise RuntimeError(f"the migration left {len(broken)} broken foreign key references: {broken[:5]}")
 
 
 class PostgresDialect(Dialect):

@@ -42,12 +42,22 @@ async def get_session(conn: AsyncConnection, session_id: str) -> Row | None:
     return (await conn.execute(sa.select(t.sessions).where(t.sessions.c.id == session_id))).first()
 
 
-async def get_session_by_key(conn: AsyncConnection, key: str) -> Row | None:
-    return (await conn.execute(sa.select(t.sessions).where(t.sessions.c.key == key))).first()
+async def session_owner(conn: AsyncConnection, session_id: str) -> str | None:
+    return (await conn.execute(sa.select(t.sessions.c.owner).where(t.sessions.c.id == session_id))).scalar()
 
 
-async def list_sessions(conn: AsyncConnection, *, agent: str | None, limit: int, offset: int) -> Sequence[Row]:
+async def get_session_by_key(conn: AsyncConnection, owner: str, key: str) -> Row | None:
+    query = sa.select(t.sessions).where(t.sessions.c.owner == owner, t.sessions.c.key == key)
+    return (await conn.execute(query)).first()
+
+
+async def list_sessions(
+    conn: AsyncConnection, *, owner: str | None, agent: str | None, limit: int, offset: int
+) -> Sequence[Row]:
+    """Newest first; ``owner=None`` lists every principal's sessions."""
     query = sa.select(t.sessions).order_by(t.sessions.c.created_at.desc(), t.sessions.c.id)
+    if owner is not None:
+        query = query.where(t.sessions.c.owner == owner)
     if agent is not None:
         query = query.where(t.sessions.c.agent == agent)
     return (await conn.execute(query.limit(limit).offset(offset))).all()
@@ -66,18 +76,12 @@ async def session_counters(conn: AsyncConnection, session_id: str) -> tuple[int,
 
 # --- inputs and runs ----------------------------------------------------------------
 
-
-
 async def insert_run(conn: AsyncConnection, row: dict[str, Any]) -> None:
     await conn.execute(t.runs.insert().values(**row))
 
 
 async def update_run(conn: AsyncConnection, run_id: str, **values: Any) -> None:
     await conn.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
-
-
-
-
 
 
 async def get_run(conn: AsyncConnection, run_id: str) -> Row | None:
@@ -91,8 +95,13 @@ async def list_runs(
     statuses: Sequence[str] | None,
     limit: int,
     offset: int,
+    owner: str | None = None,
 ) -> Sequence[Row]:
+    """Newest first; with ``owner``, only runs of that principal's sessions."""
     query = sa.select(t.runs).order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc())
+    if owner is not None:
+        owned = sa.select(t.sessions.c.id).where(t.sessions.c.owner == owner)
+        query = query.where(t.runs.c.session_id.in_(owned))
     if session_ids is not None:
         query = query.where(t.runs.c.session_id.in_(session_ids))
     if statuses:

@@ -56,8 +56,9 @@ class Store:
         def upgrade(connection: Connection) -> None:
             command.upgrade(_alembic_config(connection), "head")
 
-        async with self._write_engine.begin() as conn:
+        async with self._write_engine.connect() as conn, self.dialect.migrating(conn):
             await conn.run_sync(upgrade)
+            await conn.commit()
 
     async def run_writer(self, started: asyncio.Event | None = None) -> None:
         await self.writer.run(started)

@@ -70,9 +70,14 @@ sessions = sa.Table(
     metadata,
     sa.Column("id", sa.String(40), primary_key=True),
     sa.Column("agent", sa.String(64), nullable=False),
-    sa.Column("key", sa.String(256), nullable=True, unique=True),
+    # The principal that created the session; only it (and admins) may see or touch it.
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("key", sa.String(256), nullable=True),
     sa.Column("metadata", JSON, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Keys are per principal: two principals' "main" are two sessions.
+    sa.UniqueConstraint("owner", "key"),
+    sa.Index("ix_sessions_owner_created_at", "owner", "created_at"),
 )
 
 runs = sa.Table(

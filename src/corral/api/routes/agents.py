@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from corral.api.deps import KernelDep
+from corral.api.deps import KernelDep, PrincipalDep, require_admin
 from corral.api.schemas import AgentOut
 from corral.kernel.agents import AgentRuntime
 from corral.specs import AgentSpec
@@ -37,6 +37,8 @@ async def get_agent(name: str, kernel: KernelDep) -> AgentOut:
 
 
 @router.delete("/{name}", status_code=204)
-async def delete_agent(name: str, kernel: KernelDep) -> Response:
+async def delete_agent(name: str, kernel: KernelDep, principal: PrincipalDep) -> Response:
+    """Agents are shared by every principal, so only an admin may take one away."""
+    require_admin(principal)
     await kernel.agents.delete(name)
     return Response(status_code=204)

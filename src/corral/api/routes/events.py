@@ -9,9 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse
 
-from corral.api.deps import KernelDep
+from corral.api.deps import KernelDep, PrincipalDep, owned_run, owned_session
 from corral.api.schemas import MAX_INT64
-from corral.errors import InvalidInput, NotFound
+from corral.errors import InvalidInput
 from corral.kernel import Kernel
 from corral.kernel.observers import PAGE
 from corral.store import Event, repo
@@ -62,12 +62,11 @@ async def _frames(
 async def session_events(
     session_id: str,
     kernel: KernelDep,
+    principal: PrincipalDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_INT64)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
-    async with kernel.store.read() as conn:
-        if await repo.get_session(conn, session_id) is None:
-            raise NotFound(f"no session {session_id!r}")
+    await owned_session(kernel, principal, session_id)
     start = _start_seq(after, last_event_id)
     return EventSourceResponse(_frames(kernel, session_id, start, None, False), ping=15)
 
@@ -76,17 +75,41 @@ async def session_events(
 async def run_events(
     run_id: str,
     kernel: KernelDep,
+    principal: PrincipalDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_INT64)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
     on_disconnect: Annotated[str, Query(pattern="^(continue|cancel)$")] = "continue",
 ) -> EventSourceResponse:
-    async with kernel.store.read() as conn:
-        row = await repo.get_run(conn, run_id)
-    if row is None:
-        raise NotFound(f"no run {run_id!r}")
+    row = await owned_run(kernel, principal, run_id)
     start = _start_seq(after, last_event_id)
     # An ended run's stream is its replay, even resumed past the terminal event (which would otherwise
     # wait for a live event that never comes).
     ended = RunStatus(row.status).is_terminal
     frames = _frames(kernel, row.session_id, start, run_id, on_disconnect == "cancel", ended)
     return EventSourceResponse(frames, ping=15)
+
+
+@router.get("/v1/feed")
+async def feed(kernel: KernelDep, principal: PrincipalDep) -> EventSourceResponse:
+    """Every event but token deltas, across the caller's sessions, plus ``session.created``.
+
+    Not resumable (sessions have separate seqs): the first frame, ``ready``, comes once
+    the feed is attached, and after it, or after a ``resync``, a client reads current
+    state from ``GET /v1/sessions``; from then on the feed keeps it current.
+    """
+
+    def accepts(session_id: str) -> bool:
+        live = kernel.sessions.live(session_id)
+        return principal.admin or (live is not None and live.owner == principal.name)
+
+    async def frames() -> AsyncIterator[dict[str, Any]]:
+        notices = kernel.hub.open_feed(accepts)
+        try:
+            yield {"event": "ready", "data": json.dumps({"principal": principal.name})}
+            while (notice := await notices.get(kernel.stopping)) is not None:
+                kind, data = notice
+                yield {"event": kind, "data": json.dumps(data)}
+        finally:
+            kernel.hub.close_feed(notices)
+
+    return EventSourceResponse(frames(), ping=15)

@@ -6,9 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from corral.api.deps import KernelDep
+from corral.api.deps import KernelDep, PrincipalDep, owned_run
 from corral.api.schemas import MAX_INT64, CancelIn, CancelOut, DecisionIn, RunList, RunOut
-from corral.errors import NotFound
 from corral.store import repo
 from corral.types import RunStatus
 
@@ -22,6 +21,7 @@ def run_out(row: Any) -> RunOut:
 @router.get("")
 async def list_runs(
     kernel: KernelDep,
+    principal: PrincipalDep,
     session_id: str | None = None,
     status: Annotated[list[RunStatus] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -34,27 +34,30 @@ async def list_runs(
             statuses=[s.value for s in status] if status else None,
             limit=limit,
             offset=offset,
+            owner=None if principal.admin else principal.name,
         )
     return RunList(runs=[run_out(row) for row in rows], limit=limit, offset=offset)
 
 
 @router.get("/{run_id}")
-async def get_run(run_id: str, kernel: KernelDep) -> RunOut:
-    async with kernel.store.read() as conn:
-        row = await repo.get_run(conn, run_id)
-    if row is None:
-        raise NotFound(f"no run {run_id!r}")
-    return run_out(row)
+async def get_run(run_id: str, kernel: KernelDep, principal: PrincipalDep) -> RunOut:
+    return run_out(await owned_run(kernel, principal, run_id))
 
 
 @router.post("/{run_id}/cancel", status_code=202)
-async def cancel_run(run_id: str, kernel: KernelDep, body: CancelIn | None = None) -> CancelOut:
+async def cancel_run(
+    run_id: str, kernel: KernelDep, principal: PrincipalDep, body: CancelIn | None = None
+) -> CancelOut:
+    await owned_run(kernel, principal, run_id)
     mode = (body or CancelIn()).mode
     status = await kernel.cancel(run_id, mode)
     return CancelOut(run_id=run_id, mode=mode, status=status)
 
 
 @router.post("/{run_id}/approvals/{call_id}", status_code=202)
-async def decide(run_id: str, call_id: str, body: DecisionIn, kernel: KernelDep) -> dict[str, str]:
+async def decide(
+    run_id: str, call_id: str, body: DecisionIn, kernel: KernelDep, principal: PrincipalDep
+) -> dict[str, str]:
+    await owned_run(kernel, principal, run_id)
     await kernel.decide(run_id, call_id, body.decision)
     return {"run_id": run_id, "call_id": call_id, "decision": body.decision.value}

@@ -6,9 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 
-from corral.api.deps import KernelDep
+from corral.api.deps import KernelDep, PrincipalDep, check_session, owned_session
 from corral.api.schemas import MAX_INT64, AcceptedOut, MessageIn, MessageOut, SessionIn, SessionOut
-from corral.errors import NotFound
 from corral.kernel import Kernel
 from corral.store import repo
 
@@ -21,9 +20,9 @@ def session_out(kernel: Kernel, row: Any) -> SessionOut:
 
 
 @router.post("", status_code=201)
-async def create_session(body: SessionIn, kernel: KernelDep, response: Response) -> SessionOut:
+async def create_session(body: SessionIn, kernel: KernelDep, principal: PrincipalDep, response: Response) -> SessionOut:
     kernel.agents.get(body.agent)  # 404 for an unknown agent, before anything is stored
-    row, created = await kernel.sessions.create(body.agent, body.key, body.metadata)
+    row, created = await kernel.sessions.create(body.agent, body.key, body.metadata, owner=principal.name)
     if not created:
         response.status_code = 200
     return session_out(kernel, row)
@@ -32,31 +31,28 @@ async def create_session(body: SessionIn, kernel: KernelDep, response: Response)
 @router.get("")
 async def list_sessions(
     kernel: KernelDep,
+    principal: PrincipalDep,
     agent: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
 ) -> list[SessionOut]:
     async with kernel.store.read() as conn:
-        rows = await repo.list_sessions(conn, agent=agent, limit=limit, offset=offset)
+        owner = None if principal.admin else principal.name
+        rows = await repo.list_sessions(conn, owner=owner, agent=agent, limit=limit, offset=offset)
     return [session_out(kernel, row) for row in rows]
 
 
 @router.get("/{session_id}")
-async def get_session(session_id: str, kernel: KernelDep) -> SessionOut:
-    async with kernel.store.read() as conn:
-        row = await repo.get_session(conn, session_id)
-    if row is None:
-        raise NotFound(f"no session {session_id!r}")
-    return session_out(kernel, row)
+async def get_session(session_id: str, kernel: KernelDep, principal: PrincipalDep) -> SessionOut:
+    return session_out(kernel, await owned_session(kernel, principal, session_id))
 
 
 @router.get("/{session_id}/messages")
 async def list_messages(
-    session_id: str, kernel: KernelDep, include_rolled_back: bool = True
+    session_id: str, kernel: KernelDep, principal: PrincipalDep, include_rolled_back: bool = True
 ) -> list[MessageOut]:
+    await owned_session(kernel, principal, session_id)
     async with kernel.store.read() as conn:
-        if await repo.get_session(conn, session_id) is None:
-            raise NotFound(f"no session {session_id!r}")
         rows = await repo.session_messages(conn, session_id, include_rolled_back=include_rolled_back)
     return [MessageOut.model_validate(dict(row._mapping)) for row in rows]
 
@@ -66,8 +62,10 @@ async def post_message(
     session_id: str,
     body: MessageIn,
     kernel: KernelDep,
+    principal: PrincipalDep,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> AcceptedOut:
+    await check_session(kernel, principal, session_id)
     accepted = await kernel.submit(
         session_id, body.content, mode=body.mode, policy=body.policy, debounce_ms=body.debounce_ms,
         idempotency_key=idempotency_key,

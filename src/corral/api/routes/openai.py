@@ -1,0 +1,136 @@
+"""The OpenAI-compatible endpoint: any OpenAI client can talk to a Corral agent.
+
+``model`` names the agent. Without a pinned session every request is a fresh session
+whose context is the request's earlier messages. With ``X-Corral-Session: KEY`` (or
+the ``user`` field) the caller's session of that key keeps the conversation: on first
+use it is seeded with the earlier messages, afterwards only the last user message is
+new, and the stored history is the context. The agent's own tool calls stay inside
+Corral; the client sees the final text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+
+from corral.api.deps import KernelDep, PrincipalDep
+from corral.api.errors import error_body
+from corral.api.openai_schemas import ChatCompletionIn, chunk, completion, model_entry, openai_usage
+from corral.errors import InvalidInput, ModelNotFound, NotFound
+from corral.kernel import Kernel
+from corral.store import Event, repo
+from corral.types import CancelMode, EventType, RunStatus
+
+router = APIRouter(tags=["openai"])
+
+# How an ended run that did not complete is reported to an OpenAI client.
+_UNFINISHED = {
+    RunStatus.FAILED.value: (502, "run_failed"),
+    RunStatus.CANCELLED.value: (409, "run_cancelled"),
+    RunStatus.INTERRUPTED.value: (409, "run_interrupted"),
+}
+
+
+@router.get("/v1/models")
+async def list_models(kernel: KernelDep) -> dict[str, Any]:
+    """Every agent, as an OpenAI model."""
+    return {"object": "list",
+            "data": [model_entry(a.name, int(a.created_at.timestamp())) for a in kernel.agents.list()]}
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    request: Request,
+    kernel: KernelDep,
+    principal: PrincipalDep,
+    x_corral_session: Annotated[str | None, Header(max_length=256)] = None,
+) -> JSONResponse | EventSourceResponse:
+    body = await _parse(request)
+    try:
+        agent = kernel.agents.get(body.model)
+    except NotFound:
+        raise ModelNotFound(f"The model {body.model!r} does not exist (models are Corral agents)") from None
+    *earlier, last = body.messages
+    if last.role != "user":
+        raise InvalidInput("the last message must have role 'user': it is what the agent answers")
+    content = last.text()
+    if not content.strip():
+        raise InvalidInput("the last user message is empty")
+    if any(m.role == "tool" for m in earlier):
+        raise InvalidInput("messages with role 'tool' are not supported: Corral agents run their own tools")
+    history = [("system" if m.role == "developer" else m.role, m.text()) for m in earlier]
+
+    key = x_corral_session or body.user
+    session, _ = await kernel.sessions.create(
+        agent.name, key, {"channel": "openai"}, owner=principal.name, history=history
+    )
+    if session["agent"] != agent.name:
+        raise InvalidInput(f"session {key!r} belongs to agent {session['agent']!r}, not {agent.name!r}")
+    accepted = await kernel.submit(session["id"], content, origin="openai")
+    headers = {"x-corral-session-id": accepted.session_id, "x-corral-run-id": accepted.run_id}
+    created = int(time.time())
+    events = kernel.hub.observe(kernel.store, accepted.session_id, run_id=accepted.run_id, stop=kernel.stopping)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        frames = _stream(kernel, events, accepted.run_id, agent.name, created, include_usage)
+        return EventSourceResponse(frames, ping=15, headers=headers)
+
+    async for _ in events:
+        pass  # the run's events end with its terminal event
+    async with kernel.store.read() as conn:
+        run = await repo.get_run(conn, accepted.run_id)
+    assert run is not None
+    if run.status != RunStatus.COMPLETED.value:
+        status, code = _UNFINISHED.get(run.status, (503, "run_unfinished"))
+        return JSONResponse(_run_error(code, run.status, run.error), status_code=status, headers=headers)
+    return JSONResponse(completion(run.id, agent.name, created, run.output or "", run.usage), headers=headers)
+
+
+async def _parse(request: Request) -> ChatCompletionIn:
+    """OpenAI answers a bad request with 400, so this route validates by hand instead of FastAPI's 422."""
+    try:
+        raw = await request.json()
+    except ValueError:
+        raise InvalidInput("the request body is not valid JSON") from None
+    try:
+        return ChatCompletionIn.model_validate(raw)
+    except ValidationError as exc:
+        summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(summary) from None
+
+
+def _run_error(code: str, status: str, error: dict[str, Any] | None) -> dict[str, Any]:
+    message = (error or {}).get("message") or f"the run ended {status}"
+    return error_body(code, message, type="server_error", param=None)
+
+
+async def _stream(
+    kernel: Kernel, events: AsyncIterator[Event], run_id: str, model: str, created: int, include_usage: bool
+) -> AsyncIterator[dict[str, str]]:
+    finished = False
+    try:
+        yield {"data": json.dumps(chunk(run_id, model, created, {"role": "assistant", "content": ""}))}
+        async for event in events:
+            if event.type == EventType.MESSAGE_DELTA:
+                yield {"data": json.dumps(chunk(run_id, model, created, {"content": event.data["text"]}))}
+            elif event.type == EventType.RUN_COMPLETED:
+                yield {"data": json.dumps(chunk(run_id, model, created, {}, finish_reason="stop"))}
+                if include_usage:
+                    usage = openai_usage(event.data.get("usage"))
+                    yield {"data": json.dumps(chunk(run_id, model, created, {}, usage=usage))}
+            elif event.is_terminal:
+                status = event.data.get("status", "failed")
+                _, code = _UNFINISHED.get(status, (503, "run_unfinished"))
+                yield {"data": json.dumps(_run_error(code, status, event.data.get("error")))}
+        finished = True
+        yield {"data": "[DONE]"}
+    finally:
+        if not finished:  # the client went away (or the server is stopping): stop the work it asked for
+            kernel.cancel_soon(run_id, CancelMode.SOFT)
