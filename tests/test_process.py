@@ -315,3 +315,27 @@ async def test_serve_refuses_a_public_bind_without_a_token(tmp_path: Path) -> No
                 await proc.wait()
         assert proc.returncode == 2
         assert b"refusing to bind 0.0.0.0" in stderr
+
+
+async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
+    """Debug logging, access logs, accepted and refused tokens, a failing run: no token appears."""
+    admin, alice, wrong = "admin-secret-token-000111", "alice-secret-token-222333", "wrong-secret-token-444555"
+    principals = f'[{{"name": "alice", "token": "{alice}"}}]'
+    async with asyncio.timeout(60):
+        async with corral_serve(tmp_path, CORRAL_API_TOKEN=admin, CORRAL_PRINCIPALS=principals,
+                                CORRAL_LOG_LEVEL="debug") as server:
+            async with client(server.base, headers={"Authorization": f"Bearer {alice}"}) as http:
+                sid = await new_session(http)
+                accepted = await post(http, sid, "/fail")
+                async with http.stream("GET", f"/v1/runs/{accepted['run_id']}/events") as response:
+                    assert [f async for f in sse_frames(response)][-1].event == "run.failed"
+                assert (await http.get("/v1/agents", headers={"Authorization": f"Bearer {wrong}"})).status_code == 401
+            async with client(server.base, headers={"Authorization": f"Bearer {admin}"}) as http:
+                assert (await http.get("/v1/sessions")).status_code == 200
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(server.proc.wait(), 20)  # everything it logged is in
+        log = "".join(server.output)
+        assert "GET /v1/sessions" in log  # the access log was on: the check below means something
+        for secret in (admin, alice, wrong):
+            assert secret not in log
+

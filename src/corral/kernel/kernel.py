@@ -568,6 +568,7 @@ class Kernel:
     def _session_created(self, row: dict[str, Any]) -> None:
         data = {key: value for key, value in row.items() if key != "created_at"}
         data["created_at"] = row["created_at"].isoformat()
+        data["session_id"] = row["id"]  # like every event, so a feed reader routes notices alike
         self.hub.notify(row["id"], "session.created", {**data, **self.session_view(row["id"])})
 
 
