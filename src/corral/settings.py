@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(5.0, ge=0)
     requeue_interrupted: bool = True
     max_tool_processes: int = Field(8, ge=1)
+    workspace_root: Path | None = Field(None, description="default: data_dir/workspaces; one directory per agent")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     agents: list[AgentSpec] = Field(default_factory=list, description="extra agents to create at start")
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
             shutdown_grace_s=self.shutdown_grace_s,
             requeue_interrupted=self.requeue_interrupted,
             max_tool_processes=self.max_tool_processes,
+            workspace_root=(self.workspace_root or self.data_dir / "workspaces").resolve(),
         )
 
     def initial_agents(self) -> tuple[AgentSpec, ...]:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from corral.errors import Conflict, CorralError, NotFound, ShuttingDown
@@ -53,6 +54,8 @@ class KernelConfig:
     shutdown_grace_s: float = 5.0
     requeue_interrupted: bool = True
     max_tool_processes: int = 8
+    # Each agent's tools work in ``workspace_root / <agent name>``.
+    workspace_root: Path = Path(".corral/workspaces")
 
 
 class Kernel:
@@ -289,7 +292,8 @@ class Kernel:
                 begun = True
             while True:
                 step_loop = StepLoop(self.store, agent, handle, handle.slot.policy,
-                                     lambda: self._take_steers(runtime, handle), self.tool_slot)
+                                     lambda: self._take_steers(runtime, handle), self.tool_slot,
+                                     self.config.workspace_root / agent.name)
                 outcome = await step_loop.run()
                 if isinstance(outcome, Finished):
                     await self._finalize(handle, RunStatus.COMPLETED, text=outcome.text, usage=step_loop.usage)

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from corral.errors import StepLimitExceeded, ToolError
@@ -71,6 +72,7 @@ class StepLoop:
     policy: ExecPolicy
     take_steers: Callable[[], list[SteerInput]]
     tool_slot: asyncio.Semaphore
+    workspace: Path
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
 
     @property
@@ -210,7 +212,7 @@ class StepLoop:
         tool = self.agent.tools[call.name]
         self.store.writer.emit([self._event(EventType.TOOL_STARTED, {"call_id": call.id, "tool": call.name,
                                                                     "arguments": call.arguments})])
-        context = ToolContext(self.run_id, self.session_id, self.agent.name)
+        context = ToolContext(self.run_id, self.session_id, self.agent.name, self.workspace)
         is_error = False
         try:
             if tool.spawns_process:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -15,11 +16,16 @@ from corral.providers.base import ToolSpec
 
 @dataclass(frozen=True)
 class ToolContext:
-    """What a tool may know about the call it serves."""
+    """What a tool may know about the call it serves.
+
+    ``workspace`` is the agent's own directory: file and process tools must stay inside
+    it (it may not exist yet; a tool that needs it creates it).
+    """
 
     run_id: str
     session_id: str
     agent: str
+    workspace: Path
 
 
 ToolFn = Callable[[Any, ToolContext], Awaitable[str]]
