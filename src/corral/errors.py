@@ -61,6 +61,19 @@ class ProviderError(CorralError):
     code = "provider_error"
 
 
+class ProviderUnavailable(ProviderError):
+    """A transient provider failure (429, 5xx, a dropped connection, a timeout): worth a retry.
+
+    ``retry_after`` is the server's own hint, in seconds, when it gave one.
+    """
+
+    code = "provider_unavailable"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ToolError(CorralError):
     """A tool failed; the model sees the message as the tool's result."""
 

@@ -21,6 +21,16 @@ class AgentPolicy(BaseModel):
         return self.approvals.get(tool, self.approvals.get("*", Approval.AUTO))
 
 
+class ProviderRef(BaseModel):
+    """A provider an agent falls back to when its own fails before answering."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str
+    model: str | None = None
+    provider_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class AgentSpec(BaseModel):
     """An agent: a model behind a provider, a system prompt, tools and a policy."""
 
@@ -30,6 +40,7 @@ class AgentSpec(BaseModel):
     provider: str = "demo"
     model: str | None = None
     provider_options: dict[str, Any] = Field(default_factory=dict)
+    fallbacks: list[ProviderRef] = Field(default_factory=list, max_length=8)
     system_prompt: str | None = None
     tools: list[str] = Field(default_factory=lambda: ["wait", "echo"])
     policy: AgentPolicy = Field(default_factory=AgentPolicy)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from corral.errors import AgentUnavailable, Conflict, NotFound
 from corral.providers.base import Provider
-from corral.providers.registry import create_provider, validate_options
+from corral.providers.registry import create_provider, validate_agent
 from corral.specs import AgentSpec
 from corral.store import Store, ops, repo
 from corral.store import tables as t
@@ -88,7 +88,7 @@ class AgentManager:
 
     async def create(self, spec: AgentSpec) -> AgentRuntime:
         """Register and persist the agent, then start it in the background; returns at once."""
-        validate_options(spec.provider, spec.provider_options)
+        validate_agent(spec)
         tools = self._tools.select(spec.tools)
         if spec.name in self._agents:
             raise Conflict(f"an agent named {spec.name!r} already exists")
@@ -109,7 +109,10 @@ class AgentManager:
     async def delete(self, name: str) -> None:
         agent = self.get(name)
         self._drop(agent)
-        await self._store.write(lambda conn: repo.delete_agent(conn, name))
+        try:
+            await self._store.write(lambda conn: repo.delete_agent(conn, name))
+        finally:
+            await self._close_provider(agent)
 
     async def wait_ready(self, name: str) -> AgentRuntime:
         """The agent once it is ready; ``AgentUnavailable`` if it failed or is gone."""
@@ -127,6 +130,13 @@ class AgentManager:
     async def aclose(self) -> None:
         for agent in list(self._agents.values()):
             self._drop(agent)
+            await self._close_provider(agent)
+
+    async def _close_provider(self, agent: AgentRuntime) -> None:
+        """Release the provider's connections; runs still using it fail at their next call."""
+        provider, agent.provider = agent.provider, None
+        if provider is not None:
+            await provider.aclose()
 
     def _reserve(
         self, spec: AgentSpec, *, tools: dict[str, Tool] | None = None, start: bool = True, created_at: Any = None
@@ -150,7 +160,7 @@ class AgentManager:
     async def _start(self, agent: AgentRuntime) -> None:
         provider: Provider | None = None
         try:
-            provider = create_provider(agent.spec.provider, agent.spec.model, agent.spec.provider_options)
+            provider = create_provider(agent.spec)
             await provider.start()
         except asyncio.CancelledError:
             if provider is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.errors import StepLimitExceeded, ToolError
+from corral.errors import AgentUnavailable, StepLimitExceeded, ToolError
 from corral.kernel.agents import AgentRuntime
 from corral.kernel.runs import RunHandle
 from corral.loop.messages import message_row, steps_taken, to_chat, unresolved_calls
@@ -147,7 +147,8 @@ class StepLoop:
 
     async def _call_model(self, context: list[ChatMessage]) -> tuple[str, list[ToolCall]]:
         provider = self.agent.provider
-        assert provider is not None, "runs start only on ready agents"
+        if provider is None:  # runs start only on ready agents, so it was closed since: deleted or stopping
+            raise AgentUnavailable(f"agent {self.agent.name!r} is gone (deleted or stopping)")
         specs = [tool.spec() for tool in self.agent.tools.values()]
         parts: list[str] = []
         calls: list[ToolCall] = []

@@ -1,0 +1,165 @@
+"""Provider ``anthropic``: the Messages API through the official SDK.
+
+Corral's context is OpenAI-shaped (system messages, tool messages); the Messages API wants
+one system prompt, alternating user/assistant turns, ``tool_use`` blocks on the assistant
+side and ``tool_result`` blocks on the user side. ``_to_messages`` converts, merging
+neighbours of the same role.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+from anthropic.types import (
+    InputJSONDelta,
+    RawContentBlockDeltaEvent,
+    RawContentBlockStartEvent,
+    RawMessageDeltaEvent,
+    RawMessageStartEvent,
+    RawMessageStopEvent,
+    RawMessageStreamEvent,
+    ToolUseBlock,
+)
+from anthropic.types import TextDelta as TextDelta_
+
+from corral.errors import ProviderError, ProviderUnavailable
+from corral.providers.base import ChatMessage, ModelRequest, StreamPart, TextDelta, ToolCall, ToolCallsPart, Usage
+from corral.providers.remote import RemoteOptions, ToolNames, retry_after_seconds, with_retries
+
+DEFAULT_MAX_TOKENS = 4096
+TRANSIENT_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+@dataclass
+class _PartialUse:
+    id: str
+    name: str
+    json: str = ""
+
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def __init__(self, model: str | None, options: RemoteOptions):
+        if not model:
+            raise ProviderError("the anthropic provider needs a model name (the agent's `model`)")
+        self.model = model
+        self.options = options
+        self.max_concurrent_calls = options.max_concurrent_calls
+        self._client: anthropic.AsyncAnthropic | None = None
+
+    def __repr__(self) -> str:
+        return f"<AnthropicProvider model={self.model} base_url={self.options.base_url}>"
+
+    async def start(self) -> None:
+        self._client = anthropic.AsyncAnthropic(
+            api_key=self.options.resolve_key("ANTHROPIC_API_KEY"),
+            base_url=self.options.base_url,
+            timeout=self.options.timeout_s,
+            max_retries=0,
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
+        return with_retries(lambda: self._attempt(request), self.options.retry_policy())
+
+    async def _attempt(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
+        if self._client is None:
+            raise ProviderError("the provider was not started")
+        names = ToolNames(spec.name for spec in request.tools)
+        system, messages = _to_messages(request.messages, names)
+        extra: dict[str, Any] = {}
+        if system:
+            extra["system"] = system
+        if request.tools:
+            extra["tools"] = [{"name": names.outgoing(s.name), "description": s.description,
+                               "input_schema": s.parameters} for s in request.tools]
+        if self.options.temperature is not None:
+            extra["temperature"] = self.options.temperature
+        uses: dict[int, _PartialUse] = {}
+        input_tokens = output_tokens = 0
+        finished = False
+        try:
+            # The SDK's overloads want TypedDicts; these dicts have exactly those shapes.
+            create: Any = self._client.messages.create
+            stream: anthropic.AsyncStream[RawMessageStreamEvent] = await create(
+                model=self.model, max_tokens=self.options.max_tokens or DEFAULT_MAX_TOKENS,
+                messages=messages, stream=True, **extra,
+            )
+            async with stream:
+                async for event in stream:
+                    if isinstance(event, RawMessageStartEvent):
+                        input_tokens = event.message.usage.input_tokens
+                    elif isinstance(event, RawContentBlockStartEvent) and isinstance(event.content_block, ToolUseBlock):
+                        block = event.content_block
+                        uses[event.index] = _PartialUse(block.id, names.incoming(block.name))
+                    elif isinstance(event, RawContentBlockDeltaEvent):
+                        if isinstance(event.delta, TextDelta_):
+                            yield TextDelta(event.delta.text)
+                        elif isinstance(event.delta, InputJSONDelta) and event.index in uses:
+                            uses[event.index].json += event.delta.partial_json
+                    elif isinstance(event, RawMessageDeltaEvent):
+                        output_tokens = event.usage.output_tokens
+                    elif isinstance(event, RawMessageStopEvent):
+                        finished = True
+        except anthropic.APIError as exc:
+            raise _translate(exc) from exc
+        if not finished:  # a clean end of the body, but not of the reply: a proxy cut it short
+            raise ProviderUnavailable("anthropic: the stream ended before the reply did (no message_stop)")
+        if uses:
+            yield ToolCallsPart(tuple(_finish(use) for _, use in sorted(uses.items())))
+        yield Usage(input_tokens, output_tokens)
+
+
+def _to_messages(messages: Sequence[ChatMessage], names: ToolNames) -> tuple[str, list[dict[str, Any]]]:
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+
+    for message in messages:
+        if message.role == "system":
+            system.append(message.content)
+        elif message.role == "tool":
+            add("user", [{"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}])
+        elif message.role == "assistant":
+            blocks: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
+            blocks += [{"type": "tool_use", "id": c.id, "name": names.outgoing(c.name), "input": c.arguments}
+                       for c in message.tool_calls]
+            if blocks:
+                add("assistant", blocks)
+        else:
+            add("user", [{"type": "text", "text": message.content}])
+    return "\n\n".join(system), turns
+
+
+def _finish(use: _PartialUse) -> ToolCall:
+    try:
+        arguments = json.loads(use.json) if use.json.strip() else {}
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        arguments = {"invalid_arguments": use.json}
+    return ToolCall(use.id, use.name, arguments)
+
+
+def _translate(exc: anthropic.APIError) -> ProviderError:
+    if isinstance(exc, anthropic.APIConnectionError):
+        return ProviderUnavailable(f"anthropic: connection failed: {type(exc.__cause__ or exc).__name__}: {exc}")
+    if isinstance(exc, anthropic.APIStatusError):
+        message = f"anthropic: HTTP {exc.status_code}: {exc.message}"
+        if exc.status_code in TRANSIENT_STATUS:
+            return ProviderUnavailable(message, retry_after_seconds(exc.response.headers.get("retry-after")))
+        return ProviderError(message)
+    return ProviderError(f"anthropic: {exc.message}")

@@ -1,0 +1,154 @@
+"""Provider ``openai``: any server that speaks OpenAI chat completions (OpenAI, vLLM, Ollama,
+llama.cpp server, or another Corral), through the official SDK.
+
+The SDK's own retries are off: ``with_retries`` retries only before the first streamed
+part and honours ``Retry-After``. A hard cancel lands inside the stream's ``async with``,
+which closes the HTTP response, so the upstream sees the disconnect at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletionChunk
+
+from corral.errors import ProviderError, ProviderUnavailable
+from corral.providers.base import ChatMessage, ModelRequest, StreamPart, TextDelta, ToolCall, ToolCallsPart, Usage
+from corral.providers.remote import RemoteOptions, ToolNames, retry_after_seconds, with_retries
+
+TRANSIENT_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+@dataclass
+class _PartialCall:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+class OpenAIChatProvider:
+    name = "openai"
+
+    def __init__(self, model: str | None, options: RemoteOptions):
+        if not model:
+            raise ProviderError("the openai provider needs a model name (the agent's `model`)")
+        self.model = model
+        self.options = options
+        self.max_concurrent_calls = options.max_concurrent_calls
+        self._client: openai.AsyncOpenAI | None = None
+
+    def __repr__(self) -> str:
+        return f"<OpenAIChatProvider model={self.model} base_url={self.options.base_url}>"
+
+    async def start(self) -> None:
+        self._client = openai.AsyncOpenAI(
+            api_key=self.options.resolve_key("OPENAI_API_KEY"),
+            base_url=self.options.base_url,
+            timeout=self.options.timeout_s,
+            max_retries=0,
+        )
+        if self.options.check_model:
+            try:
+                names = [model.id async for model in self._client.models.list()]
+            except openai.APIError as exc:
+                raise _translate(exc) from exc
+            if self.model not in names:
+                raise ProviderError(f"the server does not offer model {self.model!r} (it has: {', '.join(names)})")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
+        return with_retries(lambda: self._attempt(request), self.options.retry_policy())
+
+    async def _attempt(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
+        if self._client is None:
+            raise ProviderError("the provider was not started")
+        names = ToolNames(spec.name for spec in request.tools)
+        extra: dict[str, Any] = {}
+        if request.tools:
+            extra["tools"] = [
+                {"type": "function", "function": {"name": names.outgoing(spec.name), "description": spec.description,
+                                                  "parameters": spec.parameters}}
+                for spec in request.tools
+            ]
+        if self.options.max_tokens is not None:
+            extra["max_tokens"] = self.options.max_tokens
+        if self.options.temperature is not None:
+            extra["temperature"] = self.options.temperature
+        calls: dict[int, _PartialCall] = {}
+        usage: Usage | None = None
+        finished = False
+        try:
+            # The SDK's overloads want TypedDicts; these dicts have exactly those shapes.
+            create: Any = self._client.chat.completions.create
+            stream: openai.AsyncStream[ChatCompletionChunk] = await create(
+                model=self.model, messages=[_message(m, names) for m in request.messages],
+                stream=True, stream_options={"include_usage": True}, **extra,
+            )
+            async with stream:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    for choice in chunk.choices:
+                        finished = finished or choice.finish_reason is not None
+                        if choice.delta.content:
+                            yield TextDelta(choice.delta.content)
+                        for piece in choice.delta.tool_calls or ():
+                            partial = calls.setdefault(piece.index, _PartialCall())
+                            partial.id = piece.id or partial.id
+                            if piece.function is not None:
+                                partial.name += piece.function.name or ""
+                                partial.arguments += piece.function.arguments or ""
+        except openai.APIError as exc:
+            raise _translate(exc) from exc
+        if not finished:  # a clean end of the body, but not of the reply: a proxy cut it short
+            raise ProviderUnavailable("openai: the stream ended before the reply did (no finish_reason)")
+        if calls:
+            yield ToolCallsPart(tuple(_finish(index, call, names) for index, call in sorted(calls.items())))
+        if usage is not None:
+            yield usage
+
+
+def _message(message: ChatMessage, names: ToolNames) -> dict[str, Any]:
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if message.role == "assistant" and message.tool_calls:
+        return {
+            "role": "assistant",
+            "content": message.content or None,
+            "tool_calls": [
+                {"id": call.id, "type": "function",
+                 "function": {"name": names.outgoing(call.name), "arguments": json.dumps(call.arguments)}}
+                for call in message.tool_calls
+            ],
+        }
+    return {"role": message.role, "content": message.content}
+
+
+def _finish(index: int, call: _PartialCall, names: ToolNames) -> ToolCall:
+    try:
+        arguments = json.loads(call.arguments) if call.arguments.strip() else {}
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        # The model's JSON is broken: the tool's validation turns this into an error the model can read.
+        arguments = {"invalid_arguments": call.arguments}
+    return ToolCall(call.id or f"call_{index}", names.incoming(call.name), arguments)
+
+
+def _translate(exc: openai.APIError) -> ProviderError:
+    """SDK errors become Corral's: transient ones are retried; the rest fail the run with the server's words."""
+    if isinstance(exc, openai.APIConnectionError):  # includes timeouts and streams cut mid-way
+        return ProviderUnavailable(f"openai: connection failed: {type(exc.__cause__ or exc).__name__}: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        message = f"openai: HTTP {exc.status_code}: {exc.message}"
+        if exc.status_code in TRANSIENT_STATUS:
+            return ProviderUnavailable(message, retry_after_seconds(exc.response.headers.get("retry-after")))
+        return ProviderError(message)
+    return ProviderError(f"openai: {exc.message}")
