@@ -46,11 +46,7 @@ async def until_event(frames: AsyncIterator[Frame], *types: str) -> Frame:
 
 
 async def hard_cancel(http: httpx.AsyncClient, run_id: str) -> None:
-    """Hard-cancel a LONG_WAIT run once it is inside its tool call, and wait for the end.
-
-    (Once inside: the demo model reads the directive of a turn that got no answer into the next
-    message's turn, so a run cancelled before its step was recorded would make the next run wait too.)
-    """
+    """Hard-cancel a LONG_WAIT run once it is inside its tool call, and wait for the end."""
     async with http.stream("GET", f"/v1/runs/{run_id}/events") as response:
         frames = sse_frames(response)
         await until_event(frames, "tool.started")

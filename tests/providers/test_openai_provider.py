@@ -179,3 +179,21 @@ async def test_configuration_errors_are_clear(kernel: Kernel, monkeypatch: pytes
     with pytest.raises(Exception, match="OPENAI_API_KEY"):
         await kernel.agents.wait_ready("keyless")
     assert kernel.agents.get("keyless").state is AgentState.FAILED
+
+
+async def test_a_call_cut_off_by_a_cancel_gets_a_result_before_the_next_turn(kernel: Kernel) -> None:
+    """Model APIs reject a tool call without a result: the next run's context closes it."""
+    async with asyncio.timeout(LIMIT), upstream(
+        Stream(tool_call_chunks("call_9", "wait", '{"ms": 60000}')), Stream(text_chunks("fresh start")),
+    ) as up:
+        await openai_agent(kernel, "cut-off", up.base)
+        session = await new_session(kernel, "cut-off")
+        first = await kernel.submit(session, "wait a minute")
+        await wait_event(kernel, session, "tool.started", run_id=first.run_id)
+        await kernel.cancel(first.run_id, CancelMode.HARD)
+        assert (await wait_run(kernel, first.run_id))["status"] == "cancelled"
+        second = await wait_run(kernel, (await kernel.submit(session, "never mind")).run_id)
+        assert second["output"] == "fresh start"
+        sent = up.requests[1].body["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
+        assert sent[2]["tool_call_id"] == "call_9" and "no result" in sent[2]["content"]

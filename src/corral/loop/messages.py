@@ -39,6 +39,52 @@ def to_chat(row: Any) -> ChatMessage:
     return ChatMessage(row.role, row.content, calls, row.tool_call_id)
 
 
+NO_RESULT = "error: no result: the run ended (cancelled, failed or interrupted) before this call finished"
+
+
+NO_ANSWER = "(no answer: this turn ended before it was finished)"
+
+
+def build_context(rows: Sequence[Any], run_id: str) -> list[ChatMessage]:
+    """The model's view of the stored conversation.
+
+    A run cut off inside a tool call leaves calls without results, which model APIs reject
+    ("every tool call needs a result"): each such call of an earlier run gets a synthetic
+    error result right after its step. A run that ended without an answer (cancelled,
+    failed) gets a short assistant note, so the next input reads as a new turn rather than
+    as more of the old one. The current run's own open calls are left alone: the loop is
+    about to answer them. Messages seeded without a run (run id "") get neither.
+    """
+    context: list[ChatMessage] = []
+    open_calls: list[ToolCall] = []
+    previous: Any = None
+
+    def close(ended_run: str) -> None:
+        if ended_run != run_id:
+            context.extend(ChatMessage("tool", NO_RESULT, tool_call_id=call.id) for call in open_calls)
+        open_calls.clear()
+
+    for row in rows:
+        message = to_chat(row)
+        if message.role == "tool":
+            open_calls[:] = [call for call in open_calls if call.id != message.tool_call_id]
+        elif previous is not None:
+            close(previous.run_id)
+            if previous.run_id not in ("", row.run_id) and not _is_answer(previous):
+                context.append(ChatMessage("assistant", NO_ANSWER))
+        context.append(message)
+        if message.role == "assistant" and message.tool_calls:
+            open_calls.extend(message.tool_calls)
+        previous = row
+    if previous is not None:
+        close(previous.run_id)
+    return context
+
+
+def _is_answer(row: Any) -> bool:
+    return bool(row.role == "assistant" and not row.tool_calls)
+
+
 def unresolved_calls(rows: Sequence[Any], run_id: str) -> list[ToolCall]:
     """Tool calls of the run's latest assistant step that have no result yet."""
     last_step = None

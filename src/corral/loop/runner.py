@@ -21,7 +21,7 @@ from typing import Any
 from corral.errors import AgentUnavailable, StepLimitExceeded, ToolError
 from corral.kernel.agents import AgentRuntime
 from corral.kernel.runs import RunHandle
-from corral.loop.messages import message_row, steps_taken, to_chat, unresolved_calls
+from corral.loop.messages import build_context, message_row, steps_taken, unresolved_calls
 from corral.providers.base import ChatMessage, ModelRequest, TextDelta, ToolCall, ToolCallsPart, Usage
 from corral.store import NewEvent, Store, ops, repo
 from corral.store import tables as t
@@ -92,7 +92,7 @@ class StepLoop:
     async def _run(self) -> Outcome:
         async with self.store.read() as conn:
             rows = await repo.session_messages(conn, self.session_id, include_rolled_back=False)
-        context = self._system() + [to_chat(row) for row in rows]
+        context = self._system() + build_context(rows, self.run_id)
         steps = steps_taken(rows, self.run_id)
         pending = unresolved_calls(rows, self.run_id)
         if pending:  # resuming after approvals (or a restart while waiting)
