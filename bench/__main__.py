@@ -1,4 +1,7 @@
-"""`python -m bench`: run the scenarios, print a table, write JSON to bench/results/."""
+"""`python -m bench [NAME ...]`: run benchmarks, print a table, write JSON to bench/results/.
+
+Names: `foundation` (the default) and `chat`; `all` runs every one.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import foundation
+from bench import chat, foundation
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -24,14 +28,32 @@ def machine() -> dict[str, Any]:
     }
 
 
-def table(results: dict[str, Any]) -> str:
-    rows = [
+def foundation_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
         ("agent start, POST /v1/agents (startup_ms=3000)", "p50 {p50_ms:.1f} ms, max {max_ms:.1f} ms",
          results["agent_start"]),
         ("first SSE event after POST (idle)", "p50 {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms", results["first_event"]),
         ("throughput, 200 sessions x 5 turns, latency_ms=0", "{turns_per_s:.0f} turns/s ({seconds:.2f} s)",
          results["throughput"]),
     ]
+
+
+def chat_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        ("corral chat: first token after Enter ({samples} x hello)".format(**results["chat_ttft"]),
+         "p50 {p50_ms:.1f} ms, p90 {p90_ms:.1f} ms, max {max_ms:.1f} ms (start-up {startup_ms:.0f} ms)",
+         results["chat_ttft"]),
+    ]
+
+
+BENCHES: dict[str, tuple[Callable[[], Coroutine[Any, Any, dict[str, Any]]],
+                         Callable[[dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]]] = {
+    "foundation": (foundation.run, foundation_rows),
+    "chat": (chat.run, chat_rows),
+}
+
+
+def table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{'scenario'.ljust(width)}  result", f"{'-' * width}  {'-' * 30}"]
     lines += [f"{name.ljust(width)}  {fmt.format(**data)}" for name, fmt, data in rows]
@@ -39,12 +61,20 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    results = asyncio.run(foundation.run())
-    print(table(results))
+    names = sys.argv[1:] or ["foundation"]
+    if names == ["all"]:
+        names = list(BENCHES)
+    unknown = [name for name in names if name not in BENCHES]
+    if unknown:
+        sys.exit(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHES)} or all")
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"foundation-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
-    print(f"\nwrote {path}")
+    for name in names:
+        run, rows = BENCHES[name]
+        results = asyncio.run(run())
+        print(table(rows(results)))
+        path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -6,15 +6,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 from corral import __version__
 from corral.errors import CorralError
-from corral.settings import load_settings
+from corral.types import Mode
 
 app = typer.Typer(help="Corral: host many LLM agents and conversations at once.", no_args_is_help=True)
 err = Console(stderr=True)
+
+# The client commands share these; the token has no shown default so it never reaches a terminal.
+Url = Annotated[str, typer.Option(envvar="CORRAL_URL", help="the Corral server")]
+Token = Annotated[str | None, typer.Option(envvar="CORRAL_TOKEN", show_default=False,
+                                           help="API token, sent as a Bearer token")]
+DEFAULT_URL = "http://127.0.0.1:8787"
+MODES = tuple(mode.value for mode in Mode)
+
+
+def _mode(value: str) -> str:
+    if value not in MODES:
+        raise typer.BadParameter(f"one of {', '.join(MODES)}")
+    return value
 
 
 @app.command()
@@ -26,7 +38,11 @@ def serve(
     database_url: Annotated[str | None, typer.Option(help="e.g. postgresql+asyncpg://host/db")] = None,
 ) -> None:
     """Start the service (SQLite and the demo model unless configured otherwise)."""
+    # Imported here: settings pull in the kernel and pydantic, which the client commands never need.
+    from pydantic import ValidationError
+
     from corral.cli.serve import serve as run_server
+    from corral.settings import load_settings
 
     try:
         settings = load_settings(config, host=host, port=port, data_dir=data_dir, database_url=database_url)
@@ -34,6 +50,62 @@ def serve(
     except (CorralError, ValidationError, FileNotFoundError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+
+
+@app.command()
+def chat(
+    agent: Annotated[str, typer.Argument(help="the agent to talk to")] = "assistant",
+    session: Annotated[str | None, typer.Option(help="a session key (created on first use) or id (ses_...)")] = None,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Talk to an agent in the terminal: streamed answers, arrival modes, Ctrl-C stops a run."""
+    from corral.cli.chat import run_chat
+
+    raise typer.Exit(run_chat(url, token, agent, session))
+
+
+@app.command()
+def send(
+    session: Annotated[str, typer.Argument(help="a session id (ses_...) or key (created on first use)")],
+    text: Annotated[str, typer.Argument(help="the message")],
+    mode: Annotated[str, typer.Option(callback=_mode, help="arrival mode: " + "|".join(MODES))] = "queue",
+    agent: Annotated[str, typer.Option(help="the agent of a session created for a new key")] = "assistant",
+    wait: Annotated[bool, typer.Option("--wait", help="stream the run's answer; exit 3 unless it completes")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Send one message and print the 202 answer as JSON (for scripts)."""
+    from corral.cli import commands
+
+    raise typer.Exit(commands.send(url, token, session, text, mode, agent, wait))
+
+
+@app.command()
+def runs(
+    session: Annotated[str | None, typer.Option(help="only this session's runs")] = None,
+    status: Annotated[list[str] | None, typer.Option(help="only runs in this status (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="at most this many, newest first")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """List runs, newest first."""
+    from corral.cli import commands
+
+    raise typer.Exit(commands.runs(url, token, session, status or [], limit, as_json))
+
+
+@app.command()
+def agents(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """List agents with their state and start-up error."""
+    from corral.cli import commands
+
+    raise typer.Exit(commands.agents(url, token, as_json))
 
 
 @app.command()
