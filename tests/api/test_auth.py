@@ -88,6 +88,7 @@ async def test_a_principal_cannot_see_or_touch_another_principals_session(tmp_pa
         # Nothing Bob tried changed anything: the run still waits, no input was added.
         run = (await http["alice"].get(f"/v1/runs/{run_id}")).json()
         assert run["status"] == "waiting"
+        assert run["pending_approvals"] == [{"call_id": call_id, "tool": "wait", "arguments": {"ms": 1}}]
         messages = (await http["alice"].get(f"/v1/sessions/{sid}/messages")).json()
         assert [m["content"] for m in messages if m["role"] == "user"] == ['/tool wait {"ms": 1}']
 

@@ -550,3 +550,15 @@ def test_check_exposure_refuses_to_bind_beyond_loopback_without_a_token(tmp_path
         check_exposure(Settings(data_dir=tmp_path, host=host, api_token="s3cret"))
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_exposure(Settings(data_dir=tmp_path, host=host))
+
+
+async def test_a_session_tells_its_last_event_seq(settings: Settings) -> None:
+    """A client that wants only what is new follows from here (``?after=last_event_seq``)."""
+    async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
+        sid = await new_session(http)
+        assert (await http.get(f"/v1/sessions/{sid}")).json()["last_event_seq"] == 0
+        accepted = await post(http, sid, "hello")
+        frames = await read_run(http, accepted["run_id"])
+        assert (await http.get(f"/v1/sessions/{sid}")).json()["last_event_seq"] == frames[-1].seq
+        listed = {s["id"]: s["last_event_seq"] for s in (await http.get("/v1/sessions")).json()}
+        assert listed == {sid: frames[-1].seq}

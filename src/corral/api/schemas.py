@@ -60,6 +60,7 @@ class SessionOut(BaseModel):
     active_run_id: str | None
     active_status: RunStatus | None
     queued: int
+    last_event_seq: int = Field(0, description="the newest event's seq: follow from here for only what is new")
 
 
 class AcceptedOut(BaseModel):
@@ -67,6 +68,12 @@ class AcceptedOut(BaseModel):
     run_id: str
     session_id: str
     disposition: Disposition
+
+
+class PendingApproval(BaseModel):
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
 
 
 class RunOut(BaseModel):
@@ -80,6 +87,9 @@ class RunOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     ended_at: datetime | None
+    pending_approvals: list[PendingApproval] = Field(
+        default_factory=list, description="the calls a waiting run needs decisions on (GET /v1/runs/{id} only)"
+    )
 
 
 class RunList(BaseModel):

@@ -153,7 +153,8 @@ def _sleep_seconds(directive: str) -> float:
 def _parse_steps(directive: str) -> tuple[int, float]:
     parts = directive.split()
     try:
-        return int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0
+        wait_ms = float(parts[2]) if len(parts) > 2 else 0.0
+        return int(parts[1]), int(wait_ms) if wait_ms.is_integer() else wait_ms
     except (IndexError, ValueError):
         raise ProviderError("usage: /steps N MS") from None
 

@@ -74,6 +74,15 @@ async def session_counters(conn: AsyncConnection, session_id: str) -> tuple[int,
     return int(seq or 0), float(pos or 0.0)
 
 
+async def last_event_seqs(conn: AsyncConnection, session_ids: Sequence[str]) -> dict[str, int]:
+    """Each session's newest event seq (absent: no event yet), for clients that follow "from now"."""
+    if not session_ids:
+        return {}
+    query = (sa.select(t.events.c.session_id, sa.func.max(t.events.c.seq))
+             .where(t.events.c.session_id.in_(session_ids)).group_by(t.events.c.session_id))
+    return {sid: int(seq) for sid, seq in (await conn.execute(query)).all()}
+
+
 # --- inputs and runs ----------------------------------------------------------------
 
 async def insert_run(conn: AsyncConnection, row: dict[str, Any]) -> None:

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from corral.api.deps import KernelDep, PrincipalDep, owned_run
-from corral.api.schemas import MAX_INT64, CancelIn, CancelOut, DecisionIn, RunList, RunOut
+from corral.api.schemas import MAX_INT64, CancelIn, CancelOut, DecisionIn, PendingApproval, RunList, RunOut
 from corral.store import repo
-from corral.types import RunStatus
+from corral.types import ApprovalStatus, RunStatus
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -41,7 +41,14 @@ async def list_runs(
 
 @router.get("/{run_id}")
 async def get_run(run_id: str, kernel: KernelDep, principal: PrincipalDep) -> RunOut:
-    return run_out(await owned_run(kernel, principal, run_id))
+    row = await owned_run(kernel, principal, run_id)
+    out = run_out(row)
+    if out.status is RunStatus.WAITING:
+        async with kernel.store.read() as conn:
+            approvals = await repo.approvals_of_run(conn, run_id)
+        out.pending_approvals = [PendingApproval(call_id=a.call_id, tool=a.tool, arguments=a.arguments)
+                                 for a in approvals if a.status == ApprovalStatus.PENDING.value]
+    return out
 
 
 @router.post("/{run_id}/cancel", status_code=202)

@@ -14,9 +14,9 @@ from corral.store import repo
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
-def session_out(kernel: Kernel, row: Any) -> SessionOut:
+def session_out(kernel: Kernel, row: Any, last_event_seq: int = 0) -> SessionOut:
     data = dict(row) if isinstance(row, dict) else dict(row._mapping)
-    return SessionOut(**data, **kernel.session_view(data["id"]))
+    return SessionOut(**data, **kernel.session_view(data["id"]), last_event_seq=last_event_seq)
 
 
 @router.post("", status_code=201)
@@ -39,12 +39,16 @@ async def list_sessions(
     async with kernel.store.read() as conn:
         owner = None if principal.admin else principal.name
         rows = await repo.list_sessions(conn, owner=owner, agent=agent, limit=limit, offset=offset)
-    return [session_out(kernel, row) for row in rows]
+        seqs = await repo.last_event_seqs(conn, [row.id for row in rows])
+    return [session_out(kernel, row, seqs.get(row.id, 0)) for row in rows]
 
 
 @router.get("/{session_id}")
 async def get_session(session_id: str, kernel: KernelDep, principal: PrincipalDep) -> SessionOut:
-    return session_out(kernel, await owned_session(kernel, principal, session_id))
+    row = await owned_session(kernel, principal, session_id)
+    async with kernel.store.read() as conn:
+        seqs = await repo.last_event_seqs(conn, [session_id])
+    return session_out(kernel, row, seqs.get(session_id, 0))
 
 
 @router.get("/{session_id}/messages")
