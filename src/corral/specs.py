@@ -45,6 +45,9 @@ class AgentSpec(BaseModel):
     tools: list[str] = Field(default_factory=lambda: ["wait", "echo"])
     policy: AgentPolicy = Field(default_factory=AgentPolicy)
     max_steps: int = Field(50, ge=1, le=10_000)
+    context_budget_tokens: int | None = Field(
+        None, ge=200, le=10_000_000, description="compact older turns into a summary beyond this (estimated)"
+    )
 
     @field_validator("name")
     @classmethod

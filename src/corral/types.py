@@ -119,6 +119,7 @@ class EventType(StrEnum):
     APPROVAL_REQUESTED = "approval.requested"
     APPROVAL_RESOLVED = "approval.resolved"
     RUN_WAITING = "run.waiting"
+    CONTEXT_COMPACTED = "context.compacted"
     SUBAGENT_SPAWNED = "subagent.spawned"
     SUBAGENT_COMPLETED = "subagent.completed"
     RUN_COMPLETED = "run.completed"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +21,12 @@ from typing import Any
 from corral.errors import AgentUnavailable, StepLimitExceeded, ToolError
 from corral.kernel.agents import AgentRuntime
 from corral.kernel.runs import RunHandle
+from corral.loop.compaction import choose_cut, estimate_tokens, summary_message, summary_request
 from corral.loop.messages import build_context, message_row, steps_taken, unresolved_calls
-from corral.providers.base import ChatMessage, ModelRequest, TextDelta, ToolCall, ToolCallsPart, Usage
+from corral.providers.base import ChatMessage, ModelRequest, Provider, TextDelta, ToolCall, ToolCallsPart, Usage
 from corral.store import NewEvent, Store, ops, repo
 from corral.store import tables as t
+from corral.store.tables import utcnow
 from corral.tools.base import ToolContext
 from corral.types import Approval, ApprovalStatus, EventType, ExecPolicy, InputStatus
 
@@ -91,10 +93,15 @@ class StepLoop:
 
     async def _run(self) -> Outcome:
         async with self.store.read() as conn:
-            rows = await repo.session_messages(conn, self.session_id, include_rolled_back=False)
-        context = self._system() + build_context(rows, self.run_id)
+            compaction = await repo.latest_compaction(conn, self.session_id)
+            after = compaction.through_message_id if compaction is not None else 0
+            rows = await repo.session_messages(conn, self.session_id, include_rolled_back=False, after_id=after)
+        summary = compaction.summary if compaction is not None else None
         steps = steps_taken(rows, self.run_id)
         pending = unresolved_calls(rows, self.run_id)
+        if not pending:  # a resuming run keeps the context its calls were made in
+            summary, rows = await self._compact_if_needed(summary, rows)
+        context = self._fixed(summary) + build_context(rows, self.run_id)
         if pending:  # resuming after approvals (or a restart while waiting)
             async with self.store.read() as conn:
                 approvals = await repo.approvals_of_run(conn, self.run_id)
@@ -126,9 +133,46 @@ class StepLoop:
                                                           "tool_calls": [c.as_json() for c in calls]})
         self.store.submit([ops.Insert(t.messages, [row])], [event]).add_done_callback(_raise_later)
 
-    def _system(self) -> list[ChatMessage]:
+    def _fixed(self, summary: str | None) -> list[ChatMessage]:
+        """What precedes the conversation: the agent's system prompt and the compaction summary."""
         prompt = self.agent.spec.system_prompt
-        return [ChatMessage("system", prompt)] if prompt else []
+        fixed = [ChatMessage("system", prompt)] if prompt else []
+        return fixed + ([summary_message(summary)] if summary else [])
+
+    async def _compact_if_needed(self, summary: str | None, rows: Sequence[Any]) -> tuple[str | None, Sequence[Any]]:
+        budget = self.agent.spec.context_budget_tokens
+        if budget is None:
+            return summary, rows
+        fixed = self._fixed(summary)
+        before = estimate_tokens(fixed + build_context(rows, self.run_id))
+        if before <= budget:
+            return summary, rows
+        cut = choose_cut(rows, self.run_id, budget, fixed)
+        if cut is None:
+            return summary, rows
+        new_summary = await self._summarise(summary_request(summary, rows[: cut.index]))
+        kept = rows[cut.index :]
+        after = estimate_tokens(self._fixed(new_summary) + build_context(kept, self.run_id))
+        row = {"session_id": self.session_id, "run_id": self.run_id, "through_message_id": cut.through_message_id,
+               "summary": new_summary, "created_at": utcnow()}
+        event = self._event(EventType.CONTEXT_COMPACTED, {
+            "through_message_id": cut.through_message_id, "messages_summarised": cut.index,
+            "tokens_before": before, "tokens_after": after})
+        await self.store.write([ops.Insert(t.compactions, [row])], [event])
+        return new_summary, kept
+
+    async def _summarise(self, messages: list[ChatMessage]) -> str:
+        provider = self._provider()
+        parts: list[str] = []
+        async with self.agent.slot:
+            request = ModelRequest(messages, (), purpose="summary")
+            async with aclosing(provider.stream(request)) as stream:
+                async for part in stream:
+                    if isinstance(part, TextDelta):
+                        parts.append(part.text)
+                    elif isinstance(part, Usage):
+                        self._count(part)
+        return "".join(parts).strip()
 
     def _steer(self, context: list[ChatMessage]) -> None:
         steers = self.take_steers()
@@ -146,9 +190,7 @@ class StepLoop:
         context.extend(ChatMessage("user", s.content) for s in steers)
 
     async def _call_model(self, context: list[ChatMessage]) -> tuple[str, list[ToolCall]]:
-        provider = self.agent.provider
-        if provider is None:  # runs start only on ready agents, so it was closed since: deleted or stopping
-            raise AgentUnavailable(f"agent {self.agent.name!r} is gone (deleted or stopping)")
+        provider = self._provider()
         specs = [tool.spec() for tool in self.agent.tools.values()]
         parts: list[str] = []
         calls: list[ToolCall] = []
@@ -163,9 +205,18 @@ class StepLoop:
                     elif isinstance(part, ToolCallsPart):
                         calls.extend(part.calls)
                     elif isinstance(part, Usage):
-                        self.usage["input_tokens"] += part.input_tokens
-                        self.usage["output_tokens"] += part.output_tokens
+                        self._count(part)
         return "".join(parts), calls
+
+    def _provider(self) -> Provider:
+        provider = self.agent.provider
+        if provider is None:  # runs start only on ready agents, so it was closed since: deleted or stopping
+            raise AgentUnavailable(f"agent {self.agent.name!r} is gone (deleted or stopping)")
+        return provider
+
+    def _count(self, usage: Usage) -> None:
+        self.usage["input_tokens"] += usage.input_tokens
+        self.usage["output_tokens"] += usage.output_tokens
 
     async def _run_calls(
         self, calls: list[ToolCall], context: list[ChatMessage], decided: dict[str, ApprovalStatus]

@@ -63,8 +63,12 @@ StreamPart = TextDelta | ToolCallsPart | Usage
 
 @dataclass(frozen=True, slots=True)
 class ModelRequest:
+    """One model call. ``purpose`` is ``reply`` for a turn's step and ``summary`` for a
+    context compaction; real providers treat both alike, the demo model answers each in kind."""
+
     messages: Sequence[ChatMessage]
     tools: Sequence[ToolSpec] = field(default_factory=tuple)
+    purpose: str = "reply"
 
 
 class Provider(Protocol):

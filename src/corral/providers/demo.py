@@ -6,7 +6,8 @@ first line of the turn's first message (DESIGN.md section 4):
 
 ``/sleep S``, ``/tool NAME {json}`` (one line per parallel call), ``/steps N MS``,
 ``/spawn TEXT``, ``/fail``, and ``/recall`` (lists the user messages of earlier turns,
-so a test can see what context a conversation kept).
+so a test can see what context a conversation kept). Asked for a compaction summary, it
+lists what the user said.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class DemoProvider:
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
         self._calls += 1
+        if request.purpose == "summary":
+            yield TextDelta(_summary(request.messages))
+            yield Usage(input_tokens=sum(len(m.content.split()) for m in request.messages), output_tokens=1)
+            return
         turn = _current_turn(request.messages)
         if self.options.latency_ms:
             await asyncio.sleep(self.options.latency_ms / 1000)
@@ -140,6 +145,14 @@ class DemoProvider:
             steers = [m.content for m in turn.after_directive if m.role == "user"]
             return [], f"done {count} steps; steering seen: {json.dumps(steers)}"
         return [], echo
+
+
+def _summary(messages: Sequence[ChatMessage]) -> str:
+    """A deterministic stand-in for a summary: the first words of what the user said, oldest
+    first, after any earlier summary (so a test can see compactions roll forward)."""
+    earlier = [m.content.split("\n", 1)[1] for m in messages if m.role == "system" and m.content.startswith("Summary")]
+    users = [m.content for m in messages[:-1] if m.role == "user"]  # the last one is the instruction
+    return " | ".join(earlier + [f"user said: {' '.join(text.split()[:3])}" for text in users])
 
 
 def _sleep_seconds(directive: str) -> float:

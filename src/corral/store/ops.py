@@ -80,7 +80,8 @@ class Call:
 
 Op = Insert | UpdateRun | MoveInputs | RollBack | ResolveApproval | Call
 
-INSERT_ORDER = (t.agents, t.sessions, t.runs, t.inputs, t.messages, t.approvals)
+INSERT_ORDER = (t.agents, t.sessions, t.runs, t.inputs, t.messages, t.approvals, t.compactions)
+_INSERTABLE = frozenset(table.name for table in INSERT_ORDER)
 RUN_COLUMNS = ("status", "output", "error", "usage", "started_at", "ended_at")
 
 
@@ -117,6 +118,8 @@ class _Plan:
 
     def add(self, op: Op) -> None:
         if isinstance(op, Insert):
+            if op.table.name not in _INSERTABLE:  # a table missing from INSERT_ORDER would be dropped silently
+                raise ValueError(f"ops.Insert into {op.table.name!r}: add the table to INSERT_ORDER")
             self.inserts.setdefault(op.table.name, []).extend(op.rows)
         elif isinstance(op, UpdateRun):
             merged = self.runs.setdefault(op.run_id, {})

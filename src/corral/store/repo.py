@@ -153,11 +153,21 @@ async def insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> 
 
 
 
-async def session_messages(conn: AsyncConnection, session_id: str, *, include_rolled_back: bool) -> Sequence[Row]:
-    query = sa.select(t.messages).where(t.messages.c.session_id == session_id).order_by(t.messages.c.id)
+async def session_messages(
+    conn: AsyncConnection, session_id: str, *, include_rolled_back: bool, after_id: int = 0
+) -> Sequence[Row]:
+    """The session's messages in order; ``after_id`` skips those a compaction summarised."""
+    query = (sa.select(t.messages).where(t.messages.c.session_id == session_id, t.messages.c.id > after_id)
+             .order_by(t.messages.c.id))
     if not include_rolled_back:
         query = query.where(t.messages.c.rolled_back.is_(False))
     return (await conn.execute(query)).all()
+
+
+async def latest_compaction(conn: AsyncConnection, session_id: str) -> Row | None:
+    query = (sa.select(t.compactions).where(t.compactions.c.session_id == session_id)
+             .order_by(t.compactions.c.id.desc()).limit(1))
+    return (await conn.execute(query)).first()
 
 
 # --- events -------------------------------------------------------------------------

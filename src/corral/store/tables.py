@@ -144,6 +144,19 @@ messages = sa.Table(
     sa.Index("ix_messages_run_id", "run_id"),
 )
 
+compactions = sa.Table(
+    "compactions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("session_id", sa.String(40), sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("run_id", sa.String(40), nullable=False),
+    # The summary stands in for every message of the session with an id up to this one.
+    sa.Column("through_message_id", sa.Integer, nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_compactions_session_id_id", "session_id", "id"),
+)
+
 events = sa.Table(
     "events",
     metadata,
