@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     requeue_interrupted: bool = True
     max_tool_processes: int = Field(8, ge=1)
     workspace_root: Path | None = Field(None, description="default: data_dir/workspaces; one directory per agent")
+    misfire_grace_s: float = Field(60.0, ge=0, description="a job fire later than this counts as missed")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     agents: list[AgentSpec] = Field(default_factory=list, description="extra agents to create at start")

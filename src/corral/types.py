@@ -77,6 +77,20 @@ class ExecPolicy(StrEnum):
     PAUSE = "pause"
 
 
+class Overlap(StrEnum):
+    """What a scheduled job does when it is due while its previous fire's run is still active."""
+
+    SKIP = "skip"
+    QUEUE = "queue"
+
+
+class Misfire(StrEnum):
+    """What a scheduled job does about fires it missed while the service was down."""
+
+    RUN_ONCE = "run_once"
+    SKIP = "skip"
+
+
 class Approval(StrEnum):
     """Per agent and tool: run it, ask a human first, or refuse it."""
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -24,6 +24,7 @@ from corral.errors import Conflict
 from corral.kernel import Kernel, KernelConfig
 from corral.kernel.agents import AgentManager, AgentRuntime
 from corral.kernel.sessions import SessionTable
+from corral.kernel.slots import PrioritySlot
 from corral.specs import AgentPolicy, AgentSpec
 from corral.store import Event, Store, repo
 from corral.store import tables as t
@@ -107,17 +108,16 @@ async def make_agent(kernel: Kernel, name: str, *, approvals: dict[str, Approval
     return await kernel.agents.wait_ready(name)
 
 
-class SignallingSemaphore(asyncio.Semaphore):
+class SignallingSemaphore(PrioritySlot):
     """A model slot that says when it was taken: a test can wait for a call to be in flight."""
 
     def __init__(self, value: int):
         super().__init__(value)
         self.taken = asyncio.Event()
 
-    async def acquire(self) -> Literal[True]:
-        acquired = await super().acquire()
+    async def acquire(self, *, background: bool) -> None:
+        await super().acquire(background=background)
         self.taken.set()
-        return acquired
 
 
 def wait_tool(ms: float) -> str:

@@ -14,8 +14,9 @@ from fastapi.staticfiles import StaticFiles
 from corral import __version__
 from corral.api import errors
 from corral.api.limits import Authenticate, BodyLimit
-from corral.api.routes import agents, events, meta, openai, runs, sessions
+from corral.api.routes import agents, events, jobs, meta, openai, runs, sessions
 from corral.kernel import Kernel
+from corral.services.scheduler import install_scheduler
 from corral.settings import Settings
 from corral.store import Store
 
@@ -28,14 +29,16 @@ def create_app(settings: Settings) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.resolved_database_url(), sqlite_synchronous=settings.sqlite_synchronous)
         kernel = Kernel(store, settings.kernel_config(), initial_agents=settings.initial_agents())
+        scheduler = install_scheduler(kernel, misfire_grace_s=settings.misfire_grace_s)
         async with kernel.running():
             app.state.kernel = kernel
+            app.state.scheduler = scheduler
             yield
 
     app = FastAPI(title="Corral", version=__version__, lifespan=lifespan)
     app.state.auth_required = settings.auth_enabled
     errors.install(app)
-    for module in (meta, agents, sessions, runs, events, openai):
+    for module in (meta, agents, sessions, runs, events, jobs, openai):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False)

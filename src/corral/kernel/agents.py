@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from corral.errors import AgentUnavailable, Conflict, NotFound
+from corral.kernel.slots import PrioritySlot
 from corral.providers.base import Provider
 from corral.providers.registry import create_provider, validate_agent
 from corral.specs import AgentSpec
@@ -40,7 +41,7 @@ class AgentRuntime:
     error: str | None = None
     provider: Provider | None = None
     # Held only around a model call: the provider's max_concurrent_calls.
-    slot: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1000))
+    slot: PrioritySlot = field(default_factory=lambda: PrioritySlot(1000))
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     start_task: asyncio.Task[None] | None = None
     created_at: Any = field(default_factory=utcnow)
@@ -176,7 +177,7 @@ class AgentManager:
             await provider.aclose()  # stale generation: a newer agent owns the name
             return
         agent.provider = provider
-        agent.slot = asyncio.Semaphore(provider.max_concurrent_calls)
+        agent.slot = PrioritySlot(provider.max_concurrent_calls)
         agent.state = AgentState.READY
         agent.settled.set()
 

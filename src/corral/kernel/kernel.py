@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,12 @@ class KernelConfig:
     workspace_root: Path = Path(".corral/workspaces")
 
 
+# Inputs from these origins run in the background class (see kernel/slots.py).
+BACKGROUND_ORIGINS = frozenset({"scheduler"})
+SERVICE_RESTART_MIN_S = 0.1
+SERVICE_RESTART_MAX_S = 30.0
+
+
 class Kernel:
     def __init__(
         self,
@@ -72,7 +78,11 @@ class Kernel:
         self.hub = EventHub()
         store.on_commit(self.hub.publish)
         self.sessions = SessionTable(store, self.config.max_pending_inputs, on_created=self._session_created)
-        self.agents = AgentManager(store, tools or default_registry(), self._spawn)
+        # Services may add tools (the scheduler's `schedule`) before agents pick theirs.
+        self.tools = tools or default_registry()
+        self.agents = AgentManager(store, self.tools, self._spawn)
+        self._services: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self._service_tasks: list[asyncio.Task[None]] = []
         self.tool_slot = asyncio.Semaphore(self.config.max_tool_processes)
         self.stopping = asyncio.Event()
         self._initial_agents = initial_agents
@@ -103,6 +113,8 @@ class Kernel:
                         if not self.agents.exists(spec.name):
                             await self.agents.create(spec)
                     await recover(self)
+                    for name, service in self._services:
+                        self._service_tasks.append(group.create_task(self._supervise(name, service), name=name))
                     yield self
                 finally:
                     await self._shutdown()
@@ -116,6 +128,25 @@ class Kernel:
             raise ShuttingDown("the kernel is not running")
         return self._group.create_task(coro, name=name)
 
+    def add_service(self, name: str, service: Callable[[], Awaitable[None]]) -> None:
+        """Register, before ``running()``, a long-lived task the kernel owns: started after
+        recovery, restarted with backoff if it fails, cancelled first at shutdown."""
+        self._services.append((name, service))
+
+    async def _supervise(self, name: str, service: Callable[[], Awaitable[None]]) -> None:
+        delay = SERVICE_RESTART_MIN_S
+        while True:
+            began = asyncio.get_running_loop().time()
+            try:
+                await service()
+                return
+            except Exception:
+                log.exception("service %s failed; restarting in %.1f s", name, delay)
+            if asyncio.get_running_loop().time() - began > SERVICE_RESTART_MAX_S:
+                delay = SERVICE_RESTART_MIN_S  # it had been healthy for a while: start the backoff afresh
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SERVICE_RESTART_MAX_S)
+
     def begin_stop(self) -> None:
         """Stop intake and end every observer stream; runs are stopped by ``running()``'s exit."""
         self.stopping.set()
@@ -123,6 +154,10 @@ class Kernel:
 
     async def _shutdown(self) -> None:
         self.begin_stop()
+        for task in self._service_tasks:
+            task.cancel()
+        if self._service_tasks:
+            await asyncio.wait(self._service_tasks)  # unlike awaiting each, never mistakes their cancel for ours
         moving = [h for h in self._runs.values() if h.task is not None and not h.task.done()]
         for handle in moving:
             handle.cancel_reason = CancelReason.SHUTDOWN
@@ -175,7 +210,8 @@ class Kernel:
         written = self.store.submit(*self._accept_unit(runtime, acceptance, input_id, content, mode,
                                                       idempotency_key, origin))
         if acceptance.created:
-            handle = RunHandle(acceptance.slot.run_id, session_id, acceptance.slot, accepted=written)
+            handle = RunHandle(acceptance.slot.run_id, session_id, acceptance.slot, accepted=written,
+                               background=origin in BACKGROUND_ORIGINS)
             self._register(runtime, handle)
         if acceptance.to_interrupt is not None:
             self._interrupt(acceptance.to_interrupt.run_id, roll_back=mode is Mode.ROLLBACK)

@@ -49,6 +49,8 @@ class RunHandle:
     cancel_reason: str | None = None
     roll_back: bool = False
     hard_timer: asyncio.TimerHandle | None = None
+    # Started by a background origin (the scheduler): yields model slots to interactive runs.
+    background: bool = False
     # Approvals this run waits for (call ids), while parked in `waiting`.
     pending_approvals: set[str] = field(default_factory=set)
     finished: asyncio.Event = field(default_factory=asyncio.Event)

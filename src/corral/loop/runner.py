@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ class StepLoop:
     async def _summarise(self, messages: list[ChatMessage]) -> str:
         provider = self._provider()
         parts: list[str] = []
-        async with self.agent.slot:
+        async with self._model_slot():
             request = ModelRequest(messages, (), purpose="summary")
             async with aclosing(provider.stream(request)) as stream:
                 async for part in stream:
@@ -194,7 +194,7 @@ class StepLoop:
         specs = [tool.spec() for tool in self.agent.tools.values()]
         parts: list[str] = []
         calls: list[ToolCall] = []
-        async with self.agent.slot:
+        async with self._model_slot():
             async with aclosing(provider.stream(ModelRequest(list(context), specs))) as stream:
                 async for part in stream:
                     if isinstance(part, TextDelta):
@@ -207,6 +207,10 @@ class StepLoop:
                     elif isinstance(part, Usage):
                         self._count(part)
         return "".join(parts), calls
+
+    def _model_slot(self) -> AbstractAsyncContextManager[None]:
+        slot = self.agent.slot
+        return slot.background() if self.handle.background else slot
 
     def _provider(self) -> Provider:
         provider = self.agent.provider

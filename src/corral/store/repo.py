@@ -170,6 +170,36 @@ async def latest_compaction(conn: AsyncConnection, session_id: str) -> Row | Non
     return (await conn.execute(query)).first()
 
 
+# --- jobs ---------------------------------------------------------------------------
+
+async def all_jobs(conn: AsyncConnection) -> Sequence[Row]:
+    return (await conn.execute(sa.select(t.jobs).order_by(t.jobs.c.created_at))).all()
+
+
+async def list_jobs(conn: AsyncConnection, *, owner: str | None) -> Sequence[Row]:
+    query = sa.select(t.jobs).order_by(t.jobs.c.created_at.desc(), t.jobs.c.id)
+    if owner is not None:
+        query = query.where(t.jobs.c.owner == owner)
+    return (await conn.execute(query)).all()
+
+
+async def get_job(conn: AsyncConnection, job_id: str) -> Row | None:
+    return (await conn.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id))).first()
+
+
+async def job_fires(conn: AsyncConnection, job_id: str) -> Sequence[Row]:
+    query = sa.select(t.job_fires).where(t.job_fires.c.job_id == job_id).order_by(t.job_fires.c.fire_at)
+    return (await conn.execute(query)).all()
+
+
+async def advance_job(conn: AsyncConnection, job_id: str, **values: Any) -> None:
+    await conn.execute(t.jobs.update().where(t.jobs.c.id == job_id).values(**values))
+
+
+async def delete_job(conn: AsyncConnection, job_id: str) -> None:
+    await conn.execute(t.jobs.delete().where(t.jobs.c.id == job_id))
+
+
 # --- events -------------------------------------------------------------------------
 
 async def events_after(

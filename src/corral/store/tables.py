@@ -157,6 +157,38 @@ compactions = sa.Table(
     sa.Index("ix_compactions_session_id_id", "session_id", "id"),
 )
 
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("agent", sa.String(64), nullable=False),
+    # None: every fire gets a fresh session of its own.
+    sa.Column("session_id", sa.String(40), sa.ForeignKey("sessions.id"), nullable=True),
+    sa.Column("schedule", JSON, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("overlap", sa.String(16), nullable=False),
+    sa.Column("misfire", sa.String(16), nullable=False),
+    # None once a schedule has no more fires (a past `at`).
+    sa.Column("next_fire_at", UTCDateTime, nullable=True),
+    sa.Column("last_fire_at", UTCDateTime, nullable=True),
+    sa.Column("last_run_id", sa.String(40), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_jobs_owner_created_at", "owner", "created_at"),
+)
+
+job_fires = sa.Table(
+    "job_fires",
+    metadata,
+    # One row per due time: the key that keeps a crash from firing twice.
+    sa.Column("job_id", sa.String(40), primary_key=True),
+    sa.Column("fire_at", UTCDateTime, primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("session_id", sa.String(40), nullable=True),
+    sa.Column("run_id", sa.String(40), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
 events = sa.Table(
     "events",
     metadata,

@@ -1,0 +1,262 @@
+"""The scheduler: jobs that wake agents on a cron expression, an interval, or at a moment.
+
+One loop sleeps until the earliest due job and wakes at once when a job is added or removed
+(an event, not a polling interval); stopping it is cancelling its task. A fire enqueues an
+input with origin ``scheduler`` (a background-class run) under the idempotency key
+``job:<id>:<due time>``, then records the fire and the job's next due time in one write. A
+crash between the two repeats the same enqueue after the restart, which the key turns into
+a no-op: a fire is never lost and never doubled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from sqlalchemy.exc import IntegrityError
+
+from corral.errors import CorralError, InvalidInput, NotFound, ShuttingDown, ToolError
+from corral.kernel import Kernel
+from corral.principals import LOCAL
+from corral.services.schedules import AnySchedule, Schedule, next_fire
+from corral.store import ops, repo
+from corral.store import tables as t
+from corral.store.tables import utcnow
+from corral.tools.base import Tool, ToolContext
+from corral.types import Misfire, Overlap, new_id
+
+log = logging.getLogger(__name__)
+
+SCHEDULE = TypeAdapter(Schedule)
+# The longest the loop sleeps in one go: a wall-clock jump is noticed within this.
+MAX_SLEEP_S = 300.0
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    agent: str
+    session_id: str | None
+    schedule: AnySchedule
+    message: str
+    overlap: Overlap
+    misfire: Misfire
+    next_fire_at: datetime | None
+    last_fire_at: datetime | None
+    last_run_id: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        return cls(row.id, row.owner, row.agent, row.session_id, SCHEDULE.validate_python(row.schedule),
+                   row.message, Overlap(row.overlap), Misfire(row.misfire), row.next_fire_at, row.last_fire_at,
+                   row.last_run_id, row.created_at)
+
+    def row(self) -> dict[str, Any]:
+        return {"id": self.id, "owner": self.owner, "agent": self.agent, "session_id": self.session_id,
+                "schedule": self.schedule.model_dump(mode="json"), "message": self.message,
+                "overlap": self.overlap.value, "misfire": self.misfire.value, "next_fire_at": self.next_fire_at,
+                "last_fire_at": self.last_fire_at, "last_run_id": self.last_run_id, "created_at": self.created_at}
+
+
+class Scheduler:
+    def __init__(self, kernel: Kernel, *, misfire_grace_s: float = 60.0, clock: Clock = utcnow):
+        self.kernel = kernel
+        self.misfire_grace_s = misfire_grace_s
+        self.clock = clock
+        self._jobs: dict[str, Job] = {}
+        self._changed = asyncio.Event()
+        # Counts every due time handled (fired, skipped, missed or failed); see wait_handled.
+        self.handled = 0
+        self.fires = 0
+        self._progress = asyncio.Condition()
+
+    def __repr__(self) -> str:
+        due = min((j.next_fire_at for j in self._jobs.values() if j.next_fire_at), default=None)
+        return f"<Scheduler jobs={len(self._jobs)} fires={self.fires} next={due.isoformat() if due else None}>"
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Load the jobs, then fire each when due, until cancelled."""
+        async with self.kernel.store.read() as conn:
+            self._jobs = {row.id: Job.from_row(row) for row in await repo.all_jobs(conn)}
+        while not self.kernel.stopping.is_set():
+            self._changed.clear()  # before looking: a change made while firing wakes the next wait
+            now = self.clock()
+            for job in sorted(self._due(now), key=lambda j: j.next_fire_at or now):
+                try:
+                    await self._fire_due(job, now)
+                except ShuttingDown:
+                    return  # the fire stays due in the store: the next start makes it
+
+            delay = self._seconds_to_next(self.clock())
+            if delay is None or delay > 0:
+                # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(delay or MAX_SLEEP_S, MAX_SLEEP_S)):
+                        await self._changed.wait()
+
+    def _due(self, now: datetime) -> list[Job]:
+        return [job for job in self._jobs.values() if job.next_fire_at is not None and job.next_fire_at <= now]
+
+    def _seconds_to_next(self, now: datetime) -> float | None:
+        upcoming = [job.next_fire_at for job in self._jobs.values() if job.next_fire_at is not None]
+        return max(0.0, (min(upcoming) - now).total_seconds()) if upcoming else None
+
+    async def _fire_due(self, job: Job, now: datetime) -> None:
+        due = job.next_fire_at
+        assert due is not None
+        missed = (now - due).total_seconds() > self.misfire_grace_s
+        # After a missed fire the schedule resumes from now; otherwise from the fire itself.
+        following = next_fire(job.schedule, now if missed else due, job.created_at)
+        if missed and job.misfire is Misfire.SKIP:
+            await self._record(job, due, following, "missed", None, None)
+        elif job.overlap is Overlap.SKIP and self._still_active(job.last_run_id):
+            await self._record(job, due, following, "skipped", None, None)
+        else:
+            try:
+                session_id, run_id = await self._enqueue(job, due)
+            except ShuttingDown:
+                raise
+            except CorralError as exc:
+                log.warning("job %s could not fire: %s", job.id, exc)
+                await self._record(job, due, following, "failed", None, None)
+                return
+            self.fires += 1
+            await self._record(job, due, following, "fired", session_id, run_id)
+
+    def _still_active(self, run_id: str | None) -> bool:
+        return run_id is not None and self.kernel.run_handle(run_id) is not None
+
+    async def _enqueue(self, job: Job, due: datetime) -> tuple[str, str]:
+        key = f"job:{job.id}:{due.isoformat()}"
+        session_id = job.session_id
+        if session_id is None:  # a fresh session per fire, itself keyed by the fire
+            row, _ = await self.kernel.sessions.create(job.agent, key, {"job_id": job.id}, owner=job.owner)
+            session_id = row["id"]
+        accepted = await self.kernel.submit(session_id, job.message, origin="scheduler", idempotency_key=key)
+        return session_id, accepted.run_id
+
+    async def _record(self, job: Job, due: datetime, following: datetime | None, status: str,
+                      session_id: str | None, run_id: str | None) -> None:
+        fired = status == "fired"
+        values: dict[str, Any] = {"next_fire_at": following}
+        if fired:
+            values.update(last_fire_at=due, last_run_id=run_id)
+        fire = {"job_id": job.id, "fire_at": due, "status": status, "session_id": session_id, "run_id": run_id,
+                "created_at": utcnow()}
+        try:
+            await self.kernel.store.write([
+                ops.Insert(t.job_fires, [fire]),
+                ops.Call(lambda conn: repo.advance_job(conn, job.id, **values)),
+            ])
+        except IntegrityError:  # another node sharing the database recorded this fire first
+            async with self.kernel.store.read() as conn:
+                row = await repo.get_job(conn, job.id)
+            if row is None:
+                self._jobs.pop(job.id, None)
+            else:
+                self._jobs[job.id] = Job.from_row(row)
+            return
+        if job.id in self._jobs:  # it may have been deleted meanwhile
+            self._jobs[job.id] = replace(job, **values) if fired else replace(job, next_fire_at=following)
+        async with self._progress:
+            self.handled += 1
+            self._progress.notify_all()
+
+    async def wait_handled(self, count: int) -> None:
+        """Until ``count`` due times have been handled since start (for tests and tools that wait)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.handled >= count)
+
+    # --- changes -------------------------------------------------------------------------
+
+    async def add(self, owner: str, agent: str, schedule: AnySchedule, message: str, *,
+                  session_id: str | None = None, overlap: Overlap = Overlap.SKIP,
+                  misfire: Misfire = Misfire.RUN_ONCE) -> Job:
+        """Store a job and wake the loop; the caller has checked the agent and the session."""
+        now = self.clock()
+        first = next_fire(schedule, now, now)
+        if first is None:
+            raise InvalidInput("the schedule never fires: `at` is in the past")
+        job = Job(new_id("job"), owner, agent, session_id, schedule, message, overlap, misfire, first, None, None,
+                  now)
+        await self.kernel.store.write([ops.Insert(t.jobs, [job.row()])])
+        self._jobs[job.id] = job
+        self._changed.set()
+        return job
+
+    async def remove(self, job_id: str) -> None:
+        self.get(job_id)
+        await self.kernel.store.write(lambda conn: repo.delete_job(conn, job_id))
+        self._jobs.pop(job_id, None)
+        self._changed.set()
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job
+
+    def list(self) -> list[Job]:
+        return sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+
+
+class ScheduleArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(min_length=1, max_length=20_000, description="what to send to this conversation when due")
+    in_s: float | None = Field(None, gt=0, le=366 * 24 * 3600, description="once, this many seconds from now")
+    at: datetime | None = Field(None, description="once, at this ISO 8601 time with a zone")
+    every_s: float | None = Field(None, ge=1, description="repeatedly, every this many seconds")
+    cron: str | None = Field(None, description="repeatedly, on this five-field cron expression")
+    tz: str = Field("UTC", description="the time zone of `cron`")
+
+
+def schedule_tool(scheduler: Scheduler) -> Tool:
+    """``schedule``: an agent sets a reminder or a recurring task in its own conversation."""
+
+    async def schedule(args: ScheduleArgs, context: ToolContext) -> str:
+        chosen = [name for name in ("in_s", "at", "every_s", "cron") if getattr(args, name) is not None]
+        if len(chosen) != 1:
+            raise ToolError("give exactly one of in_s, at, every_s or cron")
+        spec: dict[str, Any]
+        if args.in_s is not None:
+            spec = {"at": scheduler.clock() + timedelta(seconds=args.in_s)}
+        elif args.cron is not None:
+            spec = {"cron": args.cron, "tz": args.tz}
+        else:
+            spec = {chosen[0]: getattr(args, chosen[0])}
+        try:
+            parsed = SCHEDULE.validate_python(spec)
+        except ValueError as exc:
+            raise ToolError(f"bad schedule: {exc}") from exc
+        session = scheduler.kernel.sessions.live(context.session_id)
+        owner = session.owner if session is not None else LOCAL.name
+        try:
+            job = await scheduler.add(owner, context.agent, parsed, args.message, session_id=context.session_id,
+                                      overlap=Overlap.QUEUE)
+        except InvalidInput as exc:
+            raise ToolError(str(exc)) from exc
+        when = job.next_fire_at.isoformat() if job.next_fire_at else "never"
+        return f"scheduled {job.id}: first at {when}"
+
+    return Tool("schedule", "Schedule a message to this conversation: once (in_s or at) or repeatedly "
+                "(every_s or cron).", ScheduleArgs, schedule)
+
+
+def install_scheduler(kernel: Kernel, **options: Any) -> Scheduler:
+    """A scheduler the kernel owns (started after recovery, restarted if it fails) and its tool."""
+    scheduler = Scheduler(kernel, **options)
+    kernel.tools.add(schedule_tool(scheduler))
+    kernel.add_service("scheduler", scheduler.run)
+    return scheduler
