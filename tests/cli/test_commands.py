@@ -94,6 +94,29 @@ def test_agents_table_and_json(server: Server) -> None:
     assert assistant["state"] == "ready" and assistant["error"] is None
 
 
+def test_jobs_add_list_rm(server: Server) -> None:
+    added = corral(server.base, "jobs", "add", "water the plants", "--every", "3600")
+    assert added.returncode == 0, added.stderr
+    job = json.loads(added.stdout)
+    assert job["schedule"] == {"every_s": 3600.0} and job["next_fire_at"] and job["session_id"] is None
+    table = corral(server.base, "jobs", "list", COLUMNS="200")
+    assert job["id"] in table.stdout and "every_s=3600.0" in table.stdout
+    cron = json.loads(corral(server.base, "jobs", "add", "standup", "--cron", "0 9 * * 1-5", "--tz",
+                             "Europe/Paris").stdout)
+    assert cron["schedule"] == {"cron": "0 9 * * 1-5", "tz": "Europe/Paris"}
+    listed = json.loads(corral(server.base, "jobs", "list", "--json").stdout)
+    assert {j["id"] for j in listed} >= {job["id"], cron["id"]}
+    assert corral(server.base, "jobs", "rm", job["id"]).returncode == 0
+    assert job["id"] not in corral(server.base, "jobs", "list", "--json").stdout
+    gone = corral(server.base, "jobs", "rm", job["id"])
+    assert gone.returncode == 1 and gone.stderr.strip() == f"error: no job {job['id']!r}"
+    both = corral(server.base, "jobs", "add", "x", "--every", "5", "--cron", "* * * * *")
+    assert both.returncode == 2 and "exactly one of" in both.stderr
+    bad_zone = corral(server.base, "jobs", "add", "x", "--cron", "0 9 * * *", "--tz", "Mars/Olympus")
+    assert bad_zone.returncode == 1 and "time zone" in bad_zone.stderr
+    corral(server.base, "jobs", "rm", cron["id"])
+
+
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with corral_serve(tmp_path_factory.mktemp("guarded"), CORRAL_API_TOKEN=TOKEN) as server:

@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypedDict, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
@@ -76,6 +76,13 @@ class Run(TypedDict):
     ended_at: str | None
 
 
+class McpServer(TypedDict):
+    name: str
+    state: str
+    error: str | None
+    tools: list[str]
+
+
 class Agent(TypedDict):
     name: str
     provider: str
@@ -83,6 +90,8 @@ class Agent(TypedDict):
     state: str
     error: str | None
     generation: int
+    tools: list[str]
+    mcp_servers: NotRequired[list[McpServer]]
 
 
 class Message(TypedDict):

@@ -108,6 +108,56 @@ def agents(
     raise typer.Exit(commands.agents(url, token, as_json))
 
 
+jobs_app = typer.Typer(help="Scheduled jobs: messages sent to an agent on a schedule.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("add")
+def jobs_add(
+    message: Annotated[str, typer.Argument(help="what to send when the job fires")],
+    agent: Annotated[str, typer.Option(help="the agent that answers")] = "assistant",
+    session: Annotated[str | None, typer.Option(help="a session id; default: a fresh session per fire")] = None,
+    cron: Annotated[str | None, typer.Option(help="a five-field cron expression, e.g. '0 9 * * 1-5'")] = None,
+    tz: Annotated[str, typer.Option(help="the time zone of --cron")] = "UTC",
+    every: Annotated[float | None, typer.Option(help="fire every this many seconds")] = None,
+    at: Annotated[str | None, typer.Option(help="fire once at this ISO 8601 time with a zone")] = None,
+    overlap: Annotated[str, typer.Option(help="skip or queue when the previous fire's run is still active")] = "skip",
+    misfire: Annotated[str, typer.Option(help="after downtime: run_once or skip")] = "run_once",
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Add a job; prints it as JSON."""
+    from corral.cli import jobs
+
+    try:
+        schedule = jobs.parse_schedule(cron, tz, every, at)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    body = {"agent": agent, "session_id": session, "schedule": schedule, "message": message,
+            "overlap": overlap, "misfire": misfire}
+    raise typer.Exit(jobs.add(url, token, body))
+
+
+@jobs_app.command("list")
+def jobs_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """List your jobs with their next fire."""
+    from corral.cli import jobs
+
+    raise typer.Exit(jobs.list_jobs(url, token, as_json))
+
+
+@jobs_app.command("rm")
+def jobs_rm(job_id: str, url: Url = DEFAULT_URL, token: Token = None) -> None:
+    """Delete a job: it fires no more."""
+    from corral.cli import jobs
+
+    raise typer.Exit(jobs.remove(url, token, job_id))
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

@@ -193,8 +193,10 @@ def runs_table(runs: Sequence[Run], *, with_session: bool = True, width: int = 1
 
 
 def agents_table(agents: Sequence[Agent]) -> Table:
-    table = Table("name", "provider", "model", "state", "generation", "error", box=None, header_style="bold")
+    table = Table("name", "provider", "model", "state", "tools", "mcp servers", "error", box=None,
+                  header_style="bold")
     for agent in agents:
+        servers = ", ".join(f"{s.get('name')}: {s.get('state')}" for s in agent.get("mcp_servers") or [])
         table.add_row(agent["name"], agent["provider"], agent.get("model") or "", _status(agent["state"]),
-                      str(agent.get("generation", "")), agent.get("error") or "")
+                      ", ".join(agent.get("tools") or []), servers, agent.get("error") or "")
     return table
