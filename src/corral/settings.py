@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from corral.kernel import KernelConfig
 from corral.principals import Principal, TokenTable
+from corral.services.subagents import SubagentLimits
 from corral.specs import AgentSpec
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -47,6 +48,10 @@ class Settings(BaseSettings):
     requeue_interrupted: bool = True
     max_tool_processes: int = Field(8, ge=1)
     workspace_root: Path | None = Field(None, description="default: data_dir/workspaces; one directory per agent")
+    subagent_max_depth: int = Field(3, ge=1, le=20)
+    subagent_max_children: int = Field(10, ge=1, description="per session")
+    subagent_max_total: int = Field(100, ge=1, description="subagents at work at once, in the whole service")
+    subagent_cascade_cancel: bool = Field(True, description="cancelling a run cancels the subagents it spawned")
     misfire_grace_s: float = Field(60.0, ge=0, description="a job fire later than this counts as missed")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -66,6 +71,10 @@ class Settings(BaseSettings):
             max_tool_processes=self.max_tool_processes,
             workspace_root=(self.workspace_root or self.data_dir / "workspaces").resolve(),
         )
+
+    def subagent_limits(self) -> SubagentLimits:
+        return SubagentLimits(self.subagent_max_depth, self.subagent_max_children, self.subagent_max_total,
+                              self.subagent_cascade_cancel)
 
     def initial_agents(self) -> tuple[AgentSpec, ...]:
         names = {agent.name for agent in self.agents}

@@ -17,6 +17,7 @@ from corral.api.limits import Authenticate, BodyLimit
 from corral.api.routes import agents, events, jobs, meta, openai, runs, sessions
 from corral.kernel import Kernel
 from corral.services.scheduler import install_scheduler
+from corral.services.subagents import install_subagents
 from corral.settings import Settings
 from corral.store import Store
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = Store(settings.resolved_database_url(), sqlite_synchronous=settings.sqlite_synchronous)
         kernel = Kernel(store, settings.kernel_config(), initial_agents=settings.initial_agents())
         scheduler = install_scheduler(kernel, misfire_grace_s=settings.misfire_grace_s)
+        install_subagents(kernel, settings.subagent_limits())
         async with kernel.running():
             app.state.kernel = kernel
             app.state.scheduler = scheduler

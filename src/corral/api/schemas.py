@@ -50,6 +50,14 @@ class AgentOut(BaseModel):
     created_at: datetime
 
 
+class ChildOut(BaseModel):
+    session_id: str
+    task: str
+    status: str | None = Field(description="how its work ended; null while it is still at work")
+    result: str | None
+    created_at: datetime
+
+
 class SessionOut(BaseModel):
     id: str
     agent: str
@@ -61,6 +69,8 @@ class SessionOut(BaseModel):
     active_status: RunStatus | None
     queued: int
     last_event_seq: int = Field(0, description="the newest event's seq: follow from here for only what is new")
+    parent_session_id: str | None = Field(None, description="for a subagent's session (GET /v1/sessions/{id} only)")
+    children: list[ChildOut] = Field(default_factory=list, description="subagents it spawned (GET one session only)")
 
 
 class AcceptedOut(BaseModel):

@@ -20,7 +20,7 @@ from corral.errors import Conflict, CorralError, NotFound, ShuttingDown
 from corral.kernel.agents import AgentManager
 from corral.kernel.lane import Acceptance, Slot
 from corral.kernel.observers import EventHub
-from corral.kernel.runs import CancelReason, RunHandle, queued_run_row
+from corral.kernel.runs import CancelReason, RunEnd, RunHandle, queued_run_row
 from corral.kernel.sessions import Accepted, SessionRuntime, SessionTable
 from corral.loop.messages import message_row
 from corral.loop.runner import Finished, Parked, SteerInput, StepLoop, Stopped
@@ -82,6 +82,7 @@ class Kernel:
         self.tools = tools or default_registry()
         self.agents = AgentManager(store, self.tools, self._spawn)
         self._services: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        self._run_end_listeners: list[Callable[[RunEnd], None]] = []
         self._service_tasks: list[asyncio.Task[None]] = []
         self.tool_slot = asyncio.Semaphore(self.config.max_tool_processes)
         self.stopping = asyncio.Event()
@@ -127,6 +128,10 @@ class Kernel:
             coro.close()
             raise ShuttingDown("the kernel is not running")
         return self._group.create_task(coro, name=name)
+
+    def on_run_end(self, listener: Callable[[RunEnd], None]) -> None:
+        """Call ``listener`` (synchronously: it must only record or enqueue) after each run's end commits."""
+        self._run_end_listeners.append(listener)
 
     def add_service(self, name: str, service: Callable[[], Awaitable[None]]) -> None:
         """Register, before ``running()``, a long-lived task the kernel owns: started after
@@ -389,6 +394,17 @@ class Kernel:
         await self.store.write(unit, [NewEvent(runtime.id, EventType.RUN_STARTED, handle.run_id,
                                                {"input_ids": input_ids})])
 
+    async def wait_in_run(self, run_id: str, reason: dict[str, Any], until: Awaitable[None]) -> None:
+        """Park a run in ``waiting`` while ``until`` is pending (a tool waiting on subagents): it
+        holds no slot, shows as waiting, and goes back to ``running`` when ``until`` is done.
+        A cancel meanwhile ends it from ``waiting``."""
+        handle = self._runs[run_id]
+        handle.move(RunStatus.WAITING)
+        await self.store.write([ops.UpdateRun(run_id, status=RunStatus.WAITING.value)],
+                               [NewEvent(handle.session_id, EventType.RUN_WAITING, run_id, reason)])
+        await until
+        await self._resume(handle)
+
     async def _resume(self, handle: RunHandle) -> None:
         handle.move(RunStatus.RUNNING)
         await self.store.write([ops.UpdateRun(handle.run_id, status=RunStatus.RUNNING.value)])
@@ -459,6 +475,9 @@ class Kernel:
         if handover.to_start is not None:
             self._start(runtime.handles[handover.to_start.run_id])
         await self.store.write(unit, events)
+        ended = RunEnd(handle.session_id, handle.run_id, status, text or None, error, continued=requeue is not None)
+        for listener in self._run_end_listeners:
+            listener(ended)
 
     def _final_unit(
         self, runtime: SessionRuntime, handle: RunHandle, status: RunStatus, text: str | None,
@@ -534,7 +553,8 @@ class Kernel:
         elif handle.status is RunStatus.WAITING and handle.task is None:
             handle.cancel_mode = mode
             await self._finalize(handle, self._stop_status(handle), error=_cancel_error(handle))
-        elif mode is CancelMode.HARD or handle.status is RunStatus.QUEUED:
+        elif mode is CancelMode.HARD or handle.status in (RunStatus.QUEUED, RunStatus.WAITING):
+            # A run waiting with a task (on its subagents) sits at a boundary: stopping it loses nothing.
             self._hard_cancel(handle)
         else:
             handle.cancel_mode = handle.cancel_mode or CancelMode.SOFT

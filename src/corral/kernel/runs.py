@@ -28,6 +28,19 @@ def check_transition(run_id: str, current: RunStatus, target: RunStatus) -> None
         raise InvalidTransition(f"run {run_id}: {current.value} -> {target.value} is not allowed")
 
 
+@dataclass(frozen=True)
+class RunEnd:
+    """What a run-end listener learns, after the run's end is committed."""
+
+    session_id: str
+    run_id: str
+    status: RunStatus
+    output: str | None
+    error: dict[str, Any] | None
+    # Its inputs went on in a new run (an interrupted run, re-queued): the work is not over.
+    continued: bool
+
+
 class CancelReason:
     USER = "cancelled by request"
     INTERRUPTED = "interrupted by a newer message"

@@ -4,7 +4,8 @@ It needs no network, so ``corral serve`` works on a fresh machine and every test
 benchmark is repeatable. It echoes the user's turn and obeys directives found on the
 first line of the turn's first message (DESIGN.md section 4):
 
-``/sleep S``, ``/tool NAME {json}`` (one line per parallel call), ``/steps N MS``,
+``/sleep S``, ``/tool NAME {json}`` (one line per parallel call; a ``/next`` line starts
+the next step), ``/steps N MS``,
 ``/spawn TEXT``, ``/fail``, and ``/recall`` (lists the user messages of earlier turns,
 so a test can see what context a conversation kept). Asked for a compaction summary, it
 lists what the user said.
@@ -130,9 +131,10 @@ class DemoProvider:
         if head == "/recall":
             return [], "recall: " + json.dumps(turn.earlier_users)
         if head == "/tool":
-            if steps_done:
+            steps = _parse_tool_steps(directive, self._calls)
+            if steps_done >= len(steps):
                 return [], "tool results: " + "; ".join(r.content for r in results)
-            return _parse_tool_lines(directive, self._calls), ""
+            return steps[steps_done], ""
         if head == "/spawn":
             if steps_done:
                 return [], "subagent: " + "; ".join(r.content for r in results)
@@ -172,12 +174,17 @@ def _parse_steps(directive: str) -> tuple[int, float]:
         raise ProviderError("usage: /steps N MS") from None
 
 
-def _parse_tool_lines(directive: str, call_number: int) -> list[ToolCall]:
-    calls: list[ToolCall] = []
+def _parse_tool_steps(directive: str, call_number: int) -> list[list[ToolCall]]:
+    """``/tool`` lines are parallel calls of one step; a ``/next`` line starts the next step."""
+    steps: list[list[ToolCall]] = [[]]
     for line in directive.splitlines():
         line = line.strip()
+        if line == "/next":
+            steps.append([])
+            continue
         if not line.startswith("/tool"):
             continue
+        calls = steps[-1]
         parts = line.split(maxsplit=2)
         if len(parts) < 2:
             raise ProviderError("usage: /tool NAME {json}")
@@ -188,7 +195,7 @@ def _parse_tool_lines(directive: str, call_number: int) -> list[ToolCall]:
         if not isinstance(arguments, dict):
             raise ProviderError("/tool arguments must be a JSON object")
         calls.append(ToolCall(f"call_{call_number}_{len(calls)}", parts[1], arguments))
-    return calls
+    return [step for step in steps if step]
 
 
 def demo_options(raw: dict[str, object]) -> DemoOptions:

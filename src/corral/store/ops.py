@@ -81,7 +81,7 @@ class Call:
 Op = Insert | UpdateRun | MoveInputs | RollBack | ResolveApproval | Call
 
 INSERT_ORDER = (t.agents, t.sessions, t.runs, t.inputs, t.messages, t.approvals, t.compactions, t.jobs,
-                t.job_fires)
+                t.job_fires, t.subagents)
 _INSERTABLE = frozenset(table.name for table in INSERT_ORDER)
 RUN_COLUMNS = ("status", "output", "error", "usage", "started_at", "ended_at")
 

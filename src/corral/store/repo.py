@@ -200,6 +200,40 @@ async def delete_job(conn: AsyncConnection, job_id: str) -> None:
     await conn.execute(t.jobs.delete().where(t.jobs.c.id == job_id))
 
 
+# --- subagents ---------------------------------------------------------------------
+
+async def subagent_link(conn: AsyncConnection, child_session_id: str) -> Row | None:
+    query = sa.select(t.subagents).where(t.subagents.c.child_session_id == child_session_id)
+    return (await conn.execute(query)).first()
+
+
+async def children_of_session(conn: AsyncConnection, parent_session_id: str) -> Sequence[Row]:
+    query = (sa.select(t.subagents).where(t.subagents.c.parent_session_id == parent_session_id)
+             .order_by(t.subagents.c.created_at))
+    return (await conn.execute(query)).all()
+
+
+async def children_of_run(conn: AsyncConnection, parent_run_id: str) -> Sequence[Row]:
+    query = (sa.select(t.subagents).where(t.subagents.c.parent_run_id == parent_run_id)
+             .order_by(t.subagents.c.created_at))
+    return (await conn.execute(query)).all()
+
+
+async def unannounced_subagents(conn: AsyncConnection) -> Sequence[Row]:
+    return (await conn.execute(sa.select(t.subagents).where(t.subagents.c.announced_at.is_(None)))).all()
+
+
+async def latest_run(conn: AsyncConnection, session_id: str) -> Row | None:
+    query = (sa.select(t.runs).where(t.runs.c.session_id == session_id)
+             .order_by(t.runs.c.created_at.desc(), t.runs.c.position.desc()).limit(1))
+    return (await conn.execute(query)).first()
+
+
+async def update_subagent(conn: AsyncConnection, child_session_id: str, **values: Any) -> None:
+    await conn.execute(t.subagents.update().where(t.subagents.c.child_session_id == child_session_id)
+                       .values(**values))
+
+
 # --- events -------------------------------------------------------------------------
 
 async def events_after(

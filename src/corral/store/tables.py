@@ -189,6 +189,24 @@ job_fires = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
 
+subagents = sa.Table(
+    "subagents",
+    metadata,
+    sa.Column("child_session_id", sa.String(40), sa.ForeignKey("sessions.id"), primary_key=True),
+    sa.Column("parent_session_id", sa.String(40), nullable=False),
+    sa.Column("parent_run_id", sa.String(40), nullable=False),
+    sa.Column("depth", sa.Integer, nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    # How the child's work ended, once it has: its run status and its output (or error).
+    sa.Column("status", sa.String(16), nullable=True),
+    sa.Column("result", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    # Set after the announce entered the parent session; until then a restart announces again.
+    sa.Column("announced_at", UTCDateTime, nullable=True),
+    sa.Index("ix_subagents_parent_session_id", "parent_session_id"),
+    sa.Index("ix_subagents_parent_run_id", "parent_run_id"),
+)
+
 events = sa.Table(
     "events",
     metadata,

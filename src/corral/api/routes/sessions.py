@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response
 
 from corral.api.deps import KernelDep, PrincipalDep, check_session, owned_session
-from corral.api.schemas import MAX_INT64, AcceptedOut, MessageIn, MessageOut, SessionIn, SessionOut
+from corral.api.schemas import MAX_INT64, AcceptedOut, ChildOut, MessageIn, MessageOut, SessionIn, SessionOut
 from corral.kernel import Kernel
 from corral.store import repo
 
@@ -48,7 +48,13 @@ async def get_session(session_id: str, kernel: KernelDep, principal: PrincipalDe
     row = await owned_session(kernel, principal, session_id)
     async with kernel.store.read() as conn:
         seqs = await repo.last_event_seqs(conn, [session_id])
-    return session_out(kernel, row, seqs.get(session_id, 0))
+        link = await repo.subagent_link(conn, session_id)
+        children = await repo.children_of_session(conn, session_id)
+    out = session_out(kernel, row, seqs.get(session_id, 0))
+    out.parent_session_id = link.parent_session_id if link is not None else None
+    out.children = [ChildOut(session_id=c.child_session_id, task=c.task, status=c.status, result=c.result,
+                             created_at=c.created_at) for c in children]
+    return out
 
 
 @router.get("/{session_id}/messages")

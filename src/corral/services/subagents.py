@@ -1,0 +1,222 @@
+"""Subagents: a run hands a task to a child session and keeps going; the child reports back.
+
+``spawn_subagent(task, agent?)`` creates a child session linked to the parent session and
+run, queues the task there and returns at once. When the child's work ends, an announce
+message (its result or its error) enters the parent session in ``steer`` mode: into the
+parent's active run if it has one, else as the next run. ``wait_subagents()`` parks the
+parent run in ``waiting`` (holding no slot) until its children have reported.
+
+Exactly once, across crashes: the announce is sent under the idempotency key
+``announce:<child>``, and the link is marked announced only afterwards; a restart announces
+every link not yet marked, and the key turns a repeat into a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.errors import CorralError, NotFound, ShuttingDown, ToolError
+from corral.kernel import Kernel
+from corral.kernel.runs import RunEnd
+from corral.store import NewEvent, ops, repo
+from corral.store import tables as t
+from corral.store.tables import utcnow
+from corral.tools.base import Tool, ToolContext
+from corral.types import CancelMode, EventType, Mode, RunStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SubagentLimits:
+    max_depth: int = 3
+    max_children_per_session: int = 10
+    max_total: int = 100
+    cascade_cancel: bool = True
+
+
+@dataclass(frozen=True)
+class Link:
+    parent_session_id: str
+    parent_run_id: str
+    depth: int
+
+
+class Subagents:
+    def __init__(self, kernel: Kernel, limits: SubagentLimits | None = None):
+        self.kernel = kernel
+        self.limits = limits or SubagentLimits()
+        # Children whose end has not been announced yet (all of them, whatever their parent).
+        self._open: dict[str, Link] = {}
+        self._ended: asyncio.Queue[RunEnd] = asyncio.Queue()
+        # Children cancelled because their parent run was: their end is recorded, not announced
+        # (the person who stopped the parent does not want a new run started in its name).
+        self._cascaded: set[str] = set()
+        self._settled = asyncio.Condition()
+        self.announced = 0
+        # Set once what ended while the service was down has been announced.
+        self.caught_up = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Subagents open={len(self._open)} announced={self.announced}>"
+
+    # --- the service ---------------------------------------------------------------------
+
+    def _on_run_end(self, ended: RunEnd) -> None:
+        if ended.session_id in self._open and not ended.continued:
+            self._ended.put_nowait(ended)
+        elif (ended.status is RunStatus.CANCELLED and self.limits.cascade_cancel
+              and any(link.parent_run_id == ended.run_id for link in self._open.values())):
+            self._ended.put_nowait(ended)  # a parent run cancelled: its children go with it
+
+    async def run(self) -> None:
+        """Announce what ended while the service was down, then each child's end as it comes."""
+        async with self.kernel.store.read() as conn:
+            links = await repo.unannounced_subagents(conn)
+        for link in links:
+            self._open[link.child_session_id] = Link(link.parent_session_id, link.parent_run_id, link.depth)
+        for link in links:
+            async with self.kernel.store.read() as conn:
+                last = await repo.latest_run(conn, link.child_session_id)
+            if last is not None and RunStatus(last.status).is_terminal:
+                await self._announce(RunEnd(link.child_session_id, last.id, RunStatus(last.status), last.output,
+                                            last.error, continued=False))
+        self.caught_up.set()
+        while True:
+            ended = await self._ended.get()
+            try:
+                if ended.session_id in self._open:
+                    await self._announce(ended)
+                else:
+                    await self._cascade(ended.run_id)
+            except ShuttingDown:
+                return  # what is left is announced at the next start
+            except CorralError as exc:
+                log.warning("subagent bookkeeping for %s failed: %s", ended.session_id, exc)
+
+    async def _announce(self, ended: RunEnd) -> None:
+        child = ended.session_id
+        link = self._open[child]
+        result = ended.output or (ended.error or {}).get("message") or ""
+        text = f"[subagent {child} {ended.status.value}] {result}".rstrip()
+        await self.kernel.store.write(lambda conn: repo.update_subagent(
+            conn, child, status=ended.status.value, result=result))
+        announce_run_id = None
+        if child not in self._cascaded:
+            accepted = await self.kernel.submit(link.parent_session_id, text, mode=Mode.STEER, origin="subagent",
+                                                idempotency_key=f"announce:{child}")
+            announce_run_id = accepted.run_id
+        event = NewEvent(link.parent_session_id, EventType.SUBAGENT_COMPLETED, link.parent_run_id, {
+            "child_session_id": child, "status": ended.status.value, "result": result,
+            "announce_run_id": announce_run_id})
+        await self.kernel.store.write(
+            [ops.Call(lambda conn: repo.update_subagent(conn, child, announced_at=utcnow()))], [event])
+        async with self._settled:
+            self._open.pop(child, None)
+            self._cascaded.discard(child)
+            self.announced += 1
+            self._settled.notify_all()
+
+    async def _cascade(self, parent_run_id: str) -> None:
+        for child, link in list(self._open.items()):
+            if link.parent_run_id != parent_run_id:
+                continue
+            self._cascaded.add(child)
+            runtime = self.kernel.sessions.live(child)
+            for run_id in list(runtime.handles) if runtime is not None else []:
+                try:
+                    await self.kernel.cancel(run_id, CancelMode.HARD)
+                except CorralError:
+                    pass  # it ended on its own meanwhile
+
+    # --- the tools -----------------------------------------------------------------------
+
+    async def spawn(self, task: str, agent: str | None, context: ToolContext) -> str:
+        parent = self.kernel.sessions.live(context.session_id)
+        if parent is None:
+            raise ToolError("the parent session is not loaded")
+        depth = await self._depth_of(context.session_id) + 1
+        if depth > self.limits.max_depth:
+            raise ToolError(f"subagents may nest {self.limits.max_depth} deep; this one would be {depth} deep")
+        if len(self._open) >= self.limits.max_total:
+            raise ToolError(f"{self.limits.max_total} subagents are already at work; wait for some to finish")
+        async with self.kernel.store.read() as conn:
+            siblings = len(await repo.children_of_session(conn, context.session_id))
+        if siblings >= self.limits.max_children_per_session:
+            raise ToolError(f"this session already spawned {siblings} subagents (the limit)")
+        name = agent or context.agent
+        try:
+            self.kernel.agents.get(name)
+        except NotFound as exc:
+            raise ToolError(str(exc)) from exc
+        row, _ = await self.kernel.sessions.create(
+            name, None, {"parent_session_id": context.session_id, "task": task[:200]}, owner=parent.owner)
+        child = row["id"]
+        link = {"child_session_id": child, "parent_session_id": context.session_id,
+                "parent_run_id": context.run_id, "depth": depth, "task": task, "created_at": utcnow()}
+        await self.kernel.store.write([ops.Insert(t.subagents, [link])])
+        self._open[child] = Link(context.session_id, context.run_id, depth)
+        accepted = await self.kernel.submit(child, task, origin="subagent")
+        await self.kernel.store.write(None, [NewEvent(context.session_id, EventType.SUBAGENT_SPAWNED, context.run_id, {
+            "child_session_id": child, "child_run_id": accepted.run_id, "agent": name, "task": task})])
+        return f"spawned subagent {child} (agent {name}); its report will arrive as a message"
+
+    async def wait(self, context: ToolContext) -> str:
+        def pending() -> list[str]:
+            return [c for c, link in self._open.items() if link.parent_run_id == context.run_id]
+
+        async def all_reported() -> None:
+            async with self._settled:
+                await self._settled.wait_for(lambda: not pending())
+
+        waiting_for = pending()
+        if waiting_for:
+            await self.kernel.wait_in_run(context.run_id, {"waiting_for": "subagents", "children": waiting_for},
+                                          all_reported())
+        async with self.kernel.store.read() as conn:
+            children = await repo.children_of_run(conn, context.run_id)
+        if not children:
+            return "no subagents were spawned by this run"
+        return "\n".join(f"{c.child_session_id} ({c.status}): {c.result or ''}".rstrip() for c in children)
+
+    async def _depth_of(self, session_id: str) -> int:
+        link = self._open.get(session_id)
+        if link is not None:
+            return link.depth
+        async with self.kernel.store.read() as conn:
+            row = await repo.subagent_link(conn, session_id)
+        return int(row.depth) if row is not None else 0
+
+
+class SpawnArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=100_000, description="what the subagent should do, self-contained")
+    agent: str | None = Field(None, description="which agent does it (default: this one)")
+
+
+class WaitArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def install_subagents(kernel: Kernel, limits: SubagentLimits | None = None) -> Subagents:
+    """The subagent service (owned and restarted by the kernel) and its two tools."""
+    service = Subagents(kernel, limits)
+
+    async def spawn(args: SpawnArgs, context: ToolContext) -> str:
+        return await service.spawn(args.task, args.agent, context)
+
+    async def wait(args: WaitArgs, context: ToolContext) -> str:
+        return await service.wait(context)
+
+    kernel.tools.add(Tool("spawn_subagent", "Hand a task to a subagent working in its own session; returns at "
+                          "once, and the subagent's report arrives later as a message.", SpawnArgs, spawn))
+    kernel.tools.add(Tool("wait_subagents", "Wait until every subagent this run spawned has reported; returns "
+                          "their results.", WaitArgs, wait))
+    kernel.on_run_end(service._on_run_end)
+    kernel.add_service("subagents", service.run)
+    return service
