@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     subagent_max_children: int = Field(10, ge=1, description="per session")
     subagent_max_total: int = Field(100, ge=1, description="subagents at work at once, in the whole service")
     subagent_cascade_cancel: bool = Field(True, description="cancelling a run cancels the subagents it spawned")
+    reflector_max_concurrent: int = Field(2, ge=1, description="background reflections (titles, summaries) at once")
+    reflector_summary_every: int = Field(5, ge=0, description="turns between rolling summaries; 0: none")
     misfire_grace_s: float = Field(60.0, ge=0, description="a job fire later than this counts as missed")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

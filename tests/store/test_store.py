@@ -107,7 +107,7 @@ async def test_migrations_produce_exactly_the_metadata(db_url: str) -> None:
                 assert await conn.run_sync(_schema_diff) == []
                 version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalars().all()
                 names = set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
-            assert version == ["0005"]
+            assert version == ["0006"]
             assert names == set(t.metadata.tables) | {"alembic_version"}
         finally:
             await store.aclose()
@@ -172,7 +172,7 @@ async def test_migrate_is_idempotent_and_keeps_data(db_url: str) -> None:
             async with store.read() as conn:
                 assert await conn.run_sync(_schema_diff) == []
                 version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalars().all()
-            assert version == ["0005"]
+            assert version == ["0006"]
             assert await agent_names(store) == ["kept"]
             assert [e.seq for e in await stored_events(store, "ses_a")] == [1, 2]
         finally:

@@ -16,6 +16,7 @@ from corral.api import errors
 from corral.api.limits import Authenticate, BodyLimit
 from corral.api.routes import agents, events, jobs, meta, openai, runs, sessions
 from corral.kernel import Kernel
+from corral.services.reflector import ReflectorConfig, install_reflector
 from corral.services.scheduler import install_scheduler
 from corral.services.subagents import install_subagents
 from corral.settings import Settings
@@ -32,6 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
         kernel = Kernel(store, settings.kernel_config(), initial_agents=settings.initial_agents())
         scheduler = install_scheduler(kernel, misfire_grace_s=settings.misfire_grace_s)
         install_subagents(kernel, settings.subagent_limits())
+        install_reflector(kernel, ReflectorConfig(settings.reflector_max_concurrent, settings.reflector_summary_every))
         async with kernel.running():
             app.state.kernel = kernel
             app.state.scheduler = scheduler

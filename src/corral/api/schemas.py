@@ -65,6 +65,8 @@ class SessionOut(BaseModel):
     key: str | None
     metadata: dict[str, Any]
     created_at: datetime
+    title: str | None = Field(None, description="written by the reflector after the first turn")
+    summary: str | None = Field(None, description="a rolling summary, refreshed every few turns")
     active_run_id: str | None
     active_status: RunStatus | None
     queued: int

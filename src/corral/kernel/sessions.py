@@ -121,7 +121,8 @@ class SessionTable:
         self, agent: str, key: str | None, metadata: dict[str, Any], owner: str, history: Sequence[tuple[str, str]]
     ) -> dict[str, Any]:
         session_id, now = new_id("ses"), utcnow()
-        row = {"id": session_id, "agent": agent, "owner": owner, "key": key, "metadata": metadata, "created_at": now}
+        row = {"id": session_id, "agent": agent, "owner": owner, "key": key, "metadata": metadata, "created_at": now,
+               "title": None, "summary": None}
         unit: list[ops.Op] = [ops.Insert(t.sessions, [row])]
         if history:
             # Messages no run produced: they carry the empty run id, so no rollback ever touches them.

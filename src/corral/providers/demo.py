@@ -90,6 +90,10 @@ class DemoProvider:
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
         self._calls += 1
+        if request.purpose == "reflection":  # the reflector asks for a session's title or summary
+            yield TextDelta(_reflection(request.messages))
+            yield Usage(input_tokens=sum(len(m.content.split()) for m in request.messages), output_tokens=1)
+            return
         if request.purpose == "summary":
             yield TextDelta(_summary(request.messages))
             yield Usage(input_tokens=sum(len(m.content.split()) for m in request.messages), output_tokens=1)
@@ -155,6 +159,14 @@ def _summary(messages: Sequence[ChatMessage]) -> str:
     earlier = [m.content.split("\n", 1)[1] for m in messages if m.role == "system" and m.content.startswith("Summary")]
     users = [m.content for m in messages[:-1] if m.role == "user"]  # the last one is the instruction
     return " | ".join(earlier + [f"user said: {' '.join(text.split()[:3])}" for text in users])
+
+
+def _reflection(messages: Sequence[ChatMessage]) -> str:
+    """A title is the first user message's first words; a summary counts the user's messages."""
+    users = [m.content for m in messages[:-1] if m.role == "user"]
+    if "title" in messages[-1].content.lower():
+        return " ".join(users[0].split()[:6]) if users else "an empty conversation"
+    return f"{len(users)} user messages; the latest: {users[-1][:80] if users else ''}"
 
 
 def _sleep_seconds(directive: str) -> float:

@@ -42,6 +42,16 @@ async def get_session(conn: AsyncConnection, session_id: str) -> Row | None:
     return (await conn.execute(sa.select(t.sessions).where(t.sessions.c.id == session_id))).first()
 
 
+async def update_session(conn: AsyncConnection, session_id: str, **values: Any) -> None:
+    await conn.execute(t.sessions.update().where(t.sessions.c.id == session_id).values(**values))
+
+
+async def completed_runs_count(conn: AsyncConnection, session_id: str) -> int:
+    query = sa.select(sa.func.count()).select_from(t.runs).where(
+        t.runs.c.session_id == session_id, t.runs.c.status == RunStatus.COMPLETED.value)
+    return int((await conn.execute(query)).scalar() or 0)
+
+
 async def session_owner(conn: AsyncConnection, session_id: str) -> str | None:
     return (await conn.execute(sa.select(t.sessions.c.owner).where(t.sessions.c.id == session_id))).scalar()
 

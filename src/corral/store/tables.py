@@ -75,6 +75,9 @@ sessions = sa.Table(
     sa.Column("key", sa.String(256), nullable=True),
     sa.Column("metadata", JSON, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Written by the reflector in the background: a short title, and a rolling summary.
+    sa.Column("title", sa.String(200), nullable=True),
+    sa.Column("summary", sa.Text, nullable=True),
     # Keys are per principal: two principals' "main" are two sessions.
     sa.UniqueConstraint("owner", "key"),
     sa.Index("ix_sessions_owner_created_at", "owner", "created_at"),

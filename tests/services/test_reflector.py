@@ -1,0 +1,92 @@
+"""The reflector: titles and summaries in the background, never in a session's way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from corral.kernel import Kernel, KernelConfig
+from corral.kernel.runs import RunEnd
+from corral.services.reflector import Reflector, ReflectorConfig, install_reflector
+from corral.settings import Settings, default_agent
+from corral.store import Store, repo
+from tests.helpers import client, http_server, new_session, sqlite_url, wait_run
+
+LIMIT = 30
+
+
+@asynccontextmanager
+async def reflecting(url: str, reflector_of: type[Reflector] | None = None,
+                     **kwargs: object) -> AsyncIterator[tuple[Kernel, Reflector]]:
+    kernel = Kernel(Store(url), KernelConfig(shutdown_grace_s=1.0), initial_agents=(default_agent(),))
+    reflector = install_reflector(kernel, **kwargs)  # type: ignore[arg-type]
+    async with kernel.running():
+        await kernel.agents.wait_ready("assistant")
+        yield kernel, reflector
+
+
+async def test_a_ten_second_hook_does_not_delay_the_next_turn(tmp_path: Path) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_hook(ended: RunEnd) -> None:
+        started.set()
+        async with asyncio.timeout(10):  # a reflection that takes ten seconds
+            await release.wait()
+
+    async with asyncio.timeout(LIMIT), reflecting(sqlite_url(tmp_path), hooks=[slow_hook]) as (kernel, reflector):
+        session = await new_session(kernel)
+        first = await kernel.submit(session, "hello")
+        await wait_run(kernel, first.run_id)
+        await started.wait()  # the hook is now busy with the first turn...
+        began = time.monotonic()
+        second = await kernel.submit(session, "and again")
+        run = await wait_run(kernel, second.run_id)
+        elapsed = time.monotonic() - began
+        assert run["output"] == "echo: and again"
+        assert elapsed < 1.0, elapsed  # ...and the next turn did not wait for it
+        assert reflector.done == 0  # still reflecting on the first turn
+        release.set()
+
+
+async def test_title_after_the_first_turn_and_a_summary_every_n_turns(tmp_path: Path) -> None:
+    config = ReflectorConfig(summary_every=2)
+    async with asyncio.timeout(LIMIT), reflecting(sqlite_url(tmp_path), config=config) as (kernel, reflector):
+        session = await new_session(kernel)
+        for turn, text in enumerate(("plan a trip to Lisbon in spring please", "what about the weather there")):
+            await wait_run(kernel, (await kernel.submit(session, text)).run_id)
+            await reflector.wait_reflected(turn + 1)
+            async with kernel.store.read() as conn:
+                row = await repo.get_session(conn, session)
+            assert row is not None and row.title == "plan a trip to Lisbon in"  # set once, after the first turn
+            assert row.summary == (None if turn == 0 else "2 user messages; the latest: what about the weather there")
+
+
+async def test_listings_show_the_title(settings: Settings) -> None:
+    async with asyncio.timeout(LIMIT), http_server(settings) as (base, kernel), client(base) as http:
+        listed = (await http.get("/v1/sessions")).json()
+        assert listed == []  # (title and summary are part of every session the API returns)
+        sid = (await http.post("/v1/sessions", json={})).json()["id"]
+        one = (await http.get(f"/v1/sessions/{sid}")).json()
+        assert one["title"] is None and one["summary"] is None
+
+
+async def test_a_failing_reflection_is_counted_and_harmless(tmp_path: Path) -> None:
+    async def broken(ended: RunEnd) -> None:
+        from corral.errors import ProviderError
+
+        raise ProviderError("the model is down")
+
+    async with asyncio.timeout(LIMIT), reflecting(sqlite_url(tmp_path), hooks=[broken],
+                                                  config=ReflectorConfig(max_concurrent=1)) as (kernel, reflector):
+        session = await new_session(kernel)
+        for text in ("one", "two"):
+            run = await wait_run(kernel, (await kernel.submit(session, text)).run_id)
+            assert run["status"] == "completed"
+        await reflector.wait_reflected(2)
+        assert reflector.failed == 2 and reflector.done == 0
+        async with kernel.store.read() as conn:
+            row = await repo.get_session(conn, session)
+        assert row is not None and row.title is None
