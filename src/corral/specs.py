@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from corral.types import Approval
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# MCP server names prefix their tools (`server.tool`), so they carry no dot.
+MCP_SERVER_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
 
 class AgentPolicy(BaseModel):
@@ -31,6 +33,46 @@ class ProviderRef(BaseModel):
     provider_options: dict[str, Any] = Field(default_factory=dict)
 
 
+class McpServerSpec(BaseModel):
+    """An MCP server whose tools an agent may call, as ``NAME.TOOL``.
+
+    Exactly one transport: ``command`` (a process speaking MCP over stdio, started and
+    restarted by Corral) or ``url`` (a streamable HTTP endpoint someone else runs).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    command: list[str] | None = Field(None, min_length=1, description="stdio: the program and its arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="stdio: extra environment variables")
+    cwd: str | None = Field(None, description="stdio: the working directory")
+    url: str | None = Field(None, description="streamable HTTP: the endpoint, e.g. http://127.0.0.1:8000/mcp")
+    headers: dict[str, str] = Field(default_factory=dict, description="streamable HTTP: extra request headers")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="how long one tool call may take")
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, value: str) -> str:
+        if not MCP_SERVER_NAME_PATTERN.match(value):
+            raise ValueError("MCP server names are 1-32 letters, digits, '_' or '-', starting with a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerSpec:
+        if (self.command is None) == (self.url is None):
+            raise ValueError(f"MCP server {self.name!r} needs exactly one of `command` (stdio) or `url` (HTTP)")
+        if self.command is not None:
+            if not self.command[0]:
+                raise ValueError(f"MCP server {self.name!r}: `command` must start with a program")
+            if self.headers:
+                raise ValueError(f"MCP server {self.name!r}: `headers` go with `url`, not `command`")
+        elif self.env or self.cwd is not None:
+            raise ValueError(f"MCP server {self.name!r}: `env` and `cwd` go with `command`, not `url`")
+        elif not self.url or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"MCP server {self.name!r}: `url` must be an http:// or https:// URL")
+        return self
+
+
 class AgentSpec(BaseModel):
     """An agent: a model behind a provider, a system prompt, tools and a policy."""
 
@@ -44,6 +86,7 @@ class AgentSpec(BaseModel):
     system_prompt: str | None = None
     tools: list[str] = Field(default_factory=lambda: ["wait", "echo"])
     policy: AgentPolicy = Field(default_factory=AgentPolicy)
+    mcp_servers: list[McpServerSpec] = Field(default_factory=list, max_length=32)
     max_steps: int = Field(50, ge=1, le=10_000)
     context_budget_tokens: int | None = Field(
         None, ge=200, le=10_000_000, description="compact older turns into a summary beyond this (estimated)"
@@ -55,3 +98,12 @@ class AgentSpec(BaseModel):
         if not NAME_PATTERN.match(value):
             raise ValueError("agent names are 1-64 letters, digits, '_', '-' or '.', starting alphanumeric")
         return value
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _unique_servers(cls, servers: list[McpServerSpec]) -> list[McpServerSpec]:
+        names = [server.name for server in servers]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"MCP server names must be unique within an agent; repeated: {', '.join(repeated)}")
+        return servers

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral.tools.mcp import McpState
 from corral.types import AgentState, CancelMode, Decision, Disposition, ExecPolicy, Mode, RunStatus
 
 # Positions and offsets are stored as 64-bit integers: anything larger is a client error, not a 500.
@@ -38,6 +39,13 @@ class DecisionIn(Strict):
     decision: Decision
 
 
+class McpServerOut(BaseModel):
+    name: str
+    state: McpState
+    error: str | None = Field(description="the last failure (while down or restarting)")
+    tools: list[str] = Field(description="the server's tools, as the model calls them: SERVER.TOOL")
+
+
 class AgentOut(BaseModel):
     name: str
     provider: str
@@ -48,6 +56,7 @@ class AgentOut(BaseModel):
     tools: list[str]
     system_prompt: str | None
     created_at: datetime
+    mcp_servers: list[McpServerOut] = Field(default_factory=list, description="each MCP server's live state")
 
 
 class ChildOut(BaseModel):

@@ -25,6 +25,7 @@ from corral.store import Store, ops, repo
 from corral.store import tables as t
 from corral.store.tables import utcnow
 from corral.tools.base import Tool, ToolRegistry
+from corral.tools.mcp import McpSupervisor, McpTool
 from corral.types import AgentState
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class AgentRuntime:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     start_task: asyncio.Task[None] | None = None
     created_at: Any = field(default_factory=utcnow)
+    # The agent's MCP servers, started with the agent; their tools are merged into `tools`.
+    mcp: McpSupervisor | None = None
 
     @property
     def name(self) -> str:
@@ -114,6 +117,7 @@ class AgentManager:
             await self._store.write(lambda conn: repo.delete_agent(conn, name))
         finally:
             await self._close_provider(agent)
+            await self._close_mcp(agent)
 
     async def wait_ready(self, name: str) -> AgentRuntime:
         """The agent once it is ready; ``AgentUnavailable`` if it failed or is gone."""
@@ -129,15 +133,31 @@ class AgentManager:
             return agent
 
     async def aclose(self) -> None:
-        for agent in list(self._agents.values()):
-            self._drop(agent)
+        agents = list(self._agents.values())
+        for agent in agents:
+            self._drop(agent)  # tells its MCP servers to stop, so all of them stop at once
+        for agent in agents:
             await self._close_provider(agent)
+            await self._close_mcp(agent)
 
     async def _close_provider(self, agent: AgentRuntime) -> None:
         """Release the provider's connections; runs still using it fail at their next call."""
         provider, agent.provider = agent.provider, None
         if provider is not None:
             await provider.aclose()
+
+    async def _close_mcp(self, agent: AgentRuntime) -> None:
+        """Stop the agent's MCP servers and wait until they are gone, stdio processes included."""
+        if agent.mcp is not None:
+            await agent.mcp.aclose()
+
+    def _mcp_tools_changed(self, agent: AgentRuntime) -> None:
+        """An MCP server listed its tools: publish the agent's tool set anew (a fresh dict, so a
+        step that is iterating the old one is not disturbed)."""
+        if self._agents.get(agent.name) is not agent or agent.mcp is None:
+            return  # a stale generation's servers never touch the current agent
+        kept = {name: tool for name, tool in agent.tools.items() if not isinstance(tool, McpTool)}
+        agent.tools = kept | agent.mcp.tools()
 
     def _reserve(
         self, spec: AgentSpec, *, tools: dict[str, Tool] | None = None, start: bool = True, created_at: Any = None
@@ -157,6 +177,9 @@ class AgentManager:
 
     def _launch(self, agent: AgentRuntime) -> None:
         agent.start_task = self._spawn(self._start(agent), f"agent-start:{agent.name}:{agent.generation}")
+        if agent.spec.mcp_servers:  # in the background too: the agent is ready when its provider is
+            agent.mcp = McpSupervisor(agent.name, agent.spec.mcp_servers, lambda: self._mcp_tools_changed(agent))
+            agent.mcp.start(self._spawn)
 
     async def _start(self, agent: AgentRuntime) -> None:
         provider: Provider | None = None
@@ -172,6 +195,7 @@ class AgentManager:
             if provider is not None:
                 await provider.aclose()
             self._fail(agent, exc)
+            await self._close_mcp(agent)  # a failed agent runs nothing: its servers would only idle
             return
         if self._agents.get(agent.name) is not agent:
             await provider.aclose()  # stale generation: a newer agent owns the name
@@ -192,6 +216,8 @@ class AgentManager:
             del self._agents[agent.name]
         if agent.start_task is not None and not agent.start_task.done():
             agent.start_task.cancel()
+        if agent.mcp is not None:
+            agent.mcp.stop_nowait()
         agent.state = AgentState.FAILED
         agent.error = agent.error or "deleted"
         agent.settled.set()

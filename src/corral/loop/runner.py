@@ -265,12 +265,14 @@ class StepLoop:
         return self.agent.spec.policy.approval_for(tool)
 
     async def _run_one(self, call: ToolCall) -> str:
-        tool = self.agent.tools[call.name]
+        tool = self.agent.tools.get(call.name)  # MCP tools come and go with their servers' listings
         self.store.writer.emit([self._event(EventType.TOOL_STARTED, {"call_id": call.id, "tool": call.name,
                                                                     "arguments": call.arguments})])
         context = ToolContext(self.run_id, self.session_id, self.agent.name, self.workspace)
         is_error = False
         try:
+            if tool is None:
+                raise ToolError(f"unknown tool {call.name!r} (no longer listed by its MCP server)")
             if tool.spawns_process:
                 async with self.tool_slot:
                     text = await tool.call(call.arguments, context)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from corral.errors import InvalidInput, ToolError
 from corral.providers.base import ToolSpec
@@ -56,6 +56,30 @@ class Tool:
         except ValidationError as exc:
             raise ToolError(f"bad arguments for {self.name}: {exc.errors(include_url=False)}") from exc
         return await self.fn(parsed, context)
+
+
+class AnyArguments(BaseModel):
+    """Any JSON object: the ``args`` of a tool whose schema is checked by someone else."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+@dataclass(frozen=True)
+class JsonSchemaTool(Tool):
+    """A tool whose schema arrives as JSON (an MCP server's ``inputSchema``), not as a model.
+
+    The model sees ``parameters`` as is, and ``fn`` receives the arguments as a plain dict:
+    whoever published the schema (the MCP server) validates them, so Corral does not
+    second-guess a schema it did not write. ``args`` is ``AnyArguments``.
+    """
+
+    parameters: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.description, self.parameters)
+
+    async def call(self, arguments: dict[str, Any], context: ToolContext) -> str:
+        return await self.fn(dict(arguments), context)
 
 
 @functools.cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from corral.api.deps import KernelDep, PrincipalDep, require_admin
-from corral.api.schemas import AgentOut
+from corral.api.schemas import AgentOut, McpServerOut
 from corral.kernel.agents import AgentRuntime
 from corral.specs import AgentSpec
 
@@ -18,6 +18,8 @@ def agent_out(agent: AgentRuntime) -> AgentOut:
         name=spec.name, provider=spec.provider, model=spec.model, state=agent.state, error=agent.error,
         generation=agent.generation, tools=spec.tools, system_prompt=spec.system_prompt,
         created_at=agent.created_at,
+        mcp_servers=[McpServerOut(name=s.name, state=s.state, error=s.error, tools=list(s.tools))
+                     for s in (agent.mcp.statuses() if agent.mcp is not None else [])],
     )
 
 
