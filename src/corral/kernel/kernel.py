@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corral.errors import Conflict, CorralError, NotFound, ShuttingDown
+from corral.errors import Conflict, CorralError, NotFound, SessionBusy, ShuttingDown, TooManyPending
 from corral.kernel.agents import AgentManager
 from corral.kernel.lane import Acceptance, Slot
 from corral.kernel.observers import EventHub
@@ -24,6 +25,7 @@ from corral.kernel.runs import CancelReason, RunEnd, RunHandle, queued_run_row
 from corral.kernel.sessions import Accepted, SessionRuntime, SessionTable
 from corral.loop.messages import message_row
 from corral.loop.runner import Finished, Parked, SteerInput, StepLoop, Stopped
+from corral.metrics import Metrics
 from corral.providers.base import ToolCall
 from corral.specs import AgentSpec
 from corral.store import NewEvent, Store, ops, repo
@@ -72,17 +74,23 @@ class Kernel:
         *,
         tools: ToolRegistry | None = None,
         initial_agents: tuple[AgentSpec, ...] = (),
+        metrics: Metrics | None = None,
     ):
         self.store = store
         self.config = config or KernelConfig()
         self.hub = EventHub()
         store.on_commit(self.hub.publish)
+        self.metrics = metrics or Metrics()
+        store.on_commit(lambda events: self.metrics.events_appended.inc(len(events)))
+        store.writer.batch_hook = self._observe_batch
+        self.metrics.watch(self._state)
         self.sessions = SessionTable(store, self.config.max_pending_inputs, on_created=self._session_created)
         # Services may add tools (the scheduler's `schedule`) before agents pick theirs.
         self.tools = tools or default_registry()
         self.agents = AgentManager(store, self.tools, self._spawn)
         self._services: list[tuple[str, Callable[[], Awaitable[None]]]] = []
-        self._run_end_listeners: list[Callable[[RunEnd], None]] = []
+        self._run_end_listeners: list[Callable[[RunEnd], None]] = [
+            lambda ended: self.metrics.runs_ended.labels(ended.status.value).inc()]
         self._service_tasks: list[asyncio.Task[None]] = []
         self.tool_slot = asyncio.Semaphore(self.config.max_tool_processes)
         self.stopping = asyncio.Event()
@@ -204,9 +212,13 @@ class Kernel:
         # --- synchronous: decide, record in memory, submit the write -----------------
         input_id, fresh_run = new_id("in"), new_id("run")
         loop = asyncio.get_running_loop()
-        acceptance = runtime.lane.accept(
-            input_id, mode, fresh_run, policy=policy, debounce_ms=debounce_ms, now=loop.time()
-        )
+        try:
+            acceptance = runtime.lane.accept(
+                input_id, mode, fresh_run, policy=policy, debounce_ms=debounce_ms, now=loop.time()
+            )
+        except (SessionBusy, TooManyPending) as exc:
+            self.metrics.inputs_rejected.labels(exc.code).inc()
+            raise
         runtime.last_input_seq += 1
         runtime.contents[input_id] = content
         accepted = Accepted(session_id, input_id, acceptance.slot.run_id, acceptance.disposition)
@@ -334,7 +346,7 @@ class Kernel:
             while True:
                 step_loop = StepLoop(self.store, agent, handle, handle.slot.policy,
                                      lambda: self._take_steers(runtime, handle), self.tool_slot,
-                                     self.config.workspace_root / agent.name)
+                                     self.config.workspace_root / agent.name, self.metrics)
                 outcome = await step_loop.run()
                 if isinstance(outcome, Finished):
                     await self._finalize(handle, RunStatus.COMPLETED, text=outcome.text, usage=step_loop.usage)
@@ -379,6 +391,7 @@ class Kernel:
             await asyncio.sleep(remaining)
 
     async def _begin(self, runtime: SessionRuntime, handle: RunHandle) -> None:
+        self.metrics.lane_wait.observe(time.monotonic() - handle.queued_at)
         runtime.lane.mark_started(handle.run_id)
         handle.move(RunStatus.RUNNING)
         input_ids = list(handle.slot.input_ids)
@@ -624,6 +637,21 @@ class Kernel:
             "active_status": handle.status.value if handle is not None else None,
             "queued": runtime.lane.pending_inputs(),
         }
+
+    def _observe_batch(self, units: int, seconds: float) -> None:
+        self.metrics.commit_batch.observe(units)
+        self.metrics.commit_latency.observe(seconds)
+
+    def _state(self) -> dict[str, Any]:
+        """Current-state gauges for a metrics scrape."""
+        handles = list(self._runs.values())
+        queued = {"interactive": 0, "background": 0}
+        for handle in handles:
+            if handle.status is RunStatus.QUEUED:
+                queued["background" if handle.background else "interactive"] += len(handle.slot.input_ids)
+        return {"active_runs": sum(1 for h in handles if h.status.is_active), "queued_by_class": queued,
+                "observers": self.hub.observer_count(), "catch_ups": self.hub.catch_ups,
+                "sessions_live": len(self.sessions.all_live())}
 
     def _session_created(self, row: dict[str, Any]) -> None:
         data = {key: value for key, value in row.items() if key != "created_at"}

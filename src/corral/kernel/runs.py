@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -64,6 +65,8 @@ class RunHandle:
     hard_timer: asyncio.TimerHandle | None = None
     # Started by a background origin (the scheduler): yields model slots to interactive runs.
     background: bool = False
+    # When the run was accepted (monotonic clock): its wait in the lane is measured from here.
+    queued_at: float = field(default_factory=time.monotonic)
     # Approvals this run waits for (call ids), while parked in `waiting`.
     pending_approvals: set[str] = field(default_factory=set)
     finished: asyncio.Event = field(default_factory=asyncio.Event)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from corral.kernel.agents import AgentRuntime
 from corral.kernel.runs import RunHandle
 from corral.loop.compaction import choose_cut, estimate_tokens, summary_message, summary_request
 from corral.loop.messages import build_context, message_row, steps_taken, unresolved_calls
+from corral.metrics import Metrics
 from corral.providers.base import ChatMessage, ModelRequest, Provider, TextDelta, ToolCall, ToolCallsPart, Usage
 from corral.store import NewEvent, Store, ops, repo
 from corral.store import tables as t
@@ -75,6 +77,7 @@ class StepLoop:
     take_steers: Callable[[], list[SteerInput]]
     tool_slot: asyncio.Semaphore
     workspace: Path
+    metrics: Metrics
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
 
     @property
@@ -194,7 +197,11 @@ class StepLoop:
         specs = [tool.spec() for tool in self.agent.tools.values()]
         parts: list[str] = []
         calls: list[ToolCall] = []
+        asked = time.perf_counter()
         async with self._model_slot():
+            began = time.perf_counter()
+            priority = "background" if self.handle.background else "interactive"
+            self.metrics.provider_slot_wait.labels(priority).observe(began - asked)
             async with aclosing(provider.stream(ModelRequest(list(context), specs))) as stream:
                 async for part in stream:
                     if isinstance(part, TextDelta):
@@ -206,6 +213,7 @@ class StepLoop:
                         calls.extend(part.calls)
                     elif isinstance(part, Usage):
                         self._count(part)
+            self.metrics.model_call.labels(provider.name).observe(time.perf_counter() - began)
         return "".join(parts), calls
 
     def _model_slot(self) -> AbstractAsyncContextManager[None]:
@@ -273,11 +281,15 @@ class StepLoop:
         try:
             if tool is None:
                 raise ToolError(f"unknown tool {call.name!r} (no longer listed by its MCP server)")
+            began = time.perf_counter()
             if tool.spawns_process:
                 async with self.tool_slot:
+                    self.metrics.tool_slot_wait.observe(time.perf_counter() - began)
+                    began = time.perf_counter()
                     text = await tool.call(call.arguments, context)
             else:
                 text = await tool.call(call.arguments, context)
+            self.metrics.tool_call.labels(call.name).observe(time.perf_counter() - began)
         except ToolError as exc:
             text, is_error = f"error: {exc}", True
         except Exception as exc:  # a tool bug must not take the run down: the model sees it

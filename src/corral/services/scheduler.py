@@ -132,6 +132,7 @@ class Scheduler:
                 await self._record(job, due, following, "failed", None, None)
                 return
             self.fires += 1
+            self.kernel.metrics.scheduler_lag.observe(max(0.0, (self.clock() - due).total_seconds()))
             await self._record(job, due, following, "fired", session_id, run_id)
 
     def _still_active(self, run_id: str | None) -> bool:

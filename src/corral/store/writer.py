@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ class Writer:
         self._next_seq: dict[str, int] = {}
         self.batches = 0
         self.units = 0
+        # Told (units, seconds) after each committed batch: the metrics' group-commit view.
+        self.batch_hook: Callable[[int, float], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Writer pending={len(self._pending)} batches={self.batches} units={self.units}>"
@@ -126,6 +129,7 @@ class Writer:
 
     async def _commit(self, conn: AsyncConnection, batch: list[_Unit]) -> None:
         saved = dict(self._next_seq)
+        began = time.perf_counter()
         try:
             await self._run_units(conn, batch)
         except asyncio.CancelledError:
@@ -143,6 +147,8 @@ class Writer:
             return
         self.batches += 1
         self.units += len(batch)
+        if self.batch_hook is not None:
+            self.batch_hook(len(batch), time.perf_counter() - began)
         committed = [event for unit in batch for event in unit.committed]
         self._publish(committed)
         for unit in batch:
