@@ -13,6 +13,7 @@ from corral.kernel import KernelConfig
 from corral.principals import Principal, TokenTable
 from corral.services.subagents import SubagentLimits
 from corral.specs import AgentSpec
+from corral.tools.config import ToolSettings
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -47,6 +48,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(5.0, ge=0)
     requeue_interrupted: bool = True
     max_tool_processes: int = Field(8, ge=1)
+    tools: ToolSettings = Field(default_factory=ToolSettings, description="limits of the built-in tools")
     workspace_root: Path | None = Field(None, description="default: data_dir/workspaces; one directory per agent")
     subagent_max_depth: int = Field(3, ge=1, le=20)
     subagent_max_children: int = Field(10, ge=1, description="per session")

@@ -21,6 +21,7 @@ from corral.services.scheduler import install_scheduler
 from corral.services.subagents import install_subagents
 from corral.settings import Settings
 from corral.store import Store
+from corral.tools import default_registry
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -30,7 +31,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.resolved_database_url(), sqlite_synchronous=settings.sqlite_synchronous)
-        kernel = Kernel(store, settings.kernel_config(), initial_agents=settings.initial_agents())
+        kernel = Kernel(store, settings.kernel_config(), initial_agents=settings.initial_agents(),
+                        tools=default_registry(settings.tools))
         scheduler = install_scheduler(kernel, misfire_grace_s=settings.misfire_grace_s)
         install_subagents(kernel, settings.subagent_limits())
         install_reflector(kernel, ReflectorConfig(settings.reflector_max_concurrent, settings.reflector_summary_every))
