@@ -1,3 +1,5 @@
+"""One message, end to end through the kernel."""
+
 from __future__ import annotations
 
 from corral.kernel import Kernel
@@ -12,5 +14,8 @@ async def test_a_message_runs_to_completion(kernel: Kernel) -> None:
     run = await wait_run(kernel, accepted.run_id)
     assert run["status"] == "completed"
     assert run["output"] == "echo: hello there"
-    types = [e.type for e in await run_events(kernel, accepted.run_id)]
-    assert types == ["run.queued", "run.started", "message.delta", "message.completed", "run.completed"]
+    events = await run_events(kernel, accepted.run_id)
+    assert [e.type for e in events] == ["run.queued", "run.started", "message.delta", "message.completed",
+                                        "run.completed"]
+    # The log alone can replay the conversation: run.started carries what the user said.
+    assert events[1].data == {"input_ids": [accepted.input_id], "contents": ["hello there"]}

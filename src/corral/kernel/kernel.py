@@ -404,8 +404,9 @@ class Kernel:
             ops.MoveInputs(input_ids, InputStatus.CONSUMED.value),
             ops.Insert(t.messages, rows),
         ]
-        await self.store.write(unit, [NewEvent(runtime.id, EventType.RUN_STARTED, handle.run_id,
-                                               {"input_ids": input_ids})])
+        # The inputs' text rides along, so the event log alone can replay a conversation.
+        started = {"input_ids": input_ids, "contents": [row["content"] for row in rows]}
+        await self.store.write(unit, [NewEvent(runtime.id, EventType.RUN_STARTED, handle.run_id, started)])
 
     async def wait_in_run(self, run_id: str, reason: dict[str, Any], until: Awaitable[None]) -> None:
         """Park a run in ``waiting`` while ``until`` is pending (a tool waiting on subagents): it
