@@ -8,7 +8,6 @@ neighbours of the same role.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +27,9 @@ from anthropic.types import TextDelta as TextDelta_
 
 from corral.errors import ProviderError, ProviderUnavailable
 from corral.providers.base import ChatMessage, ModelRequest, StreamPart, TextDelta, ToolCall, ToolCallsPart, Usage
-from corral.providers.remote import RemoteOptions, ToolNames, retry_after_seconds, with_retries
+from corral.providers.remote import RemoteProvider, ToolNames, classify, parse_arguments
 
 DEFAULT_MAX_TOKENS = 4096
-TRANSIENT_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
 
 @dataclass
@@ -41,19 +39,8 @@ class _PartialUse:
     json: str = ""
 
 
-class AnthropicProvider:
+class AnthropicProvider(RemoteProvider[anthropic.AsyncAnthropic]):
     name = "anthropic"
-
-    def __init__(self, model: str | None, options: RemoteOptions):
-        if not model:
-            raise ProviderError("the anthropic provider needs a model name (the agent's `model`)")
-        self.model = model
-        self.options = options
-        self.max_concurrent_calls = options.max_concurrent_calls
-        self._client: anthropic.AsyncAnthropic | None = None
-
-    def __repr__(self) -> str:
-        return f"<AnthropicProvider model={self.model} base_url={self.options.base_url}>"
 
     async def start(self) -> None:
         self._client = anthropic.AsyncAnthropic(
@@ -63,16 +50,7 @@ class AnthropicProvider:
             max_retries=0,
         )
 
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-
-    def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
-        return with_retries(lambda: self._attempt(request), self.options.retry_policy())
-
     async def _attempt(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
-        if self._client is None:
-            raise ProviderError("the provider was not started")
         names = ToolNames(spec.name for spec in request.tools)
         system, messages = _to_messages(request.messages, names)
         extra: dict[str, Any] = {}
@@ -88,7 +66,7 @@ class AnthropicProvider:
         finished = False
         try:
             # The SDK's overloads want TypedDicts; these dicts have exactly those shapes.
-            create: Any = self._client.messages.create
+            create: Any = self.client.messages.create
             stream: anthropic.AsyncStream[RawMessageStreamEvent] = await create(
                 model=self.model, max_tokens=self.options.max_tokens or DEFAULT_MAX_TOKENS,
                 messages=messages, stream=True, **extra,
@@ -145,21 +123,14 @@ def _to_messages(messages: Sequence[ChatMessage], names: ToolNames) -> tuple[str
 
 
 def _finish(use: _PartialUse) -> ToolCall:
-    try:
-        arguments = json.loads(use.json) if use.json.strip() else {}
-    except json.JSONDecodeError:
-        arguments = None
-    if not isinstance(arguments, dict):
-        arguments = {"invalid_arguments": use.json}
-    return ToolCall(use.id, use.name, arguments)
+    return ToolCall(use.id, use.name, parse_arguments(use.json))
 
 
 def _translate(exc: anthropic.APIError) -> ProviderError:
     if isinstance(exc, anthropic.APIConnectionError):
-        return ProviderUnavailable(f"anthropic: connection failed: {type(exc.__cause__ or exc).__name__}: {exc}")
+        return classify("anthropic", status=None, message=f"{type(exc.__cause__ or exc).__name__}: {exc}",
+                        connection=True)
     if isinstance(exc, anthropic.APIStatusError):
-        message = f"anthropic: HTTP {exc.status_code}: {exc.message}"
-        if exc.status_code in TRANSIENT_STATUS:
-            return ProviderUnavailable(message, retry_after_seconds(exc.response.headers.get("retry-after")))
-        return ProviderError(message)
-    return ProviderError(f"anthropic: {exc.message}")
+        return classify("anthropic", status=exc.status_code, message=exc.message,
+                        retry_after=exc.response.headers.get("retry-after"))
+    return classify("anthropic", status=None, message=exc.message)

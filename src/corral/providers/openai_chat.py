@@ -18,9 +18,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from corral.errors import ProviderError, ProviderUnavailable
 from corral.providers.base import ChatMessage, ModelRequest, StreamPart, TextDelta, ToolCall, ToolCallsPart, Usage
-from corral.providers.remote import RemoteOptions, ToolNames, retry_after_seconds, with_retries
-
-TRANSIENT_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+from corral.providers.remote import RemoteProvider, ToolNames, classify, parse_arguments
 
 
 @dataclass
@@ -30,19 +28,8 @@ class _PartialCall:
     arguments: str = ""
 
 
-class OpenAIChatProvider:
+class OpenAIChatProvider(RemoteProvider[openai.AsyncOpenAI]):
     name = "openai"
-
-    def __init__(self, model: str | None, options: RemoteOptions):
-        if not model:
-            raise ProviderError("the openai provider needs a model name (the agent's `model`)")
-        self.model = model
-        self.options = options
-        self.max_concurrent_calls = options.max_concurrent_calls
-        self._client: openai.AsyncOpenAI | None = None
-
-    def __repr__(self) -> str:
-        return f"<OpenAIChatProvider model={self.model} base_url={self.options.base_url}>"
 
     async def start(self) -> None:
         self._client = openai.AsyncOpenAI(
@@ -59,16 +46,7 @@ class OpenAIChatProvider:
             if self.model not in names:
                 raise ProviderError(f"the server does not offer model {self.model!r} (it has: {', '.join(names)})")
 
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-
-    def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
-        return with_retries(lambda: self._attempt(request), self.options.retry_policy())
-
     async def _attempt(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
-        if self._client is None:
-            raise ProviderError("the provider was not started")
         names = ToolNames(spec.name for spec in request.tools)
         extra: dict[str, Any] = {}
         if request.tools:
@@ -86,7 +64,7 @@ class OpenAIChatProvider:
         finished = False
         try:
             # The SDK's overloads want TypedDicts; these dicts have exactly those shapes.
-            create: Any = self._client.chat.completions.create
+            create: Any = self.client.chat.completions.create
             stream: openai.AsyncStream[ChatCompletionChunk] = await create(
                 model=self.model, messages=[_message(m, names) for m in request.messages],
                 stream=True, stream_options={"include_usage": True}, **extra,
@@ -132,23 +110,14 @@ def _message(message: ChatMessage, names: ToolNames) -> dict[str, Any]:
 
 
 def _finish(index: int, call: _PartialCall, names: ToolNames) -> ToolCall:
-    try:
-        arguments = json.loads(call.arguments) if call.arguments.strip() else {}
-    except json.JSONDecodeError:
-        arguments = None
-    if not isinstance(arguments, dict):
-        # The model's JSON is broken: the tool's validation turns this into an error the model can read.
-        arguments = {"invalid_arguments": call.arguments}
-    return ToolCall(call.id or f"call_{index}", names.incoming(call.name), arguments)
+    return ToolCall(call.id or f"call_{index}", names.incoming(call.name), parse_arguments(call.arguments))
 
 
 def _translate(exc: openai.APIError) -> ProviderError:
-    """SDK errors become Corral's: transient ones are retried; the rest fail the run with the server's words."""
     if isinstance(exc, openai.APIConnectionError):  # includes timeouts and streams cut mid-way
-        return ProviderUnavailable(f"openai: connection failed: {type(exc.__cause__ or exc).__name__}: {exc}")
+        return classify("openai", status=None, message=f"{type(exc.__cause__ or exc).__name__}: {exc}",
+                        connection=True)
     if isinstance(exc, openai.APIStatusError):
-        message = f"openai: HTTP {exc.status_code}: {exc.message}"
-        if exc.status_code in TRANSIENT_STATUS:
-            return ProviderUnavailable(message, retry_after_seconds(exc.response.headers.get("retry-after")))
-        return ProviderError(message)
-    return ProviderError(f"openai: {exc.message}")
+        return classify("openai", status=exc.status_code, message=exc.message,
+                        retry_after=exc.response.headers.get("retry-after"))
+    return classify("openai", status=None, message=exc.message)

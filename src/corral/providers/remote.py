@@ -8,17 +8,19 @@ call instead.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from corral.errors import InvalidInput, ProviderError, ProviderUnavailable
-from corral.providers.base import StreamPart
+from corral.providers.base import ModelRequest, StreamPart
 
 
 class RemoteOptions(BaseModel):
@@ -148,4 +150,73 @@ class ToolNames:
         return self._back.get(safe, safe)
 
 
-__all__ = ["ProviderUnavailable", "RemoteOptions", "RetryPolicy", "ToolNames", "remote_options", "with_retries"]
+TRANSIENT_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+def classify(provider: str, *, status: int | None, message: str, retry_after: str | None = None,
+             connection: bool = False) -> ProviderError:
+    """An SDK failure as Corral's error: transient ones (retried) apart from the rest (failing the run)."""
+    if connection:
+        return ProviderUnavailable(f"{provider}: connection failed: {message}")
+    if status is None:
+        return ProviderError(f"{provider}: {message}")
+    text = f"{provider}: HTTP {status}: {message}"
+    if status in TRANSIENT_STATUS:
+        return ProviderUnavailable(text, retry_after_seconds(retry_after))
+    return ProviderError(text)
+
+
+def parse_arguments(raw: str) -> dict[str, Any]:
+    """A tool call's JSON arguments; broken JSON is passed on so the tool's validation tells the model."""
+    try:
+        arguments = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError:
+        arguments = None
+    return arguments if isinstance(arguments, dict) else {"invalid_arguments": raw}
+
+
+class SdkClient(Protocol):
+    async def close(self) -> None: ...
+
+
+Client = TypeVar("Client", bound=SdkClient)
+
+
+class RemoteProvider(Generic[Client]):
+    """What the SDK-backed providers share: a model name, options, the client's life, retries.
+
+    A subclass creates its client in ``start`` and streams one attempt in ``_attempt``.
+    """
+
+    name = "remote"
+
+    def __init__(self, model: str | None, options: RemoteOptions):
+        if not model:
+            raise ProviderError(f"the {self.name} provider needs a model name (the agent's `model`)")
+        self.model = model
+        self.options = options
+        self.max_concurrent_calls = options.max_concurrent_calls
+        self._client: Client | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} model={self.model} base_url={self.options.base_url}>"
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise ProviderError("the provider was not started")
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
+        return with_retries(lambda: self._attempt(request), self.options.retry_policy())
+
+    def _attempt(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]:
+        raise NotImplementedError
+
+
+__all__ = ["ProviderUnavailable", "RemoteOptions", "RemoteProvider", "RetryPolicy", "ToolNames", "classify",
+           "parse_arguments", "remote_options", "with_retries"]
