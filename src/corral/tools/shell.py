@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 from pathlib import Path
+from typing import IO
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,36 +54,31 @@ class _Capped:
         return out + (f"\n[... {self.dropped} more bytes cut]" if self.dropped else "")
 
 
-async def _exit_code(process: asyncio.subprocess.Process) -> int:
-    """Wait for the process to exit, through a pidfd, without reaping it (asyncio's child
-    watcher does that). Watching the pidfd ourselves keeps this independent of the watcher,
-    which on Python 3.11 can miss an exit when event loops come and go (as in tests)."""
-    if process.returncode is not None:
-        return process.returncode
-    loop = asyncio.get_running_loop()
-    try:
-        fd = os.pidfd_open(process.pid)
-    except ProcessLookupError:  # already reaped: the watcher has, or soon will have, its code
-        return await process.wait()
-    exited: asyncio.Future[None] = loop.create_future()
+class _Child:
+    """A process this module starts, watches and reaps itself.
 
-    def wake() -> None:
-        if not exited.done():
-            exited.set_result(None)
+    asyncio's child watcher on Python 3.11 can lose an exit once event loops have come and
+    gone (seen in the test suite: ``wait()`` then never returns). So the process is started
+    with ``subprocess.Popen``, which asyncio does not watch, its exit is awaited through a
+    pidfd on the loop, and it is reaped here; its output pipe is read through the loop.
+    """
 
-    loop.add_reader(fd, wake)
-    try:
-        await exited
-        # The pidfd said it exited: with WNOHANG this cannot block, and WNOWAIT leaves the reaping to asyncio.
-        status = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOWAIT | os.WNOHANG)  # noqa: ASYNC222
-    except ChildProcessError:  # reaped between the wake-up and the look
-        return await process.wait()
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-    if status is None:
-        return await process.wait()
-    return status.si_status if status.si_code == os.CLD_EXITED else -status.si_status
+    def __init__(self, process: subprocess.Popen[bytes]):
+        self.process = process
+        self.pid = process.pid
+        self._pidfd = os.pidfd_open(process.pid)
+        self._exited = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        code = self.process.wait()  # it has exited: this reaps it without blocking
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -89,15 +86,27 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-async def _end_group(process: asyncio.subprocess.Process, *, at_once: bool) -> None:
+async def _end_group(child: _Child, *, at_once: bool) -> None:
     """Stop every process of the group: SIGTERM with a grace, or SIGKILL at once."""
     if not at_once:
-        _signal_group(process.pid, signal.SIGTERM)
+        _signal_group(child.pid, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(TERM_GRACE_S):
-                await _exit_code(process)
-    _signal_group(process.pid, signal.SIGKILL)
-    await _exit_code(process)
+                await child.wait()
+    _signal_group(child.pid, signal.SIGKILL)
+    await child.wait()
+
+
+async def _read_pipe(pipe: IO[bytes], into: _Capped) -> None:
+    """Read the pipe to its end through the loop, so a chatty command never blocks on a full pipe."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**20)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while chunk := await reader.read(65_536):
+            into.add(chunk)
+    finally:
+        transport.close()
 
 
 def shell_tool(settings: ToolSettings) -> Tool:
@@ -105,34 +114,31 @@ def shell_tool(settings: ToolSettings) -> Tool:
         workspace = context.workspace
         await asyncio.to_thread(workspace.mkdir, parents=True, exist_ok=True)
         limit = min(args.timeout_s or settings.shell_timeout_s, settings.shell_max_timeout_s)
-        process = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", args.command, cwd=workspace, env=safe_env(workspace), start_new_session=True,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        # Popen's fork and exec take about a millisecond: not worth a thread hop.
+        process = subprocess.Popen(  # noqa: ASYNC220
+            ["/bin/sh", "-c", args.command], cwd=workspace, env=safe_env(workspace), start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
+        child = _Child(process)
         output = _Capped(settings.max_output_bytes)
-
-        async def read_all() -> None:
-            assert process.stdout is not None
-            while chunk := await process.stdout.read(65_536):
-                output.add(chunk)
-
+        assert process.stdout is not None
         try:
             async with asyncio.timeout(limit):
-                reader = asyncio.create_task(read_all())
+                reader = asyncio.create_task(_read_pipe(process.stdout, output))
                 try:
-                    code = await _exit_code(process)
+                    code = await child.wait()
                     # The command is done: what it left running in the background goes with it,
                     # which also closes the pipe those processes held.
-                    _signal_group(process.pid, signal.SIGKILL)
+                    _signal_group(child.pid, signal.SIGKILL)
                     await reader
                 finally:
                     reader.cancel()
         except TimeoutError:
-            await asyncio.shield(_end_group(process, at_once=False))
+            await asyncio.shield(_end_group(child, at_once=False))
             raise ToolError(f"the command timed out after {limit:g} s and was killed; output so far:\n"
                             f"{output.text()}") from None
         except asyncio.CancelledError:
-            await asyncio.shield(_end_group(process, at_once=True))
+            await asyncio.shield(_end_group(child, at_once=True))
             raise
         return f"exit code {code}\n{output.text()}"
 
