@@ -1,6 +1,7 @@
 """`python -m bench [NAME ...]`: run benchmarks, print a table, write JSON to bench/results/.
 
-Names: `foundation` (the default) and `chat`; `all` runs every one.
+Names: `foundation` (the default), `chat` and `web`; `all` runs every one
+(`python -m bench.web --screenshot` writes docs/screenshot-chat.png).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import chat, foundation
+from bench import chat, foundation, web
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,10 +47,24 @@ def chat_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
+def web_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        ("web: page load to a sidebar of {sessions} busy sessions".format(**results["page_load"]),
+         "{load_ms:.0f} ms", results["page_load"]),
+        ("web: JS heap used", "{heap_loaded_mb:.1f} MB after load, {heap_after_mb:.1f} MB after the window",
+         results["memory"]),
+        ("web: {seconds:.0f} s with 1 session streaming, 50 updating".format(**results["smoothness"]),
+         "frame p50 {frame_p50_ms:.1f} ms, p95 {frame_p95_ms:.1f} ms, max {frame_max_ms:.0f} ms; "
+         "{long_tasks} long tasks ({long_task_total_ms:.0f} ms); {feed_frames_per_s:.0f} feed frames/s, "
+         "{session_events_per_s:.0f} chat events/s", results["smoothness"]),
+    ]
+
+
 BENCHES: dict[str, tuple[Callable[[], Coroutine[Any, Any, dict[str, Any]]],
                          Callable[[dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]]] = {
     "foundation": (foundation.run, foundation_rows),
     "chat": (chat.run, chat_rows),
+    "web": (web.run, web_rows),
 }
 
 
