@@ -17,6 +17,7 @@ from corral.kernel import Kernel, KernelConfig
 from corral.settings import Settings, default_agent
 from corral.specs import AgentSpec
 from corral.store import Event, Store
+from corral.tools import ToolRegistry
 from corral.types import RunStatus
 
 TERMINAL = {s.value for s in RunStatus if s.is_terminal}
@@ -25,10 +26,12 @@ TERMINAL = {s.value for s in RunStatus if s.is_terminal}
 class KernelHarness:
     """Runs ``kernel.running()`` in a task of its own, so tests can start and stop it at will."""
 
-    def __init__(self, url: str, config: KernelConfig | None = None, agents: tuple[AgentSpec, ...] | None = None):
+    def __init__(self, url: str, config: KernelConfig | None = None, agents: tuple[AgentSpec, ...] | None = None,
+                 tools: ToolRegistry | None = None):
         self.url = url
         self.config = config or KernelConfig()
         self.agents = agents if agents is not None else (default_agent(),)
+        self.tools = tools
         self.kernel: Kernel | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -37,7 +40,7 @@ class KernelHarness:
     async def start(self) -> Kernel:
         self._stop.clear()
         self._ready.clear()
-        self.kernel = Kernel(Store(self.url), self.config, initial_agents=self.agents)
+        self.kernel = Kernel(Store(self.url), self.config, initial_agents=self.agents, tools=self.tools)
         self._task = asyncio.create_task(self._main(self.kernel))
         ready = asyncio.create_task(self._ready.wait())
         await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)

@@ -68,6 +68,7 @@ async def test_limits_and_clear_errors(tmp_path: Path, tools: dict[str, object])
     async with asyncio.timeout(LIMIT):
         with pytest.raises(ToolError, match="limit is 4096"):
             await call(tools, "write_file", tmp_path, path="big.txt", content="x" * 5000)
+        (tmp_path / "ws").mkdir()
         (tmp_path / "ws" / "big.txt").write_text("y" * 5000)
         text = await call(tools, "read_file", tmp_path, path="big.txt")
         assert text.startswith("y" * 4096) and text.endswith("[... 904 more bytes cut]")
@@ -80,3 +81,28 @@ async def test_limits_and_clear_errors(tmp_path: Path, tools: dict[str, object])
             await call(tools, "read_file", tmp_path, path="blob.bin")
         with pytest.raises(ToolError, match="is a directory"):
             await call(tools, "read_file", tmp_path, path=".")
+
+
+async def test_a_cut_inside_a_character_is_not_called_binary(tmp_path: Path, tools: dict[str, object]) -> None:
+    async with asyncio.timeout(LIMIT):
+        (tmp_path / "ws").mkdir()
+        (tmp_path / "ws" / "odd.txt").write_text("x" + "é" * 3000)  # 6001 bytes: the cut at 4096 splits an "é"
+        text = await call(tools, "read_file", tmp_path, path="odd.txt")
+        assert text.startswith("x" + "é" * 2047) and text.endswith("[... 1906 more bytes cut]")
+
+
+async def test_odd_paths_get_clear_errors(tmp_path: Path, tools: dict[str, object]) -> None:
+    async with asyncio.timeout(LIMIT):
+        await call(tools, "write_file", tmp_path, path="plain", content="a file")
+        with pytest.raises(ToolError, match="cannot create the directory of plain/x"):
+            await call(tools, "write_file", tmp_path, path="plain/x", content="")
+        with pytest.raises(ToolError, match="bad path"):
+            await call(tools, "read_file", tmp_path, path="nul\x00byte")
+        with pytest.raises(ToolError, match="no such directory"):
+            await call(tools, "list_dir", tmp_path, path="nowhere")
+        with pytest.raises(ToolError, match="is a file"):
+            await call(tools, "list_dir", tmp_path, path="plain")
+        with pytest.raises(ToolError, match="no such file"):
+            await call(tools, "edit_file", tmp_path, path="missing", old="a", new="b")
+        (tmp_path / "ws" / "inside").symlink_to("plain")  # a symlink that stays inside is fine
+        assert await call(tools, "read_file", tmp_path, path="inside") == "a file"

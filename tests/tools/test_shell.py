@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -99,3 +101,23 @@ async def test_the_server_environment_is_not_passed_on(tmp_path: Path, monkeypat
         result = await shell_tool(ToolSettings()).call({"command": "env"}, context(tmp_path))
         assert "secret-one" not in result and "secret-two" not in result
         assert f"HOME={tmp_path / 'ws'}" in result
+
+
+async def test_the_time_limit_is_capped_by_the_settings(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT):
+        tool = shell_tool(ToolSettings(shell_timeout_s=100, shell_max_timeout_s=0.3))
+        with pytest.raises(ToolError, match="timed out after 0.3 s"):
+            await tool.call({"command": "echo started; sleep 60", "timeout_s": 500}, context(tmp_path))
+
+
+async def test_a_process_that_leaves_the_group_does_not_hold_the_call(tmp_path: Path) -> None:
+    """``setsid`` escapes the group kill; the call still returns, after a grace, saying why."""
+    async with asyncio.timeout(LIMIT):
+        command = "setsid sh -c 'touch own_session; exec sleep 60' & echo $!; until [ -e own_session ]; do :; done"
+        result = await shell_tool(ToolSettings()).call({"command": command}, context(tmp_path))
+        escaped = int(result.split("\n")[1])
+        try:
+            assert result.startswith("exit code 0\n")
+            assert "left the command's process group" in result
+        finally:
+            os.kill(escaped, signal.SIGKILL)

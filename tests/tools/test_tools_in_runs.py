@@ -12,10 +12,9 @@ from pathlib import Path
 from corral.kernel import Kernel, KernelConfig
 from corral.settings import default_agent
 from corral.specs import AgentSpec
-from corral.store import Store
 from corral.tools import default_registry
 from corral.types import CancelMode
-from tests.helpers import new_session, sqlite_url, wait_event, wait_run
+from tests.helpers import KernelHarness, new_session, sqlite_url, wait_event, wait_run
 from tests.tools.test_shell import until_gone
 
 LIMIT = 30
@@ -25,11 +24,12 @@ WORKER = AgentSpec(name="worker", tools=["shell", "write_file", "read_file"])
 @asynccontextmanager
 async def kernel_with_tools(tmp_path: Path) -> AsyncIterator[Kernel]:
     config = KernelConfig(workspace_root=tmp_path / "ws", shutdown_grace_s=1.0)
-    kernel = Kernel(Store(sqlite_url(tmp_path)), config, tools=default_registry(),
-                    initial_agents=(default_agent(), WORKER))
-    async with kernel.running():
-        await kernel.agents.wait_ready("worker")
+    harness = KernelHarness(sqlite_url(tmp_path), config, agents=(default_agent(), WORKER), tools=default_registry())
+    kernel = await harness.start()
+    try:
         yield kernel
+    finally:
+        await harness.stop()
 
 
 async def test_a_run_writes_then_reads_in_its_agents_workspace(tmp_path: Path) -> None:
@@ -61,3 +61,12 @@ async def test_a_hard_cancel_inside_shell_ends_the_run_and_its_processes_at_once
         assert run["status"] == "cancelled"
         assert time.monotonic() - began < 0.1
         await until_gone(*(int(p) for p in pids.read_text().split()), within=0.1)
+
+
+async def test_powerful_tools_are_opt_in(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), kernel_with_tools(tmp_path) as kernel:
+        session = await new_session(kernel, "assistant")  # the default tools: wait and echo
+        accepted = await kernel.submit(session, '/tool shell {"command": "touch made"}')
+        run = await wait_run(kernel, accepted.run_id)
+        assert "unknown tool 'shell'" in run["output"]
+        assert not (tmp_path / "ws" / "assistant" / "made").exists()

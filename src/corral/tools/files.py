@@ -9,6 +9,7 @@ check is refused too. File I/O runs in a thread: only the awaiting run waits for
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import stat
 from pathlib import Path
@@ -23,15 +24,22 @@ MAX_LISTED = 1000
 
 
 def confine(workspace: Path, path: str) -> Path:
-    """The real path of ``path`` inside ``workspace``, or a ToolError saying why not."""
-    root = workspace.resolve()
-    resolved = (root / path).resolve()  # an absolute ``path`` replaces root, and is then checked like any other
+    """The real path of ``path`` inside ``workspace``, or a ToolError saying why not.
+
+    It touches the disk (symlinks are read), so callers run it in a thread.
+    """
+    try:
+        root = workspace.resolve()
+        resolved = (root / path).resolve()  # an absolute ``path`` replaces root, and is then checked like any other
+    except (OSError, RuntimeError, ValueError) as exc:  # a NUL byte, a symlink loop (RuntimeError on 3.11)
+        raise ToolError(f"bad path {path!r}: {exc}") from None
     if resolved != root and root not in resolved.parents:
         raise ToolError(f"{path!r} is outside the workspace: tools may only touch files inside it")
     return resolved
 
 
-def _read(path: Path, shown: str, limit: int) -> str:
+def _read(workspace: Path, shown: str, limit: int) -> str:
+    path = confine(workspace, shown)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -40,26 +48,36 @@ def _read(path: Path, shown: str, limit: int) -> str:
         raise ToolError(f"{shown} is a directory (use list_dir)") from None
     except OSError as exc:
         raise ToolError(f"cannot read {shown}: {exc.strerror}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise ToolError(f"{shown} is a directory (use list_dir)" if stat.S_ISDIR(mode) else
-                        f"{shown} is not a regular file")
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(limit + 1)
     try:
-        text = data[:limit].decode()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ToolError(f"{shown} is a directory (use list_dir)" if stat.S_ISDIR(info.st_mode) else
+                            f"{shown} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit)
+    finally:
+        os.close(fd)
+    truncated = info.st_size > len(data)
+    # An incremental decoder holds back a character split by the cut instead of calling it binary.
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        text = decoder.decode(data, final=not truncated)
     except UnicodeDecodeError:
         raise ToolError(f"{shown} is not UTF-8 text (a binary file?)") from None
-    size = os.path.getsize(path)
-    return text + (f"\n[... {size - limit} more bytes cut]" if size > limit else "")
+    cut = info.st_size - len(data) + len(decoder.getstate()[0])
+    return text + (f"\n[... {cut} more bytes cut]" if truncated else "")
 
 
-def _write(path: Path, shown: str, content: str, limit: int) -> str:
+def _write(workspace: Path, shown: str, content: str, limit: int) -> str:
     data = content.encode()
     if len(data) > limit:
         raise ToolError(f"refusing to write {len(data)} bytes: the limit is {limit}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    workspace.mkdir(parents=True, exist_ok=True)
+    path = confine(workspace, shown)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, say
+        raise ToolError(f"cannot create the directory of {shown}: {exc.strerror}") from None
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     except IsADirectoryError:
@@ -71,7 +89,9 @@ def _write(path: Path, shown: str, content: str, limit: int) -> str:
     return f"wrote {len(data)} bytes to {shown}"
 
 
-def _list(path: Path, shown: str) -> str:
+def _list(workspace: Path, shown: str) -> str:
+    workspace.mkdir(parents=True, exist_ok=True)
+    path = confine(workspace, shown)
     if not path.exists():
         raise ToolError(f"no such directory: {shown}")
     if not path.is_dir():
@@ -106,27 +126,25 @@ def file_tools(settings: ToolSettings) -> list[Tool]:
     limit = settings.file_max_bytes
 
     async def read_file(args: PathArgs, context: ToolContext) -> str:
-        return await asyncio.to_thread(_read, confine(context.workspace, args.path), args.path, limit)
+        return await asyncio.to_thread(_read, context.workspace, args.path, limit)
 
     async def write_file(args: WriteArgs, context: ToolContext) -> str:
-        await asyncio.to_thread(context.workspace.mkdir, parents=True, exist_ok=True)
-        return await asyncio.to_thread(_write, confine(context.workspace, args.path), args.path, args.content, limit)
+        return await asyncio.to_thread(_write, context.workspace, args.path, args.content, limit)
 
     async def list_dir(args: ListArgs, context: ToolContext) -> str:
-        await asyncio.to_thread(context.workspace.mkdir, parents=True, exist_ok=True)
-        return await asyncio.to_thread(_list, confine(context.workspace, args.path), args.path)
+        return await asyncio.to_thread(_list, context.workspace, args.path)
 
     async def edit_file(args: EditArgs, context: ToolContext) -> str:
-        path = confine(context.workspace, args.path)
-
         def edit() -> str:
+            path = confine(context.workspace, args.path)
             if path.is_file() and path.stat().st_size > limit:
                 raise ToolError(f"{args.path} is over {limit} bytes: too large to edit")
-            text = _read(path, args.path, limit)
+            text = _read(context.workspace, args.path, limit)
             count = text.count(args.old)
             if count != 1:
                 raise ToolError(f"`old` occurs {count} times in {args.path}; it must occur exactly once")
-            return _write(path, args.path, text.replace(args.old, args.new), limit).replace("wrote", "edited; wrote")
+            written = _write(context.workspace, args.path, text.replace(args.old, args.new), limit)
+            return written.replace("wrote", "edited; wrote")
 
         return await asyncio.to_thread(edit)
 

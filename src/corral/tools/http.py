@@ -23,6 +23,7 @@ from corral.tools.config import ToolSettings
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+TIMEOUTS = httpx.Timeout(None, connect=5.0)
 
 
 class FetchArgs(BaseModel):
@@ -31,10 +32,19 @@ class FetchArgs(BaseModel):
 
 
 def is_public(address: Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return is_public(address.ipv4_mapped)
-    return not (address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
-                or address.is_reserved or address.is_unspecified)
+    """True for an address on the public internet; False for everything ``http_fetch`` refuses.
+
+    ``is_global`` alone would let some through: it calls multicast global, and an IPv6
+    address can carry an IPv4 one (mapped, 6to4, Teredo) that is what the packets reach.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # the packets go to the IPv4 address
+            return is_public(address.ipv4_mapped)
+        embedded = address.sixtofour or (address.teredo[1] if address.teredo else None)
+        if embedded is not None and not is_public(embedded):
+            return False
+    return address.is_global and not (address.is_multicast or address.is_reserved or address.is_unspecified
+                                      or address.is_loopback or address.is_link_local)
 
 
 class Allowance:
@@ -55,17 +65,22 @@ def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None
         return None
 
 
-async def vetted_address(host: str, port: int, allowance: Allowance) -> Address:
+async def vetted_addresses(host: str, port: int, allowance: Allowance) -> list[Address]:
+    """Every address ``host`` resolves to, in resolver order, or a ToolError if any is refused.
+
+    One bad address refuses them all: a name that mixes a public and a private address is
+    how a rebinding attack would look.
+    """
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ToolError(f"cannot resolve {host}: {exc.strerror}") from None
-    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
     for address in addresses:
         if not is_public(address) and not allowance.permits(host, address):
             raise ToolError(f"refusing to fetch {host}: it resolves to {address}, which is not a public address "
                             "(allow it with tools.http_allow)")
-    return addresses[0]
+    return addresses
 
 
 def http_fetch_tool(settings: ToolSettings) -> Tool:
@@ -74,32 +89,52 @@ def http_fetch_tool(settings: ToolSettings) -> Tool:
     async def fetch(args: FetchArgs, context: ToolContext) -> str:
         url = args.url
         try:
-            async with asyncio.timeout(settings.http_timeout_s), httpx.AsyncClient(follow_redirects=False) as client:
+            async with asyncio.timeout(settings.http_timeout_s):
                 for _ in range(settings.http_max_redirects + 1):
-                    response_text, location = await _one_hop(client, url, allowance, settings.http_max_bytes)
+                    response_text, location = await _one_hop(url, allowance, settings.http_max_bytes)
                     if location is None:
                         return response_text
                     url = urljoin(url, location)
                 raise ToolError(f"more than {settings.http_max_redirects} redirects")
         except TimeoutError:
             raise ToolError(f"{args.url} did not answer within {settings.http_timeout_s:g} s") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise ToolError(f"fetching {url} failed: {type(exc).__name__}: {exc}") from None
 
-    return Tool("http_fetch", "GET an http(s) URL and return its status and text.", FetchArgs, fetch)
+    return Tool("http_fetch", "GET an http(s) URL and return its status, content type and text.", FetchArgs, fetch)
 
 
-async def _one_hop(client: httpx.AsyncClient, url: str, allowance: Allowance, limit: int) -> tuple[str, str | None]:
+async def _one_hop(url: str, allowance: Allowance, limit: int) -> tuple[str, str | None]:
+    """One request: the response as the model reads it, or the Location of a redirect."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ToolError(f"only http and https URLs can be fetched, not {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ToolError(f"bad port in {url!r}") from None
     host = parts.hostname
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    address = await vetted_address(host, port, allowance)
-    literal = f"[{address}]" if address.version == 6 else str(address)
-    direct = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
     headers = {"host": parts.netloc.rsplit("@", 1)[-1], "user-agent": "corral-http-fetch"}
-    async with client.stream("GET", direct, headers=headers, extensions={"sni_hostname": host}) as response:
+    addresses = await vetted_addresses(host, port, allowance)
+    for index, address in enumerate(addresses):
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        direct = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
+        try:
+            return await _request(direct, host, headers, limit)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if index == len(addresses) - 1:  # like any client, try the next address when one is unreachable
+                raise
+    raise AssertionError("getaddrinfo returned no address")
+
+
+async def _request(direct: str, host: str, headers: dict[str, str], limit: int) -> tuple[str, str | None]:
+    # A client per request: a pooled connection opened for one host name is never reused for
+    # another. trust_env=False: no proxy from the server's environment, no ~/.netrc credentials.
+    # The call's own deadline bounds the whole; TIMEOUTS only gives up on a silent address early.
+    async with (
+        httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=TIMEOUTS) as client,
+        client.stream("GET", direct, headers=headers, extensions={"sni_hostname": host}) as response,
+    ):
         if response.status_code in REDIRECTS and "location" in response.headers:
             return "", response.headers["location"]
         body = bytearray()

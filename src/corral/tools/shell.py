@@ -3,6 +3,10 @@
 The group is what makes the tool safe to stop: on a timeout, a cancel, or when the command
 itself exits, every process it started is killed with it, so nothing outlives the call.
 The child gets a minimal environment, never the server's (which may hold API keys).
+
+Not a sandbox: the command runs as the server's user and can read what that user can. A
+process that leaves the group (``setsid``) escapes the kill; the call then stops reading its
+output after a grace instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from corral.tools.base import Tool, ToolContext
 from corral.tools.config import ToolSettings
 
 TERM_GRACE_S = 1.0
+# After the command and its group are gone, how long to wait for the output pipe to close: only
+# a process that left the group (setsid) can still hold it.
+PIPE_GRACE_S = 1.0
 
 
 class ShellArgs(BaseModel):
@@ -32,6 +39,7 @@ class ShellArgs(BaseModel):
 
 
 def safe_env(workspace: Path) -> dict[str, str]:
+    """Built from nothing, not filtered from the server's: a filter misses the secret it has no rule for."""
     return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "HOME": str(workspace),
             "LANG": "C.UTF-8", "TERM": "dumb"}
 
@@ -43,6 +51,13 @@ class _Capped:
         self.limit = limit
         self.kept = bytearray()
         self.dropped = 0
+        self.notes: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<_Capped {len(self.kept)}/{self.limit} bytes kept, {self.dropped} dropped>"
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
 
     def add(self, chunk: bytes) -> None:
         room = self.limit - len(self.kept)
@@ -51,50 +66,66 @@ class _Capped:
 
     def text(self) -> str:
         out = self.kept.decode(errors="replace")
-        return out + (f"\n[... {self.dropped} more bytes cut]" if self.dropped else "")
+        out += f"\n[... {self.dropped} more bytes cut]" if self.dropped else ""
+        return "\n".join([out, *self.notes]) if self.notes else out
 
 
 class _Child:
-    """A process this module starts, watches and reaps itself.
+    """A command this module starts, watches and reaps itself, with its process group.
 
     asyncio's child watcher on Python 3.11 can lose an exit once event loops have come and
     gone (seen in the test suite: ``wait()`` then never returns). So the process is started
-    with ``subprocess.Popen``, which asyncio does not watch, its exit is awaited through a
-    pidfd on the loop, and it is reaped here; its output pipe is read through the loop.
+    with ``subprocess.Popen``, which asyncio does not watch, and its exit is awaited through
+    a pidfd on the loop.
+
+    The leader is reaped only by ``reap()``, which first kills the rest of its group. Until
+    then the leader's pid, which is the group id, stays taken (a zombie's pid is not reused),
+    so a group signal can never reach an unrelated group that got the same number.
     """
 
     def __init__(self, process: subprocess.Popen[bytes]):
         self.process = process
         self.pid = process.pid
+        self.code: int | None = None  # set by reap(); no group signal after that
         self._pidfd = os.pidfd_open(process.pid)
-        self._exited = asyncio.get_running_loop().create_future()
+        self._exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def __repr__(self) -> str:
+        state = "running" if not self._exited.done() else "exited" if self.code is None else f"reaped ({self.code})"
+        return f"<_Child pid={self.pid} {state}>"
 
     def _on_exit(self) -> None:
         asyncio.get_running_loop().remove_reader(self._pidfd)
         os.close(self._pidfd)
-        code = self.process.wait()  # it has exited: this reaps it without blocking
         if not self._exited.done():
-            self._exited.set_result(code)
+            self._exited.set_result(None)
 
-    async def wait(self) -> int:
-        return await asyncio.shield(self._exited)
+    async def wait_exited(self) -> None:
+        await asyncio.shield(self._exited)
 
+    def signal_group(self, sig: signal.Signals) -> None:
+        if self.code is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
+    def reap(self) -> int:
+        """Kill what is left of the group, then collect the leader's exit code (it has exited)."""
+        self.signal_group(signal.SIGKILL)
+        if self.code is None:
+            self.code = self.process.wait()  # a zombie: this returns at once
+        return self.code
 
-
-async def _end_group(child: _Child, *, at_once: bool) -> None:
-    """Stop every process of the group: SIGTERM with a grace, or SIGKILL at once."""
-    if not at_once:
-        _signal_group(child.pid, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(TERM_GRACE_S):
-                await child.wait()
-    _signal_group(child.pid, signal.SIGKILL)
-    await child.wait()
+    async def end(self, *, at_once: bool) -> None:
+        """Stop every process of the group: SIGTERM with a grace, or SIGKILL at once; then reap."""
+        if not at_once:
+            self.signal_group(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TERM_GRACE_S):
+                    await self.wait_exited()
+        self.signal_group(signal.SIGKILL)
+        await self.wait_exited()
+        self.reap()
 
 
 async def _read_pipe(pipe: IO[bytes], into: _Capped) -> None:
@@ -114,11 +145,14 @@ def shell_tool(settings: ToolSettings) -> Tool:
         workspace = context.workspace
         await asyncio.to_thread(workspace.mkdir, parents=True, exist_ok=True)
         limit = min(args.timeout_s or settings.shell_timeout_s, settings.shell_max_timeout_s)
-        # Popen's fork and exec take about a millisecond: not worth a thread hop.
-        process = subprocess.Popen(  # noqa: ASYNC220
-            ["/bin/sh", "-c", args.command], cwd=workspace, env=safe_env(workspace), start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
+        try:
+            # Popen's fork and exec take about a millisecond: not worth a thread hop.
+            process = subprocess.Popen(  # noqa: ASYNC220
+                ["/bin/sh", "-c", args.command], cwd=workspace, env=safe_env(workspace), start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            )
+        except OSError as exc:
+            raise ToolError(f"cannot start /bin/sh: {exc.strerror}") from None
         child = _Child(process)
         output = _Capped(settings.max_output_bytes)
         assert process.stdout is not None
@@ -126,19 +160,24 @@ def shell_tool(settings: ToolSettings) -> Tool:
             async with asyncio.timeout(limit):
                 reader = asyncio.create_task(_read_pipe(process.stdout, output))
                 try:
-                    code = await child.wait()
+                    await child.wait_exited()
                     # The command is done: what it left running in the background goes with it,
                     # which also closes the pipe those processes held.
-                    _signal_group(child.pid, signal.SIGKILL)
-                    await reader
+                    code = child.reap()
+                    done, _ = await asyncio.wait({reader}, timeout=PIPE_GRACE_S)
+                    if reader in done:
+                        reader.result()
+                    else:
+                        output.note("[output pipe still held by a process that left the command's process group; "
+                                    "stopped reading]")
                 finally:
                     reader.cancel()
         except TimeoutError:
-            await asyncio.shield(_end_group(child, at_once=False))
+            await asyncio.shield(child.end(at_once=False))
             raise ToolError(f"the command timed out after {limit:g} s and was killed; output so far:\n"
                             f"{output.text()}") from None
         except asyncio.CancelledError:
-            await asyncio.shield(_end_group(child, at_once=True))
+            await asyncio.shield(child.end(at_once=True))
             raise
         return f"exit code {code}\n{output.text()}"
 
