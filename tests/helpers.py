@@ -111,8 +111,8 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def http_server(settings: Settings) -> AsyncIterator[tuple[str, Kernel]]:
-    """A real uvicorn server on a loopback port, in this event loop; yields (base URL, kernel)."""
+async def uvicorn_server(settings: Settings) -> AsyncIterator[tuple[str, Kernel, uvicorn.Server]]:
+    """A real uvicorn server on a loopback port, in this event loop; yields (base URL, kernel, server)."""
     app = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -125,11 +125,18 @@ async def http_server(settings: Settings) -> AsyncIterator[tuple[str, Kernel]]:
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}", app.state.kernel
+        yield f"http://127.0.0.1:{port}", app.state.kernel, server
     finally:
         app.state.kernel.begin_stop()
         server.should_exit = True
         await task
+
+
+@asynccontextmanager
+async def http_server(settings: Settings) -> AsyncIterator[tuple[str, Kernel]]:
+    """A real uvicorn server on a loopback port, in this event loop; yields (base URL, kernel)."""
+    async with uvicorn_server(settings) as (base, kernel, _server):
+        yield base, kernel
 
 
 def client(base_url: str, **kwargs: Any) -> httpx.AsyncClient:

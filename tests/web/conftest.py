@@ -1,12 +1,11 @@
 """Fixtures for the web page's tests: a real server in this event loop and Debian's Chromium.
 
-The server is started like ``tests.helpers.http_server`` but keeps its uvicorn ``Server`` at
-hand, so a test can cut every open connection (a dropped network, as the browser sees it).
+The server is ``tests.helpers.uvicorn_server``, whose uvicorn ``Server`` stays at hand, so a
+test can cut every open connection (a dropped network, as the browser sees it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,9 +17,9 @@ import pytest
 import uvicorn
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from corral.api import create_app
 from corral.kernel import Kernel
 from corral.settings import Settings
+from tests.helpers import uvicorn_server
 
 CHROMIUM = os.environ.get("CORRAL_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -73,26 +72,11 @@ class WebServer:
 
 @asynccontextmanager
 async def web_server(settings: Settings, token: str | None = None) -> AsyncIterator[WebServer]:
-    app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            await task
-            raise AssertionError("server exited during start-up")
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    web = WebServer(f"http://127.0.0.1:{port}", app.state.kernel, server)
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    try:
+    async with uvicorn_server(settings) as (base, kernel, server):
+        web = WebServer(base, kernel, server)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
         async with httpx.AsyncClient(base_url=web.base, timeout=30.0, headers=headers) as web.http:
             yield web
-    finally:
-        app.state.kernel.begin_stop()
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture
