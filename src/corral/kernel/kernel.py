@@ -82,7 +82,7 @@ class Kernel:
         store.on_commit(self.hub.publish)
         self.metrics = metrics or Metrics()
         store.on_commit(lambda events: self.metrics.events_appended.inc(len(events)))
-        store.writer.batch_hook = self._observe_batch
+        store.on_batch(self._observe_batch)
         self.metrics.watch(self._state)
         self.sessions = SessionTable(store, self.config.max_pending_inputs, on_created=self._session_created)
         # Services may add tools (the scheduler's `schedule`) before agents pick theirs.

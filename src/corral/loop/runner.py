@@ -25,7 +25,16 @@ from corral.kernel.runs import RunHandle
 from corral.loop.compaction import choose_cut, estimate_tokens, summary_message, summary_request
 from corral.loop.messages import build_context, message_row, steps_taken, unresolved_calls
 from corral.metrics import Metrics
-from corral.providers.base import ChatMessage, ModelRequest, Provider, TextDelta, ToolCall, ToolCallsPart, Usage
+from corral.providers.base import (
+    ChatMessage,
+    ModelRequest,
+    Provider,
+    TextDelta,
+    ToolCall,
+    ToolCallsPart,
+    Usage,
+    reply_text,
+)
 from corral.store import NewEvent, Store, ops, repo
 from corral.store import tables as t
 from corral.store.tables import utcnow
@@ -166,16 +175,10 @@ class StepLoop:
 
     async def _summarise(self, messages: list[ChatMessage]) -> str:
         provider = self._provider()
-        parts: list[str] = []
         async with self._model_slot():
-            request = ModelRequest(messages, (), purpose="summary")
-            async with aclosing(provider.stream(request)) as stream:
-                async for part in stream:
-                    if isinstance(part, TextDelta):
-                        parts.append(part.text)
-                    elif isinstance(part, Usage):
-                        self._count(part)
-        return "".join(parts).strip()
+            text, usage = await reply_text(provider, ModelRequest(messages, (), purpose="summary"))
+        self._count(usage)
+        return text.strip()
 
     def _steer(self, context: list[ChatMessage]) -> None:
         steers = self.take_steers()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -87,3 +88,19 @@ class Provider(Protocol):
     def stream(self, request: ModelRequest) -> AsyncGenerator[StreamPart, None]: ...
 
     async def aclose(self) -> None: ...
+
+
+async def reply_text(provider: Provider, request: ModelRequest) -> tuple[str, Usage]:
+    """The whole text of a reply that needs no tools (a summary, a title), and what it cost.
+
+    The caller holds whatever slot the call needs; streamed parts are only gathered here.
+    """
+    parts: list[str] = []
+    usage = Usage()
+    async with aclosing(provider.stream(request)) as stream:
+        async for part in stream:
+            if isinstance(part, TextDelta):
+                parts.append(part.text)
+            elif isinstance(part, Usage):
+                usage = Usage(usage.input_tokens + part.input_tokens, usage.output_tokens + part.output_tokens)
+    return "".join(parts), usage

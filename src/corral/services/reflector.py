@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass
 
-from corral.errors import CorralError
+from corral.errors import AgentUnavailable, CorralError
 from corral.kernel import Kernel
 from corral.kernel.runs import RunEnd
-from corral.providers.base import ChatMessage, ModelRequest, TextDelta
+from corral.providers.base import ChatMessage, ModelRequest, reply_text
 from corral.store import repo
 from corral.types import RunStatus
 
@@ -99,14 +98,11 @@ class Reflector:
     async def _ask(self, agent_name: str, conversation: list[ChatMessage], instruction: str) -> str:
         agent = await self.kernel.agents.wait_ready(agent_name)
         if agent.provider is None:
-            return ""
+            raise AgentUnavailable(f"agent {agent_name!r} is gone")
         request = ModelRequest([*conversation, ChatMessage("user", instruction)], (), purpose="reflection")
-        parts: list[str] = []
-        async with agent.slot.background(), aclosing(agent.provider.stream(request)) as stream:
-            async for part in stream:
-                if isinstance(part, TextDelta):
-                    parts.append(part.text)
-        return "".join(parts)
+        async with agent.slot.background():
+            text, _ = await reply_text(agent.provider, request)
+        return text
 
 
 def install_reflector(kernel: Kernel, config: ReflectorConfig | None = None,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.errors import CorralError, NotFound, ShuttingDown, ToolError
+from corral.errors import Conflict, CorralError, NotFound, ShuttingDown, ToolError
 from corral.kernel import Kernel
 from corral.kernel.runs import RunEnd
 from corral.store import NewEvent, ops, repo
@@ -130,7 +130,7 @@ class Subagents:
             for run_id in list(runtime.handles) if runtime is not None else []:
                 try:
                     await self.kernel.cancel(run_id, CancelMode.HARD)
-                except CorralError:
+                except (Conflict, NotFound):
                     pass  # it ended on its own meanwhile
 
     # --- the tools -----------------------------------------------------------------------

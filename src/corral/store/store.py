@@ -7,7 +7,7 @@ own pooled connections, which WAL lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -45,6 +45,10 @@ class Store:
     def on_commit(self, hook: CommitHook) -> None:
         """Call ``hook`` with every batch of events, after they are committed."""
         self._listeners.append(hook)
+
+    def on_batch(self, hook: Callable[[int, float], None]) -> None:
+        """Call ``hook(units, seconds)`` after each committed group commit (for metrics)."""
+        self.writer.batch_hook = hook
 
     def _dispatch(self, events: list[Event]) -> None:
         for hook in self._listeners:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.deps import KernelDep, PrincipalDep, owned_session
 from corral.errors import InvalidInput, NotFound
+from corral.principals import Principal
 from corral.services.scheduler import Job, Scheduler
 from corral.services.schedules import Schedule
 from corral.store import repo
@@ -57,10 +58,10 @@ def scheduler_of(request: Request) -> Scheduler:
 
 
 def job_out(job: Job) -> JobOut:
-    return JobOut(**{**job.row(), "schedule": job.schedule.model_dump(mode="json")})
+    return JobOut(**job.row())
 
 
-def owned_job(scheduler: Scheduler, principal: Any, job_id: str) -> Job:
+def owned_job(scheduler: Scheduler, principal: Principal, job_id: str) -> Job:
     job = scheduler.get(job_id)
     if not principal.may_access(job.owner):
         raise NotFound(f"no job {job_id!r}")
