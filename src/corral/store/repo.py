@@ -88,9 +88,11 @@ async def last_event_seqs(conn: AsyncConnection, session_ids: Sequence[str]) -> 
     """Each session's newest event seq (absent: no event yet), for clients that follow "from now"."""
     if not session_ids:
         return {}
-    query = (sa.select(t.events.c.session_id, sa.func.max(t.events.c.seq))
-             .where(t.events.c.session_id.in_(session_ids)).group_by(t.events.c.session_id))
-    return {sid: int(seq) for sid, seq in (await conn.execute(query)).all()}
+    # One index probe per session (the primary key is (session_id, seq)), not a scan of every event.
+    newest = (sa.select(sa.func.max(t.events.c.seq)).where(t.events.c.session_id == t.sessions.c.id)
+              .scalar_subquery())
+    query = sa.select(t.sessions.c.id, newest).where(t.sessions.c.id.in_(session_ids))
+    return {sid: int(seq) for sid, seq in (await conn.execute(query)).all() if seq is not None}
 
 
 # --- inputs and runs ----------------------------------------------------------------
