@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     misfire_grace_s: float = Field(60.0, ge=0, description="a job fire later than this counts as missed")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "human"] = Field("auto", description="auto: human on a terminal, else JSON")
+    otel: bool = Field(False, description="OpenTelemetry spans (needs corral[otel]); OTEL_* variables turn them on too")
     agents: list[AgentSpec] = Field(default_factory=list, description="extra agents to create at start")
 
     def resolved_database_url(self) -> str:

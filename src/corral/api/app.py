@@ -16,6 +16,7 @@ from corral.api import errors
 from corral.api.limits import Authenticate, BodyLimit
 from corral.api.routes import agents, events, jobs, meta, openai, runs, sessions
 from corral.kernel import Kernel
+from corral.logs import LogContext
 from corral.services.reflector import ReflectorConfig, install_reflector
 from corral.services.scheduler import install_scheduler
 from corral.services.subagents import install_subagents
@@ -64,4 +65,5 @@ def create_app(settings: Settings) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["authorization", "content-type", "idempotency-key", "last-event-id", "x-corral-session"],
         )
+    app.add_middleware(LogContext)  # outermost: a refused request logs with its session or run id too
     return app

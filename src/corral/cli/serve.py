@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+from corral import tracing
 from corral.api import create_app
 from corral.errors import InvalidInput
+from corral.logs import configure_logging
 from corral.settings import Settings
 
 
@@ -34,6 +35,7 @@ class _Server(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             reaper.cancel()
+        await tracing.flush()  # the runs have ended; uvicorn then re-raises the signal, skipping atexit
 
     async def _abort_unflushable(self) -> None:
         """Drop connections that are closing but cannot flush: an observer that stopped reading.
@@ -69,13 +71,15 @@ def check_exposure(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     check_exposure(settings)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
+    tracing.configure(settings.otel)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through configure_logging's handler
         timeout_graceful_shutdown=2,
         lifespan="on",
     )
