@@ -92,6 +92,12 @@ class AgentUnavailable(CorralError):
     code = "agent_unavailable"
 
 
+class ExternalAgentError(CorralError):
+    """An external (ACP) agent failed: its process exited, or it answered a prompt with an error."""
+
+    code = "external_agent_error"
+
+
 class InvalidTransition(CorralError):
     """A run was asked to move between two states the transition table forbids (a bug)."""
 

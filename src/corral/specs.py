@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -73,12 +73,38 @@ class McpServerSpec(BaseModel):
         return self
 
 
+class AcpSpec(BaseModel):
+    """An external agent that speaks ACP (Agent Client Protocol) over stdio.
+
+    Corral starts the program in the agent's workspace, in a process group of its own, with
+    a minimal environment plus ``env`` (never the server's own, which may hold secrets).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(min_length=1, description="the program and its arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+    startup_timeout_s: float = Field(60.0, gt=0, le=3600, description="how long `initialize` + `session/new` may take")
+    cancel_grace_s: float = Field(
+        5.0, gt=0, le=600, description="after `session/cancel`, how long before the process is killed")
+
+    @field_validator("command")
+    @classmethod
+    def _program_first(cls, command: list[str]) -> list[str]:
+        if not command[0]:
+            raise ValueError("`command` must start with a program")
+        return command
+
+
 class AgentSpec(BaseModel):
-    """An agent: a model behind a provider, a system prompt, tools and a policy."""
+    """An agent: a model behind a provider, a system prompt, tools and a policy; or, with
+    ``driver = "acp"``, an external program that runs its own model and tools."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    driver: Literal["model", "acp"] = "model"
+    acp: AcpSpec | None = None
     provider: str = "demo"
     model: str | None = None
     provider_options: dict[str, Any] = Field(default_factory=dict)
@@ -98,6 +124,19 @@ class AgentSpec(BaseModel):
         if not NAME_PATTERN.match(value):
             raise ValueError("agent names are 1-64 letters, digits, '_', '-' or '.', starting alphanumeric")
         return value
+
+    @model_validator(mode="after")
+    def _driver_needs(self) -> AgentSpec:
+        if self.driver == "acp":
+            if self.acp is None:
+                raise ValueError('driver "acp" needs an `acp` section with a `command`')
+            ignored = [name for name in ("mcp_servers", "fallbacks", "system_prompt", "context_budget_tokens")
+                       if getattr(self, name)]
+            if ignored:
+                raise ValueError(f'an ACP agent runs its own model and tools; remove {", ".join(ignored)}')
+        elif self.acp is not None:
+            raise ValueError('an `acp` section needs driver "acp"')
+        return self
 
     @field_validator("mcp_servers")
     @classmethod

@@ -912,7 +912,8 @@ async def test_invariant_15_concurrent_creations_yield_exactly_one(kernel: Kerne
         assert count == 1
 
         # Agents: 50 creations of one name, plus 10 from a second manager over the store.
-        other_manager = AgentManager(kernel.store, default_registry(), kernel._spawn)  # noqa: SLF001
+        other_manager = AgentManager(kernel.store, default_registry(), kernel._spawn,  # noqa: SLF001
+                                     kernel.config.workspace_root)
         spec = AgentSpec(name="twin", provider_options={"latency_ms": 1})
         outcomes = await asyncio.gather(
             *(kernel.agents.create(spec) for _ in range(50)),

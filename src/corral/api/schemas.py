@@ -48,6 +48,7 @@ class McpServerOut(BaseModel):
 
 class AgentOut(BaseModel):
     name: str
+    driver: str = Field(description='"model" (a provider) or "acp" (an external agent program)')
     provider: str
     model: str | None
     state: AgentState

@@ -12,10 +12,12 @@ import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from corral.drivers.acp_process import AcpProcess
 from corral.errors import AgentUnavailable, Conflict, NotFound
 from corral.kernel.slots import PrioritySlot
 from corral.providers.base import Provider
@@ -48,6 +50,8 @@ class AgentRuntime:
     created_at: Any = field(default_factory=utcnow)
     # The agent's MCP servers, started with the agent; their tools are merged into `tools`.
     mcp: McpSupervisor | None = None
+    # An external agent's program (driver "acp"), in place of a provider.
+    acp: AcpProcess | None = None
 
     @property
     def name(self) -> str:
@@ -58,10 +62,11 @@ class AgentRuntime:
 
 
 class AgentManager:
-    def __init__(self, store: Store, tools: ToolRegistry, spawn: Spawn):
+    def __init__(self, store: Store, tools: ToolRegistry, spawn: Spawn, workspace_root: Path):
         self._store = store
         self._tools = tools
         self._spawn = spawn
+        self._workspace_root = workspace_root
         self._agents: dict[str, AgentRuntime] = {}
         self._generations = count(1)
 
@@ -116,8 +121,17 @@ class AgentManager:
         try:
             await self._store.write(lambda conn: repo.delete_agent(conn, name))
         finally:
-            await self._close_provider(agent)
-            await self._close_mcp(agent)
+            await self._close(agent)
+
+    async def restart(self, name: str) -> AgentRuntime:
+        """Replace the agent by a fresh start of the same spec (a new generation); returns at once
+        with the new one ``starting``, after the old one's processes are gone. Its runs in flight
+        fail; queued runs wait for the new one."""
+        old = self.get(name)
+        self._drop(old, reason="restarted")
+        new = self._reserve(old.spec, created_at=old.created_at)
+        await self._close(old)
+        return new
 
     async def wait_ready(self, name: str) -> AgentRuntime:
         """The agent once it is ready; ``AgentUnavailable`` if it failed or is gone."""
@@ -137,14 +151,25 @@ class AgentManager:
         for agent in agents:
             self._drop(agent)  # tells its MCP servers to stop, so all of them stop at once
         for agent in agents:
-            await self._close_provider(agent)
-            await self._close_mcp(agent)
+            await self._close(agent)
+
+    async def _close(self, agent: AgentRuntime) -> None:
+        """After ``_drop``: wait for a cancelled start to clean up after itself (so nothing it
+        spawned outlives this call), then release the provider or program and MCP servers."""
+        if agent.start_task is not None and not agent.start_task.done():
+            await asyncio.wait([agent.start_task])
+        await self._close_provider(agent)
+        await self._close_mcp(agent)
 
     async def _close_provider(self, agent: AgentRuntime) -> None:
-        """Release the provider's connections; runs still using it fail at their next call."""
+        """Release the provider's connections (runs still using it fail at their next call), or
+        stop the external agent's program."""
         provider, agent.provider = agent.provider, None
         if provider is not None:
             await provider.aclose()
+        process, agent.acp = agent.acp, None
+        if process is not None:
+            await process.aclose()
 
     async def _close_mcp(self, agent: AgentRuntime) -> None:
         """Stop the agent's MCP servers and wait until they are gone, stdio processes included."""
@@ -182,28 +207,57 @@ class AgentManager:
             agent.mcp.start(self._spawn)
 
     async def _start(self, agent: AgentRuntime) -> None:
-        provider: Provider | None = None
+        backend: Provider | AcpProcess | None = None
         try:
-            provider = create_provider(agent.spec)
-            await provider.start()
+            backend = self._backend(agent)
+            await backend.start()
         except asyncio.CancelledError:
-            if provider is not None:
-                await asyncio.shield(provider.aclose())
+            if backend is not None:
+                await asyncio.shield(backend.aclose())
             raise
         except Exception as exc:
             log.warning("agent %s failed to start: %s", agent.name, exc)
-            if provider is not None:
-                await provider.aclose()
+            if backend is not None:
+                await backend.aclose()
             self._fail(agent, exc)
             await self._close_mcp(agent)  # a failed agent runs nothing: its servers would only idle
             return
         if self._agents.get(agent.name) is not agent:
-            await provider.aclose()  # stale generation: a newer agent owns the name
+            await backend.aclose()  # stale generation: a newer agent owns the name
             return
-        agent.provider = provider
-        agent.slot = PrioritySlot(provider.max_concurrent_calls)
+        if isinstance(backend, AcpProcess):
+            agent.acp = backend
+        else:
+            agent.provider = backend
+            agent.slot = PrioritySlot(backend.max_concurrent_calls)
         agent.state = AgentState.READY
         agent.settled.set()
+
+    def _backend(self, agent: AgentRuntime) -> Provider | AcpProcess:
+        """What the agent's start brings up: a model provider, or an external agent's program."""
+        spec = agent.spec
+        if spec.acp is not None:
+            return AcpProcess(spec.name, spec.acp, self._workspace_root / spec.name,
+                              lambda process: self._acp_exited(agent, process))
+        return create_provider(spec)
+
+    def _acp_exited(self, agent: AgentRuntime, process: AcpProcess) -> None:
+        """The program of a ready ACP agent is gone. Killed by a hard cancel: start it again.
+        Exited on its own: the agent fails with the reason, rather than restart in a loop."""
+        if self._agents.get(agent.name) is not agent or agent.acp is not process:
+            return  # a stale generation's program, or one being closed
+        if process.killed:
+            self._spawn(self._restart_quietly(agent), f"agent-restart:{agent.name}:{agent.generation}")
+            return
+        agent.acp = None
+        agent.state = AgentState.FAILED
+        agent.error = (f"the ACP agent exited with code {process.exit_code}; "
+                       f"restart it with POST /v1/agents/{agent.name}/restart")
+        self._spawn(process.aclose(), f"agent-reap:{agent.name}:{agent.generation}")
+
+    async def _restart_quietly(self, agent: AgentRuntime) -> None:
+        if self._agents.get(agent.name) is agent:
+            await self.restart(agent.name)
 
     def _fail(self, agent: AgentRuntime, exc: BaseException) -> None:
         if self._agents.get(agent.name) is agent:
@@ -211,7 +265,7 @@ class AgentManager:
             agent.error = str(exc) or type(exc).__name__
             agent.settled.set()
 
-    def _drop(self, agent: AgentRuntime) -> None:
+    def _drop(self, agent: AgentRuntime, *, reason: str = "deleted") -> None:
         if self._agents.get(agent.name) is agent:
             del self._agents[agent.name]
         if agent.start_task is not None and not agent.start_task.done():
@@ -219,5 +273,5 @@ class AgentManager:
         if agent.mcp is not None:
             agent.mcp.stop_nowait()
         agent.state = AgentState.FAILED
-        agent.error = agent.error or "deleted"
+        agent.error = agent.error or reason
         agent.settled.set()

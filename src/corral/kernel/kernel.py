@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral import logs, tracing
+from corral.drivers.acp_turn import AcpTurn
 from corral.errors import Conflict, CorralError, NotFound, SessionBusy, ShuttingDown, TooManyPending
-from corral.kernel.agents import AgentManager
+from corral.kernel.agents import AgentManager, AgentRuntime
 from corral.kernel.lane import Acceptance, Slot
 from corral.kernel.observers import EventHub
 from corral.kernel.runs import CancelReason, RunEnd, RunHandle, queued_run_row
@@ -87,7 +89,7 @@ class Kernel:
         self.sessions = SessionTable(store, self.config.max_pending_inputs, on_created=self._session_created)
         # Services may add tools (the scheduler's `schedule`) before agents pick theirs.
         self.tools = tools or default_registry()
-        self.agents = AgentManager(store, self.tools, self._spawn)
+        self.agents = AgentManager(store, self.tools, self._spawn, self.config.workspace_root)
         self._services: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._run_end_listeners: list[Callable[[RunEnd], None]] = [
             lambda ended: self.metrics.runs_ended.labels(ended.status.value).inc()]
@@ -174,7 +176,7 @@ class Kernel:
         moving = [h for h in self._runs.values() if h.task is not None and not h.task.done()]
         for handle in moving:
             handle.cancel_reason = CancelReason.SHUTDOWN
-            handle.cancel_mode = CancelMode.SOFT
+            handle.request_cancel(CancelMode.SOFT)
         await _wait_finished(moving, self.config.shutdown_grace_s)
         for handle in moving:
             if not handle.finished.is_set():
@@ -324,7 +326,9 @@ class Kernel:
 
     async def _drive(self, handle: RunHandle, *, resume: bool) -> None:
         """A run's whole life in this process: begin, step loop, outcome."""
+        logs.bind_run(handle.run_id, handle.session_id)
         runtime = await self.sessions.get(handle.session_id)
+        tracing.start_run(handle, runtime.agent, resumed=resume)
         if handle.accepted is not None:
             try:
                 await asyncio.shield(handle.accepted)  # a cancel must not cancel the write
@@ -338,15 +342,14 @@ class Kernel:
             if handle.cancel_mode is not None and not begun:
                 await self._finalize(handle, RunStatus.CANCELLED, error=_cancel_error(handle))
                 return
+            prompt: list[str] | None = None
             if resume:
                 await self._resume(handle)
             else:
-                await self._begin(runtime, handle)
+                prompt = await self._begin(runtime, handle)
                 begun = True
             while True:
-                step_loop = StepLoop(self.store, agent, handle, handle.slot.policy,
-                                     lambda: self._take_steers(runtime, handle), self.tool_slot,
-                                     self.config.workspace_root / agent.name, self.metrics)
+                step_loop = self._runner(runtime, handle, agent, prompt)
                 outcome = await step_loop.run()
                 if isinstance(outcome, Finished):
                     await self._finalize(handle, RunStatus.COMPLETED, text=outcome.text, usage=step_loop.usage)
@@ -373,6 +376,18 @@ class Kernel:
             await self._finalize(handle, RunStatus.FAILED,
                                  error={"code": "internal", "message": f"{type(exc).__name__}: {exc}"})
 
+    def _runner(
+        self, runtime: SessionRuntime, handle: RunHandle, agent: AgentRuntime, prompt: list[str] | None
+    ) -> StepLoop | AcpTurn:
+        """What drives the run: the step loop over a model, or an external ACP agent."""
+        def take_steers() -> list[SteerInput]:
+            return self._take_steers(runtime, handle)
+
+        if agent.spec.driver == "acp":
+            return AcpTurn(self.store, agent, handle, prompt, take_steers, self.ask_approval)
+        return StepLoop(self.store, agent, handle, handle.slot.policy, take_steers, self.tool_slot,
+                        self.config.workspace_root / agent.name, self.metrics)
+
     async def _finalize_quietly(self, handle: RunHandle, status: RunStatus, begun: bool) -> None:
         if not begun and handle.interrupted_by_shutdown:
             return  # never started: stays queued in the store for the next start
@@ -390,7 +405,8 @@ class Kernel:
                 return
             await asyncio.sleep(remaining)
 
-    async def _begin(self, runtime: SessionRuntime, handle: RunHandle) -> None:
+    async def _begin(self, runtime: SessionRuntime, handle: RunHandle) -> list[str]:
+        """Move the run to ``running`` with its inputs as user messages; returns their texts."""
         self.metrics.lane_wait.observe(time.monotonic() - handle.queued_at)
         runtime.lane.mark_started(handle.run_id)
         handle.move(RunStatus.RUNNING)
@@ -405,8 +421,10 @@ class Kernel:
             ops.Insert(t.messages, rows),
         ]
         # The inputs' text rides along, so the event log alone can replay a conversation.
-        started = {"input_ids": input_ids, "contents": [row["content"] for row in rows]}
+        contents: list[str] = [row["content"] for row in rows]
+        started = {"input_ids": input_ids, "contents": contents}
         await self.store.write(unit, [NewEvent(runtime.id, EventType.RUN_STARTED, handle.run_id, started)])
+        return contents
 
     async def wait_in_run(self, run_id: str, reason: dict[str, Any], until: Awaitable[None]) -> None:
         """Park a run in ``waiting`` while ``until`` is pending (a tool waiting on subagents): it
@@ -418,6 +436,39 @@ class Kernel:
                                [NewEvent(handle.session_id, EventType.RUN_WAITING, run_id, reason)])
         await until
         await self._resume(handle)
+
+    async def ask_approval(self, run_id: str, call: ToolCall) -> ApprovalStatus | None:
+        """Ask a human about ``call`` for a run that stays alive meanwhile (an ACP agent's
+        permission request, which the agent process waits on): the run shows as ``waiting``
+        with the approval pending, as a parked run would. Returns the decision, or None if
+        the run is cancelled or ends first."""
+        handle = self._runs.get(run_id)
+        if handle is None or handle.finished.is_set() or handle.cancel_mode is not None:
+            return None
+        decision: asyncio.Future[ApprovalStatus] = asyncio.get_running_loop().create_future()
+        handle.approval_waiters[call.id] = decision
+        handle.pending_approvals.add(call.id)
+        row = {"run_id": run_id, "call_id": call.id, "session_id": handle.session_id, "tool": call.name,
+               "arguments": call.arguments, "status": ApprovalStatus.PENDING.value, "created_at": utcnow()}
+        unit: list[ops.Op] = [ops.Insert(t.approvals, [row])]
+        events = [NewEvent(handle.session_id, EventType.APPROVAL_REQUESTED, run_id,
+                           {"call_id": call.id, "tool": call.name, "arguments": call.arguments})]
+        if handle.status is RunStatus.RUNNING:
+            handle.move(RunStatus.WAITING)
+            unit.append(ops.UpdateRun(run_id, status=RunStatus.WAITING.value))
+            events.append(NewEvent(handle.session_id, EventType.RUN_WAITING, run_id, {"pending": [call.id]}))
+        cancelled = asyncio.ensure_future(handle.cancel_signal.wait())
+        try:
+            await self.store.write(unit, events)
+            either: set[asyncio.Future[Any]] = {decision, cancelled}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            return decision.result() if decision.done() and not decision.cancelled() else None
+        finally:
+            cancelled.cancel()
+            handle.approval_waiters.pop(call.id, None)
+            handle.pending_approvals.discard(call.id)
+            if not handle.pending_approvals and handle.status is RunStatus.WAITING and not handle.finished.is_set():
+                await self._resume(handle)
 
     async def _resume(self, handle: RunHandle) -> None:
         handle.move(RunStatus.RUNNING)
@@ -473,6 +524,8 @@ class Kernel:
         if handle.hard_timer is not None:
             handle.hard_timer.cancel()
         handle.finished.set()
+        for waiter in handle.approval_waiters.values():
+            waiter.cancel()  # a question of a finished run has nobody left to ask
         self._runs.pop(handle.run_id, None)
         runtime.handles.pop(handle.run_id, None)
         queued_slot = runtime.lane.cancel_queued(handle.run_id)
@@ -562,19 +615,20 @@ class Kernel:
 
     async def _cancel_handle(self, handle: RunHandle, mode: CancelMode) -> None:
         if handle.status is RunStatus.QUEUED and handle.task is None:
-            handle.cancel_mode = mode
+            handle.request_cancel(mode)
             await self._finalize(handle, RunStatus.CANCELLED, error=_cancel_error(handle))
         elif handle.status is RunStatus.WAITING and handle.task is None:
-            handle.cancel_mode = mode
+            handle.request_cancel(mode)
             await self._finalize(handle, self._stop_status(handle), error=_cancel_error(handle))
-        elif mode is CancelMode.HARD or handle.status in (RunStatus.QUEUED, RunStatus.WAITING):
+        elif mode is CancelMode.HARD or handle.status is RunStatus.QUEUED or (
+                handle.status is RunStatus.WAITING and not handle.approval_waiters):
             # A run waiting with a task (on its subagents) sits at a boundary: stopping it loses nothing.
             self._hard_cancel(handle)
         else:
-            handle.cancel_mode = handle.cancel_mode or CancelMode.SOFT
+            handle.request_cancel(CancelMode.SOFT)
 
     def _hard_cancel(self, handle: RunHandle) -> None:
-        handle.cancel_mode = CancelMode.HARD
+        handle.request_cancel(CancelMode.HARD)
         if handle.task is not None and not handle.task.done():
             handle.task.cancel(handle.cancel_reason)
 
@@ -590,7 +644,7 @@ class Kernel:
         if handle.status is RunStatus.QUEUED:
             self._hard_cancel(handle)
             return
-        handle.cancel_mode = handle.cancel_mode or CancelMode.SOFT
+        handle.request_cancel(CancelMode.SOFT)
         if handle.hard_timer is None:
             handle.hard_timer = asyncio.get_running_loop().call_later(
                 self.config.interrupt_grace_s, self._hard_cancel, handle
@@ -611,6 +665,10 @@ class Kernel:
             [NewEvent(handle.session_id, EventType.APPROVAL_RESOLVED, run_id,
                       {"call_id": call_id, "decision": decision.value})],
         )
+        waiter = handle.approval_waiters.get(call_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(status)  # a run that stayed alive for this answer (an ACP agent's)
+            return
         if not handle.pending_approvals and handle.status is RunStatus.WAITING and handle.task is None:
             self._start(handle, resume=True)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from corral.errors import InvalidTransition
 from corral.kernel.lane import Slot
-from corral.types import CancelMode, RunStatus
+from corral.types import ApprovalStatus, CancelMode, RunStatus
 
 S = RunStatus
 ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
@@ -69,6 +69,12 @@ class RunHandle:
     queued_at: float = field(default_factory=time.monotonic)
     # Approvals this run waits for (call ids), while parked in `waiting`.
     pending_approvals: set[str] = field(default_factory=set)
+    # Decisions awaited by a run that stays alive while a human decides (an ACP agent's
+    # permission request), by call id; ``decide`` resolves them.
+    approval_waiters: dict[str, asyncio.Future[ApprovalStatus]] = field(default_factory=dict)
+    # Set at the first cancel request, for a driver that must act on it at once rather
+    # than at its next step boundary (an ACP agent is told with ``session/cancel``).
+    cancel_signal: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __repr__(self) -> str:
@@ -78,6 +84,12 @@ class RunHandle:
     def move(self, target: RunStatus) -> None:
         check_transition(self.run_id, self.status, target)
         self.status = target
+
+    def request_cancel(self, mode: CancelMode) -> None:
+        """Record a cancel request: a hard one overrides a soft one, never the reverse."""
+        if mode is CancelMode.HARD or self.cancel_mode is None:
+            self.cancel_mode = mode
+        self.cancel_signal.set()
 
     @property
     def soft_cancel_requested(self) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral import tracing
 from corral.errors import AgentUnavailable, StepLimitExceeded, ToolError
 from corral.kernel.agents import AgentRuntime
 from corral.kernel.runs import RunHandle
@@ -184,15 +185,7 @@ class StepLoop:
         steers = self.take_steers()
         if not steers:
             return
-        rows = [message_row(self.session_id, self.run_id, "user", s.content, input_id=s.input_id) for s in steers]
-        events = [
-            self._event(EventType.RUN_STEERED, {"input_id": s.input_id, "content": s.content}) for s in steers
-        ]
-        # The steer's message and its input's `consumed` commit together: a restart neither
-        # delivers it twice nor forgets it.
-        unit: list[ops.Op] = [ops.Insert(t.messages, rows),
-                              ops.MoveInputs([s.input_id for s in steers], InputStatus.CONSUMED.value)]
-        self.store.submit(unit, events).add_done_callback(_raise_later)
+        record_steers(self.store, self.handle, steers)
         context.extend(ChatMessage("user", s.content) for s in steers)
 
     async def _call_model(self, context: list[ChatMessage]) -> tuple[str, list[ToolCall]]:
@@ -201,7 +194,7 @@ class StepLoop:
         parts: list[str] = []
         calls: list[ToolCall] = []
         asked = time.perf_counter()
-        async with self._model_slot():
+        async with self._model_slot(), tracing.model_call(provider.name, self.agent.spec.model, benign=(_SoftStop,)):
             began = time.perf_counter()
             priority = "background" if self.handle.background else "interactive"
             self.metrics.provider_slot_wait.labels(priority).observe(began - asked)
@@ -275,6 +268,7 @@ class StepLoop:
             return Approval.DENY if self.agent.spec.policy.approval_for(tool) is Approval.DENY else Approval.ASK
         return self.agent.spec.policy.approval_for(tool)
 
+    @tracing.tool_call
     async def _run_one(self, call: ToolCall) -> str:
         tool = self.agent.tools.get(call.name)  # MCP tools come and go with their servers' listings
         self.store.writer.emit([self._event(EventType.TOOL_STARTED, {"call_id": call.id, "tool": call.name,
@@ -294,8 +288,10 @@ class StepLoop:
                 text = await tool.call(call.arguments, context)
             self.metrics.tool_call.labels(call.name).observe(time.perf_counter() - began)
         except ToolError as exc:
+            tracing.record_error(exc)
             text, is_error = f"error: {exc}", True
         except Exception as exc:  # a tool bug must not take the run down: the model sees it
+            tracing.record_error(exc)
             log.exception("tool %s failed", call.name)
             text, is_error = f"error: {call.name} failed: {type(exc).__name__}: {exc}", True
         self._record_result(call, text, is_error=is_error)
@@ -309,6 +305,21 @@ class StepLoop:
 
     def _event(self, type_: EventType, data: dict[str, Any]) -> NewEvent:
         return NewEvent(self.session_id, type_, self.run_id, data)
+
+
+def record_steers(store: Store, handle: RunHandle, steers: list[SteerInput]) -> None:
+    """Record steering messages as part of the run.
+
+    The steer's message and its input's `consumed` commit together: a restart neither
+    delivers it twice nor forgets it.
+    """
+    sid, run_id = handle.session_id, handle.run_id
+    rows = [message_row(sid, run_id, "user", s.content, input_id=s.input_id) for s in steers]
+    events = [NewEvent(sid, EventType.RUN_STEERED, run_id, {"input_id": s.input_id, "content": s.content})
+              for s in steers]
+    unit: list[ops.Op] = [ops.Insert(t.messages, rows),
+                          ops.MoveInputs([s.input_id for s in steers], InputStatus.CONSUMED.value)]
+    store.submit(unit, events).add_done_callback(_raise_later)
 
 
 def _raise_later(future: asyncio.Future[Any]) -> None:

@@ -87,6 +87,13 @@ class Reflector:
         if session is None:
             return
         conversation = [ChatMessage(r.role, r.content) for r in rows if r.role in ("user", "assistant") and r.content]
+        agent = await self.kernel.agents.wait_ready(session.agent)
+        if agent.spec.driver == "acp":  # an external program: Corral has no model of its own to ask
+            first = next((m.content for m in conversation if m.role == "user"), None)
+            if session.title is None and first:
+                title = first.strip().splitlines()[0][:MAX_TITLE]
+                await self.kernel.store.write(lambda conn: repo.update_session(conn, ended.session_id, title=title))
+            return
         if session.title is None:
             title = (await self._ask(session.agent, conversation, TITLE_PROMPT)).strip().strip('"')[:MAX_TITLE]
             await self.kernel.store.write(lambda conn: repo.update_session(conn, ended.session_id, title=title))

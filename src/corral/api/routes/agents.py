@@ -15,7 +15,8 @@ router = APIRouter(prefix="/v1/agents", tags=["agents"])
 def agent_out(agent: AgentRuntime) -> AgentOut:
     spec = agent.spec
     return AgentOut(
-        name=spec.name, provider=spec.provider, model=spec.model, state=agent.state, error=agent.error,
+        name=spec.name, driver=spec.driver, provider=spec.provider, model=spec.model, state=agent.state,
+        error=agent.error,
         generation=agent.generation, tools=spec.tools, system_prompt=spec.system_prompt,
         created_at=agent.created_at,
         mcp_servers=[McpServerOut(name=s.name, state=s.state, error=s.error, tools=list(s.tools))
@@ -44,3 +45,11 @@ async def delete_agent(name: str, kernel: KernelDep, principal: PrincipalDep) ->
     require_admin(principal)
     await kernel.agents.delete(name)
     return Response(status_code=204)
+
+
+@router.post("/{name}/restart")
+async def restart_agent(name: str, kernel: KernelDep, principal: PrincipalDep) -> AgentOut:
+    """A fresh start of the same agent (a new generation), for one that failed or hangs; its runs
+    in flight fail. Like deleting, it disturbs everyone's runs, so only an admin may."""
+    require_admin(principal)
+    return agent_out(await kernel.agents.restart(name))
