@@ -12,12 +12,14 @@ from corral.principals import LOCAL, Principal
 from corral.store import repo
 
 
-def get_kernel(request: Request) -> Kernel:
+# The dependencies are ``async`` although they never await: FastAPI runs a plain ``def``
+# dependency in a worker thread, two thread hand-offs per request for a dictionary lookup.
+async def get_kernel(request: Request) -> Kernel:
     kernel: Kernel = request.app.state.kernel
     return kernel
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     # Set by the Authenticate middleware; an app built without it serves the local admin.
     principal: Principal | None = getattr(request.state, "principal", None)
     return principal or LOCAL
