@@ -1,4 +1,9 @@
-"""Start and stop a real `corral serve` on loopback with a fresh SQLite file."""
+"""Start and stop a real `corral serve` on loopback with a fresh SQLite file.
+
+`corral_server` yields only the base URL (what the chat and web benches need); `fresh_server`
+and `serve` yield a `Server`, which the suite needs to read the process's memory and CPU, send
+it SIGTERM or SIGKILL, and start a second server on the same data directory (recovery).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import aiohttp
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -24,34 +32,98 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@asynccontextmanager
-async def corral_server(env: dict[str, str] | None = None) -> AsyncIterator[str]:
-    """Yields the base URL of a fresh server; its data directory is thrown away after."""
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as data_dir:
-        port = free_port()
-        command = [sys.executable, "-m", "corral", "serve", "--port", str(port), "--data-dir", data_dir]
-        log, process = _spawn(command, {**os.environ, "CORRAL_LOG_LEVEL": "warning", **(env or {})}, data_dir)
-        base = f"http://127.0.0.1:{port}"
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process (VmRSS, in KiB) as the kernel accounts it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used; the difference over a window is its load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15)
+
+
+@dataclass
+class Server:
+    base: str
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_kb(self) -> int:
+        return rss_kb(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def terminate(self, timeout: float = 30.0) -> float:
+        """SIGTERM, then wait for the exit; returns the seconds it took (sync: callers time it)."""
+        began = time.perf_counter()
+        self.process.send_signal(signal.SIGTERM)
         try:
-            await _wait_healthy(base, process)
-            yield base
-        finally:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        return time.perf_counter() - began
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the recovery scenario survives."""
+        self.process.kill()
+        self.process.wait()
+
+
+@asynccontextmanager
+async def serve(data_dir: Path, env: dict[str, str] | None = None) -> AsyncIterator[Server]:
+    """A server on an existing (possibly used) data directory, stopped with SIGTERM after."""
+    port = free_port()
+    command = [sys.executable, "-m", "corral", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    log, process = _spawn(command, {**os.environ, "CORRAL_LOG_LEVEL": "warning", **(env or {})}, data_dir)
+    server = Server(f"http://127.0.0.1:{port}", process, data_dir)
+    try:
+        await _wait_healthy(server.base, process)
+        yield server
+    finally:
+        if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=15)
+                await asyncio.to_thread(process.wait, 30)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            log.close()
+        log.close()
 
 
-def _spawn(command: list[str], env: dict[str, str], data_dir: str) -> tuple[IO[bytes], subprocess.Popen[bytes]]:
+@asynccontextmanager
+async def fresh_server(env: dict[str, str] | None = None) -> AsyncIterator[Server]:
+    """A server on a new, empty data directory that is thrown away after."""
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as data_dir:
+        async with serve(Path(data_dir), env) as server:
+            yield server
+
+
+@asynccontextmanager
+async def corral_server(env: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """Yields the base URL of a fresh server; its data directory is thrown away after."""
+    async with fresh_server(env) as server:
+        yield server.base
+
+
+def _spawn(command: list[str], env: dict[str, str], data_dir: Path) -> tuple[IO[bytes], subprocess.Popen[bytes]]:
     """Start the server with its output in a log file (sync: it only forks)."""
-    log = open(Path(data_dir) / "server.log", "wb")  # noqa: SIM115 - the caller closes it
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the caller closes it
     return log, subprocess.Popen(command, env=env, stdout=log, stderr=log)
 
 
-async def _wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 30.0) -> None:
+async def _wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 60.0) -> None:
     deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
