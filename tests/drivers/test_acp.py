@@ -34,6 +34,7 @@ from tests.helpers import (
     wait_event,
     wait_run,
 )
+from tests.test_process import corral_serve
 
 AGENT_PROGRAM = str(Path(__file__).with_name("acp_agent.py"))
 
@@ -334,3 +335,58 @@ async def until_ready(http: httpx.AsyncClient) -> None:
     while (agent := (await http.get("/v1/agents/coder")).json())["state"] == "starting":  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     assert agent["state"] == "ready", agent
+
+
+async def test_a_graceful_restart_requeues_a_run_waiting_on_the_program(tmp_path: Path) -> None:
+    """Shutdown stops the prompt (its question is answered `cancelled`) and re-queues the message,
+    which the next start asks again."""
+    config = KernelConfig(interrupt_grace_s=0.5, shutdown_grace_s=2.0, workspace_root=tmp_path / "ws")
+    harness = KernelHarness(sqlite_url(tmp_path), config, agents=())
+    try:
+        async with asyncio.timeout(30):
+            kernel = await harness.start()
+            session = await ready_session(kernel, acp_spec())
+            accepted = await kernel.submit(session, "ask write_file")
+            await wait_event(kernel, session, "run.waiting", run_id=accepted.run_id)
+            await harness.stop()
+            assert not [pid for pid in pids_of(kernel, "coder") if alive(pid)]
+            kernel = await harness.start()
+            assert (await get_run(kernel, accepted.run_id))["status"] == "interrupted"
+            requeued = await wait_event(kernel, session, "input.requeued")
+            retry = requeued.data["run_id"]
+            await wait_event(kernel, session, "approval.requested", run_id=retry)
+            await kernel.decide(retry, "call-1", Decision.APPROVE)
+            assert (await wait_run(kernel, retry))["output"] == "allowed"
+    finally:
+        await harness.stop()
+
+
+async def test_after_kill_9_a_run_waiting_on_the_program_fails_when_decided(tmp_path: Path) -> None:
+    """The program that asked died with the server (EOF on its stdin), so the decision cannot
+    reach it: the run fails with a clear message instead of hanging, and the agent comes back."""
+    workspace = tmp_path / "workspaces" / "coder"
+    async with asyncio.timeout(60):
+        async with corral_serve(tmp_path) as server, client(server.base) as http:
+            body = {"name": "coder", "driver": "acp", "acp": {"command": [sys.executable, AGENT_PROGRAM]}}
+            assert (await http.post("/v1/agents", json=body)).status_code == 201
+            await until_ready(http)
+            session = await http_session(http, "coder")
+            run = await post(http, session, "ask write_file")
+            async with http.stream("GET", f"/v1/runs/{run['run_id']}/events") as response:
+                async for frame in sse_frames(response):
+                    if frame.event == "run.waiting":
+                        break
+            [first_pid] = (int(p.name) for p in (workspace / "pids").iterdir())
+            server.proc.kill()
+            await server.proc.wait()
+        await until(lambda: not alive(first_pid))  # the orphan saw EOF on its stdin and left
+        async with corral_serve(tmp_path) as server, client(server.base) as http:
+            assert (await http.get(f"/v1/runs/{run['run_id']}")).json()["status"] == "waiting"
+            await until_ready(http)
+            decided = await http.post(f"/v1/runs/{run['run_id']}/approvals/call-1", json={"decision": "approve"})
+            assert decided.status_code < 300, decided.text
+            frames = await read_run(http, run["run_id"])
+            assert frames[-1].event == "run.failed"
+            assert "did not survive a restart" in frames[-1].json["error"]["message"]
+            again = await post(http, session, "count")
+            assert (await read_run(http, again["run_id"]))[-1].json["output"] == "prompt 1"

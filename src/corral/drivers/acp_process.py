@@ -43,6 +43,8 @@ log = logging.getLogger("corral.acp")
 
 # A line of the agent's stderr longer than this is cut in the log.
 MAX_LOG_LINE = 4000
+# How long a program whose connection dropped gets to exit before its code is reported unknown.
+EXIT_WAIT_S = 2.0
 
 
 def describe(exc: BaseException) -> str:
@@ -110,7 +112,7 @@ class AcpProcess:
         self.killed = False
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._transport: asyncio.WriteTransport | None = None
+        self._transports: list[asyncio.BaseTransport] = []
 
     def __repr__(self) -> str:
         return f"<AcpProcess {self.name} {self.child!r} sessions={len(self.sessions)}>"
@@ -138,9 +140,10 @@ class AcpProcess:
         self._tasks.append(loop.create_task(self._watch_exit(), name=f"acp-exit:{self.name}"))
 
         reader = asyncio.StreamReader(limit=DEFAULT_STDIO_BUFFER_LIMIT_BYTES)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), process.stdout)
+        stdout, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), process.stdout)
+        self._transports.append(stdout)
         transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, process.stdin)
-        self._transport = transport
+        self._transports.append(transport)
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
         # The SDK takes a partial client: what it lacks, it answers "method not found".
         self.conn = connect_to_agent(cast(Client, _Client(self)), writer, reader)
@@ -156,8 +159,7 @@ class AcpProcess:
                 f"the ACP agent did not answer initialize and session/new within {self.spec.startup_timeout_s:g} s"
             ) from None
         except ConnectionError:
-            await self.child.wait_exited()
-            raise ExternalAgentError(f"the ACP agent exited during start (code {self._code()}); "
+            raise ExternalAgentError(f"the ACP agent exited during start (code {await self._exit_code()}); "
                                      "its stderr is in Corral's log (logger corral.acp)") from None
         except Exception as exc:  # an error answer (RequestError) or a malformed one
             raise ExternalAgentError(f"the ACP agent failed to start: {describe(exc)}") from None
@@ -173,7 +175,7 @@ class AcpProcess:
             try:
                 acp_session = (await self._connection().new_session(cwd=str(self.workspace), mcp_servers=[])).session_id
             except Exception as exc:
-                raise self.failure(exc) from None
+                raise await self.failure(exc) from None
         # Two runs of one session never overlap (the lane), so nobody raced us for the entry.
         self.sessions[corral_session_id] = acp_session
         return acp_session
@@ -183,18 +185,26 @@ class AcpProcess:
             raise ExternalAgentError(f"the ACP agent {self.name!r} is not running")
         return self.conn
 
-    def failure(self, exc: BaseException) -> ExternalAgentError:
+    async def failure(self, exc: BaseException) -> ExternalAgentError:
         """What a failed request means for the run that made it."""
         if isinstance(exc, ExternalAgentError):
             return exc
+        if self._closing:
+            return ExternalAgentError("the ACP agent was stopped (deleted, restarted or shut down) during the prompt")
         if isinstance(exc, ConnectionError) or (self.child is not None and self.child.exited):
-            how = "was killed" if self.killed else f"exited (code {self._code()})"
+            how = "was killed" if self.killed else f"exited (code {await self._exit_code()})"
             return ExternalAgentError(f"the ACP agent process {how} during the prompt")
         return ExternalAgentError(f"the ACP agent answered with an error: {describe(exc)}")
 
-    def _code(self) -> str:
-        code = self.child.process.poll() if self.child is not None else None
-        return "unknown" if code is None else str(code)
+    async def _exit_code(self) -> str:
+        """The code of a program whose pipes just closed: it exits about now, so wait a little.
+        (Never ``Popen.poll()``: reaping the leader early would free its group id for reuse.)"""
+        if self.child is None:
+            return "unknown"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXIT_WAIT_S):
+                await self.child.wait_exited()
+        return str(self.child.reap()) if self.child.exited else "unknown: still running"
 
     async def prompt(self, acp_session: str, text: str) -> Any:
         return await self._connection().prompt(session_id=acp_session, prompt=[text_block(text)])
@@ -205,24 +215,33 @@ class AcpProcess:
             await self._connection().cancel(session_id=acp_session)
 
     def kill(self) -> None:
-        """A hard cancel: the whole process group goes now; ``on_exit`` follows."""
-        if self.child is not None and not self.child.exited:
-            self.killed = True
-            self.child.signal_group(signal.SIGKILL)
+        """A hard cancel: the whole process group goes now. ``on_exit`` is told at once, so no
+        new prompt is sent to a program that is as good as gone."""
+        if self.killed or self.child is None or self.child.exited:
+            return
+        self.killed = True
+        self.child.signal_group(signal.SIGKILL)
+        if not self._closing:
+            self._on_exit(self)
 
     async def aclose(self) -> None:
         """Stop the program and everything it started, and wait until they are gone."""
         self._closing = True
         if self.conn is not None:
             await self.conn.close()  # fails what is still waiting for an answer
-        if self._transport is not None:
-            self._transport.close()  # EOF on its stdin: a well-behaved agent exits on that
+        for transport in self._transports:
+            transport.close()  # EOF on its stdin: a well-behaved agent exits on that
         if self.child is not None:
             await self.child.end(at_once=False)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
+        if self.child is not None:  # the pipes no transport took (a start cancelled early)
+            process = self.child.process
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
 
     async def _watch_exit(self) -> None:
         assert self.child is not None
@@ -230,7 +249,7 @@ class AcpProcess:
         self.child.reap()  # and whatever it left running in its group
         if self.conn is not None:
             await self.conn.close()
-        if not self._closing:
+        if not self._closing and not self.killed:  # a kill told on_exit already
             log.warning("ACP agent %s exited with code %s", self.name, self.child.code)
             self._on_exit(self)
 

@@ -93,7 +93,7 @@ class AcpTurn:
             try:
                 response = prompt.result()
             except Exception as exc:
-                raise process.failure(exc) from None
+                raise await process.failure(exc) from None
             self._count(response)
             return bool(response.stop_reason != "cancelled")
         except asyncio.CancelledError:  # a hard cancel: the program goes, with its other prompts
@@ -145,9 +145,10 @@ class AcpTurn:
     async def on_permission(
         self, tool_call: ToolCallUpdate, options: list[PermissionOption]
     ) -> RequestPermissionResponse:
-        call_id = tool_call.tool_call_id[:60]
+        call_id, again = tool_call.tool_call_id[:56], 1
         while call_id in self._asked:  # asked again about one call: each question is its own approval
-            call_id = f"{call_id[:56]}#{len(self._asked)}"
+            again += 1
+            call_id = f"{tool_call.tool_call_id[:56]}#{again}"
         self._asked.add(call_id)
         name = (tool_call.title or self._tools.get(tool_call.tool_call_id) or tool_call.kind or "tool")[:128]
         decision = await self.ask(self.handle.run_id, ToolCall(call_id, name, _arguments(tool_call.raw_input)))

@@ -128,10 +128,13 @@ class AgentManager:
         with the new one ``starting``, after the old one's processes are gone. Its runs in flight
         fail; queued runs wait for the new one."""
         old = self.get(name)
-        self._drop(old, reason="restarted")
-        new = self._reserve(old.spec, created_at=old.created_at)
+        new = self._replace(old, "restarted")
         await self._close(old)
         return new
+
+    def _replace(self, old: AgentRuntime, reason: str) -> AgentRuntime:
+        self._drop(old, reason=reason)
+        return self._reserve(old.spec, created_at=old.created_at)
 
     async def wait_ready(self, name: str) -> AgentRuntime:
         """The agent once it is ready; ``AgentUnavailable`` if it failed or is gone."""
@@ -242,12 +245,14 @@ class AgentManager:
         return create_provider(spec)
 
     def _acp_exited(self, agent: AgentRuntime, process: AcpProcess) -> None:
-        """The program of a ready ACP agent is gone. Killed by a hard cancel: start it again.
-        Exited on its own: the agent fails with the reason, rather than restart in a loop."""
+        """The program of a ready ACP agent is gone. Killed (a hard cancel): start it again, at
+        once, so the next run waits for the new one. Exited on its own: the agent fails with the
+        reason, rather than restart in a loop."""
         if self._agents.get(agent.name) is not agent or agent.acp is not process:
             return  # a stale generation's program, or one being closed
         if process.killed:
-            self._spawn(self._restart_quietly(agent), f"agent-restart:{agent.name}:{agent.generation}")
+            self._replace(agent, "restarted after its program was killed")
+            self._spawn(self._close(agent), f"agent-close:{agent.name}:{agent.generation}")
             return
         agent.acp = None
         agent.state = AgentState.FAILED
@@ -255,9 +260,6 @@ class AgentManager:
                        f"restart it with POST /v1/agents/{agent.name}/restart")
         self._spawn(process.aclose(), f"agent-reap:{agent.name}:{agent.generation}")
 
-    async def _restart_quietly(self, agent: AgentRuntime) -> None:
-        if self._agents.get(agent.name) is agent:
-            await self.restart(agent.name)
 
     def _fail(self, agent: AgentRuntime, exc: BaseException) -> None:
         if self._agents.get(agent.name) is agent:
