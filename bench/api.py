@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -63,3 +64,16 @@ async def runs(http: aiohttp.ClientSession, base: str, *, session_id: str | None
 async def cancel(http: aiohttp.ClientSession, base: str, run_id: str, mode: str = "hard") -> None:
     async with http.post(f"{base}/v1/runs/{run_id}/cancel", json={"mode": mode}) as response:
         await response.read()
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, every: float = 0.1, within: float = 120.0,
+                what: str = "the condition") -> None:
+    """Poll ``check`` until it holds. State held by the server (or another process) has no
+    event to await here, so polling at a known interval is the honest way to wait for it."""
+    deadline = time.monotonic() + within
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not hold within {within:g} s")
+        await asyncio.sleep(every)

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.api import cancel, create_agent, create_session, send
+from bench.api import cancel, create_agent, create_session, send, until
 from bench.load import Sync, TurnLoad, client, crew, merge_turns, open_session, split, turn, turn_worker
 from bench.report import Row
 from bench.server import fresh_server
@@ -272,8 +272,10 @@ async def observer_worker(share: Observers, sync: Sync) -> Observed:
 
         async def watch() -> None:
             """Learn the last seq from the parent, then close the streams that already have it."""
-            while sync.value.value == 0:  # noqa: ASYNC110 - set by another process: nothing to await
-                await asyncio.sleep(0.05)
+            async def told() -> bool:
+                return bool(sync.value.value)
+
+            await until(told, every=0.05, within=share.within_s + 60, what="the last seq")
             final[0] = sync.value.value
             while True:
                 for index, response in enumerate(responses):

@@ -88,7 +88,12 @@ async def serve(data_dir: Path, env: dict[str, str] | None = None) -> AsyncItera
     log, process = _spawn(command, {**os.environ, "CORRAL_LOG_LEVEL": "warning", **(env or {})}, data_dir)
     server = Server(f"http://127.0.0.1:{port}", process, data_dir)
     try:
-        await _wait_healthy(server.base, process)
+        try:
+            await _wait_healthy(server.base, process)
+        except RuntimeError as exc:
+            log.flush()
+            tail = (data_dir / "server.log").read_text(errors="replace").splitlines()[-20:]
+            raise RuntimeError(f"{exc}; the end of its log:\n" + "\n".join(tail)) from None
         yield server
     finally:
         if process.poll() is None:
