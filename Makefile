@@ -28,8 +28,11 @@ test: dev browser
 	$(BIN)/mypy
 	$(BIN)/pytest
 
+# The benchmark suite (docs/benchmarks.md): `make bench`, or e.g. `make bench BENCH="--quick"`,
+# `make bench BENCH="throughput isolation"`, `make bench BENCH="--write-docs"`.
+BENCH ?=
 bench: dev
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .corral .pytest_cache .mypy_cache

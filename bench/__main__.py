@@ -1,95 +1,83 @@
-"""`python -m bench [NAME ...]`: run benchmarks, print a table, write JSON to bench/results/.
+"""`python -m bench [NAME ...] [--quick] [--write-docs]`: run benchmarks, print a table, write JSON.
 
-Names: `foundation` (the default), `chat` and `web`; `all` runs every one
-(`python -m bench.web --screenshot` writes docs/screenshot-chat.png).
+Names: throughput, first-event, isolation, fanout, idle, agent-start, stop, recovery, peer,
+chat, web; groups: `suite` (the default: the first nine), `all` (every one), `foundation`.
+Each scenario starts its own `corral serve` on loopback with a fresh SQLite file and drives it
+from separate processes. `--quick` runs every scenario small (about 3 minutes for the suite,
+against about 12); `--write-docs` regenerates docs/benchmarks.md's tables from this run;
+`--from-json FILE` regenerates them from a saved run instead of running anything.
+(`python -m bench.web --screenshot` writes docs/screenshot-chat.png.)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import chat, foundation, web
+from bench.report import console_table, write_doc
+from bench.suite import SCENARIOS, Options, doc_blocks, expand, machine, rows_of
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-    }
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="scenarios or groups (default: suite)")
+    parser.add_argument("--quick", action="store_true", help="every scenario small: a fast pass")
+    parser.add_argument("--write-docs", action="store_true", help="regenerate docs/benchmarks.md's tables")
+    parser.add_argument("--from-json", type=Path, help="render the docs from this saved run; run nothing")
+    parser.add_argument("--idle-sessions", type=int, help="sessions for the idle scale (100,000; quick 5,000)")
+    parser.add_argument("--generators", type=int, help="load-generator processes (default 2)")
+    return parser.parse_args(argv)
 
 
-def foundation_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [
-        ("agent start, POST /v1/agents (startup_ms=3000)", "p50 {p50_ms:.1f} ms, max {max_ms:.1f} ms",
-         results["agent_start"]),
-        ("first SSE event after POST (idle)", "p50 {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms", results["first_event"]),
-        ("throughput, 200 sessions x 5 turns, latency_ms=0", "{turns_per_s:.0f} turns/s ({seconds:.2f} s)",
-         results["throughput"]),
-    ]
-
-
-def chat_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [
-        ("corral chat: first token after Enter ({samples} x hello)".format(**results["chat_ttft"]),
-         "p50 {p50_ms:.1f} ms, p90 {p90_ms:.1f} ms, max {max_ms:.1f} ms (start-up {startup_ms:.0f} ms)",
-         results["chat_ttft"]),
-    ]
-
-
-def web_rows(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [
-        ("web: page load to a sidebar of {sessions} busy sessions".format(**results["page_load"]),
-         "{load_ms:.0f} ms", results["page_load"]),
-        ("web: JS heap used", "{heap_loaded_mb:.1f} MB after load, {heap_after_mb:.1f} MB after the window",
-         results["memory"]),
-        ("web: {seconds:.0f} s with 1 session streaming, 50 updating".format(**results["smoothness"]),
-         "frame p50 {frame_p50_ms:.1f} ms, p95 {frame_p95_ms:.1f} ms, max {frame_max_ms:.0f} ms; "
-         "{long_tasks} long tasks ({long_task_total_ms:.0f} ms); {feed_frames_per_s:.0f} feed frames/s, "
-         "{session_events_per_s:.0f} chat events/s", results["smoothness"]),
-    ]
-
-
-BENCHES: dict[str, tuple[Callable[[], Coroutine[Any, Any, dict[str, Any]]],
-                         Callable[[dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]]] = {
-    "foundation": (foundation.run, foundation_rows),
-    "chat": (chat.run, chat_rows),
-    "web": (web.run, web_rows),
-}
-
-
-def table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
-    width = max(len(name) for name, _, _ in rows)
-    lines = [f"{'scenario'.ljust(width)}  result", f"{'-' * width}  {'-' * 30}"]
-    lines += [f"{name.ljust(width)}  {fmt.format(**data)}" for name, fmt, data in rows]
-    return "\n".join(lines)
-
-
-def main() -> None:
-    names = sys.argv[1:] or ["foundation"]
-    if names == ["all"]:
-        names = list(BENCHES)
-    unknown = [name for name in names if name not in BENCHES]
-    if unknown:
-        sys.exit(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHES)} or all")
-    RESULTS.mkdir(exist_ok=True)
+async def _run(names: list[str], options: Options) -> dict[str, Any]:
+    run: dict[str, Any] = {"machine": machine(), "quick": options.quick, "results": {}, "seconds": {}}
     for name in names:
-        run, rows = BENCHES[name]
-        results = asyncio.run(run())
-        print(table(rows(results)))
-        path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        path.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
-        print(f"\nwrote {path}")
+        print(f"--- {name}", flush=True)
+        began = time.monotonic()
+        results = await SCENARIOS[name].run(options)
+        run["seconds"][name] = time.monotonic() - began
+        run["results"][name] = results
+        print(console_table(rows_of({name: results})), flush=True)
+    return run
+
+
+def _write_docs(run: dict[str, Any]) -> None:
+    blocks, skipped = doc_blocks(run)
+    if blocks:
+        write_doc(blocks)
+        print(f"docs/benchmarks.md: rewrote {', '.join(blocks)}")
+    if skipped:
+        print(f"docs/benchmarks.md: left {', '.join(skipped)} as they were (not every scenario of theirs ran)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(sys.argv[1:] if argv is None else argv)
+    if args.from_json:
+        _write_docs(json.loads(args.from_json.read_text()))
+        return
+    try:
+        names = expand(args.names)
+    except ValueError as exc:
+        sys.exit(str(exc))
+    options = Options(quick=args.quick, idle_sessions=args.idle_sessions, generators=args.generators)
+    began = time.monotonic()
+    run = asyncio.run(_run(names, options))
+    print(f"\n=== {len(names)} scenario(s) in {(time.monotonic() - began) / 60:.1f} min\n")
+    print(console_table(rows_of(run["results"])))
+    RESULTS.mkdir(exist_ok=True)
+    label = "-".join(args.names) if args.names else "suite"
+    path = RESULTS / f"{label}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(run, indent=2))
+    print(f"\nwrote {path}")
+    if args.write_docs:
+        _write_docs(run)
 
 
 if __name__ == "__main__":

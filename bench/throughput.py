@@ -102,7 +102,7 @@ async def run(plan: Plan) -> dict[str, Any]:
         ideal = min(sessions, limit) / (latency_ms / 1000) if latency_ms else None
         configs.append({
             "latency_ms": latency_ms, "sessions": sessions, "limit": limit, "turns_per_s": rate,
-            "runs_turns_per_s": [r["turns_per_s"] for r in runs],
+            "runs_turns_per_s": [r["turns_per_s"] for r in runs], "turns": sum(r["turns"] for r in runs),
             "ideal_turns_per_s": ideal, "of_ideal": rate / ideal if ideal else None,
             "of_noop": rate / ceiling["requests_per_s"],
             "server_cpu": median(r["server_cpu"] for r in runs),
