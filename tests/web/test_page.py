@@ -256,6 +256,10 @@ async def test_agents_view(settings: Settings, new_page: PageFactory, monkeypatc
         broken = page.locator('[data-testid="agent-row"][data-agent="broken"]')
         await expect(broken.get_by_test_id("agent-state")).to_have_attribute("data-state", "failed")
         await expect(broken.get_by_test_id("agent-error")).to_contain_text("CORRAL_TEST_MISSING_KEY")
+        monkeypatch.setenv("CORRAL_TEST_MISSING_KEY", "sk-now-configured")  # fixed: Restart brings it up
+        await broken.get_by_test_id("agent-restart").click()
+        await expect(broken.get_by_test_id("agent-state")).to_have_attribute("data-state", "ready")
+        await expect(broken.get_by_test_id("agent-restart")).to_have_count(0)
 
         await page.get_by_test_id("agent-name").fill("late")  # a name that exists: the error shows
         await page.get_by_test_id("agent-provider").select_option("demo")

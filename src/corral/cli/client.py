@@ -85,6 +85,7 @@ class McpServer(TypedDict):
 
 class Agent(TypedDict):
     name: str
+    driver: NotRequired[str]
     provider: str
     model: str | None
     state: str

@@ -197,6 +197,7 @@ def agents_table(agents: Sequence[Agent]) -> Table:
                   header_style="bold")
     for agent in agents:
         servers = ", ".join(f"{s.get('name')}: {s.get('state')}" for s in agent.get("mcp_servers") or [])
-        table.add_row(agent["name"], agent["provider"], agent.get("model") or "", _status(agent["state"]),
+        provider = "acp (external)" if agent.get("driver") == "acp" else agent["provider"]
+        table.add_row(agent["name"], provider, agent.get("model") or "", _status(agent["state"]),
                       ", ".join(agent.get("tools") or []), servers, agent.get("error") or "")
     return table

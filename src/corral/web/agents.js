@@ -85,12 +85,17 @@ export class AgentsView {
   }
 
   card(agent) {
-    const model = agent.model ? `${agent.provider} · ${agent.model}` : agent.provider;
+    const model = agent.driver === 'acp' ? 'external agent (ACP)'
+      : agent.model ? `${agent.provider} · ${agent.model}` : agent.provider;
     const stateLabel = {starting: 'starting…', ready: 'ready', failed: 'failed'}[agent.state] || agent.state;
     const actions = h('div', {class: 'card-actions'});
     if (agent.state === 'ready') {
       actions.append(h('button', {class: 'btn btn-sm', type: 'button', testid: 'agent-chat',
         onclick: () => this.onChat(agent.name)}, 'New chat'));
+    }
+    if (this.admin() && agent.state === 'failed') {
+      actions.append(h('button', {class: 'btn btn-sm', type: 'button', testid: 'agent-restart',
+        onclick: () => this.restart(agent.name)}, 'Restart'));
     }
     if (this.admin()) {
       const remove = h('button', {class: 'btn btn-sm btn-quiet', type: 'button', testid: 'agent-delete'}, 'Delete');
@@ -177,6 +182,15 @@ export class AgentsView {
       toast(error.message);
     } finally {
       button.disabled = false;
+    }
+  }
+
+  async restart(name) {
+    try {
+      await post(`/v1/agents/${encodeURIComponent(name)}/restart`, {});
+      await this.refresh();
+    } catch (error) {
+      toast(error.message);
     }
   }
 
