@@ -90,11 +90,19 @@ async def wait_event(kernel: Kernel, session_id: str, type_: str, *, after: int 
     raise AssertionError("observer ended")
 
 
+async def select_all(store: Store, query: Any) -> list[Any]:
+    """The rows of a Core query, read in one hand-off."""
+    return list(await store.read(lambda conn: conn.execute(query).all()))
+
+
+async def select_scalar(store: Store, query: Any) -> Any:
+    return await store.read(lambda conn: conn.execute(query).scalar())
+
+
 async def get_run(kernel: Kernel, run_id: str) -> dict[str, Any]:
     from corral.store import repo
 
-    async with kernel.store.read() as conn:
-        row = await repo.get_run(conn, run_id)
+    row = await kernel.store.read(repo.get_run, run_id)
     assert row is not None, f"no run {run_id}"
     return dict(row._mapping)
 

@@ -35,13 +35,11 @@ async def parked_calls(kernel: Kernel, session: str, run_id: str, count: int = 1
 
 
 async def run_events_so_far(kernel: Kernel, session: str, run_id: str) -> list[Event]:
-    async with kernel.store.read() as conn:
-        return await repo.events_after(conn, session, 0, run_id=run_id)
+    return await kernel.store.read(repo.events_after, session, 0, run_id=run_id)
 
 
 async def approvals(kernel: Kernel, run_id: str) -> list[tuple[str, str]]:
-    async with kernel.store.read() as conn:
-        return [(a.tool, a.status) for a in await repo.approvals_of_run(conn, run_id)]
+    return [(a.tool, a.status) for a in await kernel.store.read(repo.approvals_of_run, run_id)]
 
 
 async def test_ask_parks_the_run_until_approved(kernel: Kernel) -> None:

@@ -14,7 +14,7 @@ from corral.specs import AgentPolicy, AgentSpec
 from corral.store import Event, repo
 from corral.store import tables as t
 from corral.types import Approval, CancelMode, Decision, Disposition, Mode, RunStatus
-from tests.helpers import get_run, new_session, run_events, wait_event, wait_run
+from tests.helpers import get_run, new_session, run_events, select_all, wait_event, wait_run
 
 GATED = AgentSpec(name="gated", policy=AgentPolicy(approvals={"wait": Approval.ASK}))
 LONG_WAIT = '/tool wait {"ms": 30000}'
@@ -53,13 +53,11 @@ async def time_hard_cancel(kernel: Kernel, run_id: str) -> float:
 
 
 async def all_events(kernel: Kernel, session: str) -> list[Event]:
-    async with kernel.store.read() as conn:
-        return await repo.events_after(conn, session, 0)
+    return await kernel.store.read(repo.events_after, session, 0)
 
 
 async def inputs_of(kernel: Kernel, run_id: str) -> list[Any]:
-    async with kernel.store.read() as conn:
-        return list((await conn.execute(sa.select(t.inputs).where(t.inputs.c.run_id == run_id))).all())
+    return await select_all(kernel.store, sa.select(t.inputs).where(t.inputs.c.run_id == run_id))
 
 
 async def test_soft_cancel_while_streaming_keeps_the_partial_output(kernel: Kernel) -> None:
@@ -80,8 +78,7 @@ async def test_soft_cancel_while_streaming_keeps_the_partial_output(kernel: Kern
         assert events[-1].data["output"] == run["output"]
         streamed = "".join(e.data["text"] for e in events if e.type == "message.delta")
         assert streamed == run["output"]
-        async with kernel.store.read() as conn:
-            stored = await repo.session_messages(conn, session, include_rolled_back=True)
+        stored = await kernel.store.read(repo.session_messages, session, include_rolled_back=True)
         assert [(m.role, m.content) for m in stored] == [("user", words), ("assistant", run["output"])]
         # The session is free again.
         follow = await kernel.submit(session, "next")

@@ -39,7 +39,16 @@ from corral.types import (
     Mode,
     RunStatus,
 )
-from tests.helpers import TERMINAL, KernelHarness, new_session, run_events, wait_event, wait_run
+from tests.helpers import (
+    TERMINAL,
+    KernelHarness,
+    new_session,
+    run_events,
+    select_all,
+    select_scalar,
+    wait_event,
+    wait_run,
+)
 
 TERMINAL_TYPES = {"run.completed", "run.failed", "run.cancelled", "run.interrupted"}
 
@@ -48,8 +57,7 @@ TERMINAL_TYPES = {"run.completed", "run.failed", "run.cancelled", "run.interrupt
 
 
 async def _rows(kernel: Kernel, query: sa.Select[Any]) -> list[dict[str, Any]]:
-    async with kernel.store.read() as conn:
-        return [dict(row._mapping) for row in (await conn.execute(query)).all()]
+    return [dict(row._mapping) for row in await select_all(kernel.store, query)]
 
 
 async def session_runs(kernel: Kernel, session_id: str) -> list[dict[str, Any]]:
@@ -75,8 +83,7 @@ def stream_of(kernel: Kernel, session_id: str, *, after: int = 0, run_id: str | 
 
 async def session_log(kernel: Kernel, session_id: str) -> list[Event]:
     """Every committed event of the session, read straight from the store."""
-    async with kernel.store.read() as conn:
-        return await repo.events_after(conn, session_id, 0, limit=1_000_000)
+    return await kernel.store.read(repo.events_after, session_id, 0, limit=1_000_000)
 
 
 async def settle(kernel: Kernel, session_id: str) -> list[dict[str, Any]]:
@@ -178,14 +185,11 @@ async def test_invariant_01_one_active_run_per_session(kernel: Kernel) -> None:
         intruder = {"id": "run_intruder", "session_id": held, "status": "running", "position": 99.0,
                     "policy": "continue", "collect": False, "created_at": now, "started_at": now}
         with pytest.raises(IntegrityError):
-            async with kernel.store.raw_write_connection() as conn:
-                await repo.insert_run(conn, intruder)
+            await kernel.store.raw_write(lambda conn: repo.insert_run(conn, intruder))
         with pytest.raises(IntegrityError):
-            async with kernel.store.raw_write_connection() as conn:
-                await repo.update_run(conn, queued.run_id, status="running")
-        async with kernel.store.read() as conn:
-            assert await repo.count_active_runs(conn, held) == 1
-            assert await repo.get_run(conn, "run_intruder") is None
+            await kernel.store.raw_write(lambda conn: repo.update_run(conn, queued.run_id, status="running"))
+        assert await kernel.store.read(repo.count_active_runs, held) == 1
+        assert await kernel.store.read(repo.get_run, "run_intruder") is None
 
         call_id = (await wait_event(kernel, held, "approval.requested", run_id=parked.run_id)).data["call_id"]
         await kernel.decide(parked.run_id, call_id, Decision.APPROVE)
@@ -195,8 +199,7 @@ async def test_invariant_01_one_active_run_per_session(kernel: Kernel) -> None:
 
 
 async def get_status(kernel: Kernel, run_id: str) -> str:
-    async with kernel.store.read() as conn:
-        row = await repo.get_run(conn, run_id)
+    row = await kernel.store.read(repo.get_run, run_id)
     assert row is not None
     return str(row.status)
 
@@ -318,10 +321,12 @@ async def write_crash_state(url: str, session_id: str) -> None:
         ]),
     ]
     try:
-        async with store.raw_write_connection() as conn:
+        def write(conn: sa.Connection) -> None:
             for table, table_rows in rows:
                 for row in table_rows:  # one by one: the rows set different columns
-                    await conn.execute(table.insert().values(**row))
+                    conn.execute(table.insert().values(**row))
+
+        await store.raw_write(write)
     finally:
         await store.aclose()
 
@@ -330,8 +335,7 @@ async def offline_rows(url: str, query: sa.Select[Any]) -> list[dict[str, Any]]:
     """Read the store while no kernel runs (between a stop and a start)."""
     store = Store(url)
     try:
-        async with store.read() as conn:
-            return [dict(row._mapping) for row in (await conn.execute(query)).all()]
+        return [dict(row._mapping) for row in await select_all(store, query)]
     finally:
         await store.aclose()
 
@@ -414,8 +418,7 @@ async def test_invariant_04_unobserved_run_completes_and_replays_from_seq_1(kern
 
 
 async def get_run_row(kernel: Kernel, run_id: str) -> dict[str, Any]:
-    async with kernel.store.read() as conn:
-        row = await repo.get_run(conn, run_id)
+    row = await kernel.store.read(repo.get_run, run_id)
     assert row is not None
     return dict(row._mapping)
 
@@ -690,8 +693,7 @@ async def test_invariant_11_terminal_state_message_and_event_commit_together(
         trigger = ("CREATE TRIGGER refuse_final BEFORE INSERT ON messages "
                    "WHEN NEW.role = 'assistant' AND NEW.content LIKE '%doomed%' "
                    "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
-        async with kernel.store.raw_write_connection() as conn:
-            await conn.execute(sa.text(trigger))
+        await kernel.store.raw_write(lambda conn: conn.execute(sa.text(trigger)))
         doomed = await kernel.submit(session, "doomed reply")
         await wait_finished(kernel, [doomed.run_id])
         run = await get_run_row(kernel, doomed.run_id)
@@ -702,8 +704,7 @@ async def test_invariant_11_terminal_state_message_and_event_commit_together(
 
         # Nothing half-written is left for a restart to trip over: the run is interrupted
         # and its input runs again.
-        async with kernel.store.raw_write_connection() as conn:
-            await conn.execute(sa.text("DROP TRIGGER refuse_final"))
+        await kernel.store.raw_write(lambda conn: conn.execute(sa.text("DROP TRIGGER refuse_final")))
         await harness.stop()
         kernel = await harness.start()
         runs = {r["id"]: r for r in await settle(kernel, session)}
@@ -772,8 +773,7 @@ async def test_invariant_12_no_run_left_running_after_restart(harness: KernelHar
         assert runs["run_crash_b"]["status"] == runs["run_crash_c"]["status"] == "completed"
         reported = [e for e in await session_log(kernel, crashed) if e.run_id == "run_crash_a"]
         assert reported[-1].type == "run.interrupted"
-        async with kernel.store.read() as conn:
-            assert not (await conn.execute(sa.select(t.runs.c.id).where(t.runs.c.status == "running"))).all()
+        assert not await select_all(kernel.store, sa.select(t.runs.c.id).where(t.runs.c.status == "running"))
 
 
 # --- invariant 13 -----------------------------------------------------------------------
@@ -906,9 +906,8 @@ async def test_invariant_15_concurrent_creations_yield_exactly_one(kernel: Kerne
         )
         assert len({row["id"] for row, _ in results}) == 1
         assert sum(created for _, created in results) == 1
-        async with kernel.store.read() as conn:
-            count = (await conn.execute(sa.select(sa.func.count()).select_from(t.sessions)
-                                        .where(t.sessions.c.key == "one-key"))).scalar()
+        count = await select_scalar(kernel.store, sa.select(sa.func.count()).select_from(t.sessions)
+                                    .where(t.sessions.c.key == "one-key"))
         assert count == 1
 
         # Agents: 50 creations of one name, plus 10 from a second manager over the store.
@@ -924,9 +923,8 @@ async def test_invariant_15_concurrent_creations_yield_exactly_one(kernel: Kerne
         losers = [o for o in outcomes if not isinstance(o, AgentRuntime)]
         assert len(winners) == 1
         assert len(losers) == 59 and all(isinstance(o, Conflict) for o in losers)
-        async with kernel.store.read() as conn:
-            count = (await conn.execute(sa.select(sa.func.count()).select_from(t.agents)
-                                        .where(t.agents.c.name == "twin"))).scalar()
+        count = await select_scalar(kernel.store, sa.select(sa.func.count()).select_from(t.agents)
+                                    .where(t.agents.c.name == "twin"))
         assert count == 1
         await other_manager.aclose()
 

@@ -84,8 +84,7 @@ async def test_invariant_09_a_hung_session_does_not_slow_the_others(kernel: Kern
         # The held runs were held all along, and a hard cancel ends each at once.
         for session_id, accepted, last in ((tool_session, in_tool, "tool.started"),
                                            (model_session, in_model, "run.started")):
-            async with kernel.store.read() as conn:
-                log = await repo.events_after(conn, session_id, 0)
+            log = await kernel.store.read(repo.events_after, session_id, 0)
             assert log[-1].type == last, [e.type for e in log]
             handle = kernel.run_handle(accepted.run_id)
             assert handle is not None and handle.task is not None and not handle.task.done()

@@ -21,7 +21,16 @@ from corral.specs import AgentPolicy, AgentSpec
 from corral.store import Event, repo
 from corral.store import tables as t
 from corral.types import Approval, Decision, Disposition, Mode
-from tests.helpers import KernelHarness, get_run, new_session, run_events, sqlite_url, wait_event, wait_run
+from tests.helpers import (
+    KernelHarness,
+    get_run,
+    new_session,
+    run_events,
+    select_all,
+    sqlite_url,
+    wait_event,
+    wait_run,
+)
 
 GATED = AgentSpec(name="gated", policy=AgentPolicy(approvals={"wait": Approval.ASK}))
 PARK = '/tool wait {"ms": 1}'
@@ -44,19 +53,15 @@ async def park(kernel: Kernel, session: str) -> tuple[str, str]:
 
 
 async def all_events(kernel: Kernel, session: str) -> list[Event]:
-    async with kernel.store.read() as conn:
-        return await repo.events_after(conn, session, 0)
+    return await kernel.store.read(repo.events_after, session, 0)
 
 
 async def rows(kernel: Kernel, table: sa.Table, session: str) -> list[Any]:
-    async with kernel.store.read() as conn:
-        result = await conn.execute(sa.select(table).where(table.c.session_id == session))
-        return list(result.all())
+    return await select_all(kernel.store, sa.select(table).where(table.c.session_id == session))
 
 
 async def messages(kernel: Kernel, session: str) -> list[Any]:
-    async with kernel.store.read() as conn:
-        return list(await repo.session_messages(conn, session, include_rolled_back=True))
+    return list(await kernel.store.read(repo.session_messages, session, include_rolled_back=True))
 
 
 def seq_of(events: list[Event], type_: str, run_id: str) -> int:
@@ -305,8 +310,7 @@ async def test_rollback_marks_the_cancelled_runs_messages(kernel: Kernel) -> Non
         assert not any(m.rolled_back for m in kept)
         assert [m.content for m in kept] == ["first message", "echo: first message",
                                              "corrected message", "echo: corrected message"]
-        async with kernel.store.read() as conn:
-            context = await repo.session_messages(conn, session, include_rolled_back=False)
+        context = await kernel.store.read(repo.session_messages, session, include_rolled_back=False)
         assert [m.run_id for m in context] == [first.run_id] * 2 + [rollback.run_id] * 2
 
 
@@ -392,6 +396,7 @@ async def test_idempotency_key_returns_the_same_input_and_stores_once(harness: K
         await kernel.decide(blocker, call, Decision.APPROVE)
         run = await wait_run(kernel, first.run_id)
         assert run["output"] == "echo: once"
-        messages_once = [m for m in await messages(kernel, session) if m.content == "once"]
+        # The key-1 input's message, stored once (the key-2 input, also "once", may be running by now).
+        messages_once = [m for m in await messages(kernel, session) if m.input_id == first.input_id]
         assert len(messages_once) == 1
         assert run["error"] is None

@@ -12,7 +12,7 @@ from corral.kernel import Kernel, KernelConfig
 from corral.store import Event, repo
 from corral.store import tables as t
 from corral.types import Decision, Disposition, ExecPolicy, Mode
-from tests.helpers import KernelHarness, new_session, run_events, wait_event, wait_run
+from tests.helpers import KernelHarness, new_session, run_events, select_scalar, wait_event, wait_run
 
 LIMIT = 30.0
 
@@ -34,8 +34,7 @@ async def pg_kernel(pg_harness: KernelHarness) -> Kernel:
 
 
 async def session_events(kernel: Kernel, session_id: str) -> list[Event]:
-    async with kernel.store.read() as conn:
-        return await repo.events_after(conn, session_id, 0, limit=100_000)
+    return await kernel.store.read(repo.events_after, session_id, 0, limit=100_000)
 
 
 def seq_of(events: list[Event], type_: str, run_id: str) -> int:
@@ -66,13 +65,11 @@ async def test_many_sessions_and_turns_complete_with_gap_free_events(pg_kernel: 
             replay = await run_events(kernel, mine[-1].run_id)
             assert [e.type for e in replay] == ["run.queued", "run.started", "message.delta",
                                                 "message.completed", "run.completed"]
-            async with kernel.store.read() as conn:
-                messages = await repo.session_messages(conn, sid, include_rolled_back=True)
+            messages = await kernel.store.read(repo.session_messages, sid, include_rolled_back=True)
             assert [m.content for m in messages] == [
                 text for j in range(4) for text in (f"session {i} turn {j}", f"echo: session {i} turn {j}")]
-        async with kernel.store.read() as conn:
-            active = (await conn.execute(sa.select(sa.func.count()).select_from(t.runs).where(
-                t.runs.c.status.in_(["running", "waiting", "queued"])))).scalar_one()
+        active = await select_scalar(kernel.store, sa.select(sa.func.count()).select_from(t.runs).where(
+            t.runs.c.status.in_(["running", "waiting", "queued"])))
         assert active == 0
 
 
@@ -113,9 +110,8 @@ async def test_rollback_mode_marks_messages_and_the_next_run_goes_first(pg_kerne
         assert (await wait_run(kernel, waiting_turn.run_id))["output"] == "echo: queued behind"
         events = await session_events(kernel, sid)
         assert seq_of(events, "run.started", fixed.run_id) < seq_of(events, "run.started", waiting_turn.run_id)
-        async with kernel.store.read() as conn:
-            everything = await repo.session_messages(conn, sid, include_rolled_back=True)
-            context = await repo.session_messages(conn, sid, include_rolled_back=False)
+        everything = await kernel.store.read(repo.session_messages, sid, include_rolled_back=True)
+        context = await kernel.store.read(repo.session_messages, sid, include_rolled_back=False)
         assert {m.rolled_back for m in everything if m.run_id == first.run_id} == {True}
         assert all(m.run_id != first.run_id for m in context)
 
@@ -127,9 +123,8 @@ async def test_a_paused_run_waits_for_approval_and_resumes(pg_kernel: Kernel) ->
         accepted = await kernel.submit(sid, '/tool echo {"text": "ok"}', policy=ExecPolicy.PAUSE)
         requested = await wait_event(kernel, sid, "run.waiting", run_id=accepted.run_id)
         (call_id,) = requested.data["pending"]
-        async with kernel.store.read() as conn:
-            (approval,) = await repo.approvals_of_run(conn, accepted.run_id)
-            row = await repo.get_run(conn, accepted.run_id)
+        (approval,) = await kernel.store.read(repo.approvals_of_run, accepted.run_id)
+        row = await kernel.store.read(repo.get_run, accepted.run_id)
         assert row is not None and row.status == "waiting"
         assert approval.arguments == {"text": "ok"} and approval.status == "pending"
         await kernel.decide(accepted.run_id, call_id, Decision.APPROVE)

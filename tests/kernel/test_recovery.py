@@ -21,7 +21,7 @@ from corral.providers.base import ToolCall
 from corral.store import Event, Store, repo
 from corral.store import tables as t
 from corral.types import Decision, EventType, ExecPolicy, InputStatus, Mode, RunStatus, new_id
-from tests.helpers import KernelHarness, get_run, run_events, wait_event, wait_run
+from tests.helpers import KernelHarness, get_run, run_events, select_all, wait_event, wait_run
 
 LIMIT = 30.0
 CONFIG = KernelConfig(interrupt_grace_s=0.5, shutdown_grace_s=1.0)
@@ -115,15 +115,16 @@ async def seed(url: str, *sessions: SessionSeed) -> None:
     store = Store(url)
     try:
         await store.migrate()
-        async with store.raw_write_connection() as conn:
+        def write(conn: sa.Connection) -> None:
             for s in sessions:
-                await repo.insert_session(conn, {"id": s.id, "agent": s.agent, "owner": "local", "key": None,
-                                                 "metadata": {},
-                                                 "created_at": datetime.now(UTC)})
+                repo.insert_session(conn, {"id": s.id, "agent": s.agent, "owner": "local", "key": None,
+                                           "metadata": {}, "created_at": datetime.now(UTC)})
             for table in (t.runs, t.inputs, t.messages, t.approvals, t.events):
                 rows = [row for s in sessions for row in s.rows[table.name]]
                 if rows:
-                    await conn.execute(table.insert(), rows)
+                    conn.execute(table.insert(), rows)
+
+        await store.raw_write(write)
     finally:
         await store.aclose()
 
@@ -132,25 +133,21 @@ async def seed(url: str, *sessions: SessionSeed) -> None:
 
 
 async def session_events(kernel: Kernel, session_id: str) -> list[Event]:
-    async with kernel.store.read() as conn:
-        return await repo.events_after(conn, session_id, 0, limit=100_000)
+    return await kernel.store.read(repo.events_after, session_id, 0, limit=100_000)
 
 
 async def input_rows(kernel: Kernel, input_ids: list[str]) -> dict[str, Any]:
-    async with kernel.store.read() as conn:
-        rows = (await conn.execute(sa.select(t.inputs).where(t.inputs.c.id.in_(input_ids)))).all()
+    rows = await select_all(kernel.store, sa.select(t.inputs).where(t.inputs.c.id.in_(input_ids)))
     return {row.id: row for row in rows}
 
 
 async def messages_of(kernel: Kernel, run_id: str) -> list[Any]:
-    async with kernel.store.read() as conn:
-        query = sa.select(t.messages).where(t.messages.c.run_id == run_id).order_by(t.messages.c.id)
-        return list((await conn.execute(query)).all())
+    query = sa.select(t.messages).where(t.messages.c.run_id == run_id).order_by(t.messages.c.id)
+    return await select_all(kernel.store, query)
 
 
 async def runs_of(kernel: Kernel, session_id: str) -> list[Any]:
-    async with kernel.store.read() as conn:
-        return list(await repo.list_runs(conn, session_ids=[session_id], statuses=None, limit=100, offset=0))
+    return list(await kernel.store.read(repo.list_runs, session_ids=[session_id], statuses=None, limit=100, offset=0))
 
 
 def first(events: list[Event], type_: str, run_id: str) -> Event:

@@ -15,7 +15,7 @@ from corral.providers.base import ChatMessage
 from corral.specs import AgentSpec
 from corral.store import repo
 from corral.store import tables as t
-from tests.helpers import new_session, run_events, wait_run
+from tests.helpers import new_session, run_events, select_scalar, wait_run
 
 LIMIT = 30
 WORDS = " ".join(f"word{i}" for i in range(60))  # about 120 estimated tokens per message
@@ -75,10 +75,9 @@ async def test_a_long_session_is_compacted_and_still_answers(kernel: Kernel) -> 
         assert "turn 0" not in " ".join(remembered)  # summarised away from the context...
         assert any("turn 7" in text for text in remembered)  # ...while recent turns stay verbatim
 
-        async with kernel.store.read() as conn:
-            everything = await repo.session_messages(conn, session, include_rolled_back=True)
-            latest = await repo.latest_compaction(conn, session)
-            count = (await conn.execute(sa.select(sa.func.count()).select_from(t.compactions))).scalar()
+        everything = await kernel.store.read(repo.session_messages, session, include_rolled_back=True)
+        latest = await kernel.store.read(repo.latest_compaction, session)
+        count = await select_scalar(kernel.store, sa.select(sa.func.count()).select_from(t.compactions))
         assert sum(1 for m in everything if m.role == "user") == 9  # the store keeps every message
         assert latest is not None and count == len(compactions)
         assert "user said: turn 0" in latest.summary  # the oldest turn lives on in the rolled-forward summary

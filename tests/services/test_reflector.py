@@ -58,8 +58,7 @@ async def test_title_after_the_first_turn_and_a_summary_every_n_turns(tmp_path: 
         for turn, text in enumerate(("plan a trip to Lisbon in spring please", "what about the weather there")):
             await wait_run(kernel, (await kernel.submit(session, text)).run_id)
             await reflector.wait_reflected(turn + 1)
-            async with kernel.store.read() as conn:
-                row = await repo.get_session(conn, session)
+            row = await kernel.store.read(repo.get_session, session)
             assert row is not None and row.title == "plan a trip to Lisbon in"  # set once, after the first turn
             assert row.summary == (None if turn == 0 else "2 user messages; the latest: what about the weather there")
 
@@ -87,6 +86,5 @@ async def test_a_failing_reflection_is_counted_and_harmless(tmp_path: Path) -> N
             assert run["status"] == "completed"
         await reflector.wait_reflected(2)
         assert reflector.failed == 2 and reflector.done == 0
-        async with kernel.store.read() as conn:
-            row = await repo.get_session(conn, session)
+        row = await kernel.store.read(repo.get_session, session)
         assert row is not None and row.title is None

@@ -35,8 +35,7 @@ async def scheduled(url: str, clock: Callable[[], datetime] | None = None,
 
 
 async def fires(kernel: Kernel, job_id: str) -> list[tuple[datetime, str, str | None]]:
-    async with kernel.store.read() as conn:
-        return [(r.fire_at, r.status, r.run_id) for r in await repo.job_fires(conn, job_id)]
+    return [(r.fire_at, r.status, r.run_id) for r in await kernel.store.read(repo.job_fires, job_id)]
 
 
 def test_next_fire_for_each_kind_of_schedule() -> None:
@@ -139,8 +138,7 @@ async def test_a_crash_between_enqueue_and_record_neither_loses_nor_doubles_the_
             await scheduler.wait_handled(1)
             recorded = await fires(kernel, job.id)
             assert recorded == [(due, "fired", enqueued.run_id)]  # the same run: the enqueue was a no-op
-            async with kernel.store.read() as conn:
-                runs = await repo.list_runs(conn, session_ids=[session], statuses=None, limit=10, offset=0)
+            runs = await kernel.store.read(repo.list_runs, session_ids=[session], statuses=None, limit=10, offset=0)
             assert len(runs) == 1
             assert scheduler.get(job.id).next_fire_at is None  # a one-shot job is done
 

@@ -18,7 +18,7 @@ from corral.specs import AgentSpec
 from corral.store import Store, repo
 from corral.store import tables as t
 from corral.types import CancelMode
-from tests.helpers import get_run, new_session, run_events, sqlite_url, wait_event, wait_run
+from tests.helpers import get_run, new_session, run_events, select_all, sqlite_url, wait_event, wait_run
 
 LIMIT = 30
 BOSS = AgentSpec(name="boss", tools=["spawn_subagent", "wait_subagents", "wait"])
@@ -40,9 +40,8 @@ def spawn_lines(*tasks: str, agent: str = "assistant") -> str:
 
 async def announces(kernel: Kernel, session: str) -> list[str]:
     """The reports accepted into the parent session (inputs: durable at once, before any run takes them)."""
-    async with kernel.store.read() as conn:
-        rows = (await conn.execute(sa.select(t.inputs.c.content).where(
-            t.inputs.c.session_id == session, t.inputs.c.origin == "subagent").order_by(t.inputs.c.seq))).all()
+    rows = await select_all(kernel.store, sa.select(t.inputs.c.content).where(
+        t.inputs.c.session_id == session, t.inputs.c.origin == "subagent").order_by(t.inputs.c.seq))
     return [row.content for row in rows]
 
 
@@ -58,16 +57,14 @@ async def test_three_children_run_concurrently_and_each_reports_once(tmp_path: P
             await service._settled.wait_for(lambda: service.announced == 3)
         child_runs = []
         for child in children:
-            async with kernel.store.read() as conn:
-                child_runs.append(await repo.latest_run(conn, child))
+            child_runs.append(await kernel.store.read(repo.latest_run, child))
         starts = [r.started_at for r in child_runs]
         ends = [r.ended_at for r in child_runs]
         # Together they took about as long as one of them, not the sum of the three.
         assert (max(ends) - min(starts)).total_seconds() < 2.0
         reports = await announces(kernel, boss)
         assert sorted(reports) == sorted(f"[subagent {c} completed] echo: /sleep 1" for c in children)
-        async with kernel.store.read() as conn:
-            links = await repo.children_of_session(conn, boss)
+        links = await kernel.store.read(repo.children_of_session, boss)
         assert {link.child_session_id for link in links} == set(children)
         assert all(link.status == "completed" and link.announced_at is not None for link in links)
 
@@ -94,9 +91,8 @@ async def test_cancelling_the_parent_cancels_its_children(tmp_path: Path) -> Non
         assert (await wait_run(kernel, accepted.run_id))["status"] == "cancelled"
         async with service._settled:
             await service._settled.wait_for(lambda: service.announced == 1)
-        async with kernel.store.read() as conn:
-            link = await repo.subagent_link(conn, child)
-            last = await repo.latest_run(conn, child)
+        link = await kernel.store.read(repo.subagent_link, child)
+        last = await kernel.store.read(repo.latest_run, child)
         assert link is not None and link.status == "cancelled" and last is not None and last.status == "cancelled"
         assert await announces(kernel, boss) == []  # no new parent run in the name of a cancelled one
 
@@ -132,8 +128,7 @@ async def test_reports_survive_a_restart_exactly_once(tmp_path: Path) -> None:
             (child,) = [e.data["child_session_id"] for e in events if e.type == "subagent.spawned"]
             service._on_run_end = lambda ended: None  # type: ignore[method-assign]  # the announce never happens
             kernel._run_end_listeners.clear()
-            async with kernel.store.read() as conn:
-                latest = await repo.latest_run(conn, child)
+            latest = await kernel.store.read(repo.latest_run, child)
             assert latest is not None
             await wait_run(kernel, latest.id)
             assert await announces(kernel, boss) == []

@@ -19,7 +19,6 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError, StatementError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.errors import InvalidInput, ShuttingDown
 from corral.store import Event, NewEvent, Store, ops, repo
@@ -60,23 +59,21 @@ def ev(session_id: str, n: int = 0, run_id: str | None = None) -> NewEvent:
 def insert_agent(name: str, calls: list[str] | None = None) -> Any:
     """A unit that inserts one agent row (the primary key is the name)."""
 
-    async def unit(conn: AsyncConnection) -> str:
+    def unit(conn: sa.Connection) -> str:
         if calls is not None:
             calls.append(name)
-        await repo.insert_agent(conn, name, {}, datetime.now(UTC))
+        repo.insert_agent(conn, name, {}, datetime.now(UTC))
         return name
 
     return unit
 
 
 async def stored_events(store: Store, session_id: str) -> list[Event]:
-    async with store.read() as conn:
-        return await repo.events_after(conn, session_id, 0, limit=1_000_000)
+    return await store.read(repo.events_after, session_id, 0, limit=1_000_000)
 
 
 async def agent_names(store: Store) -> list[str]:
-    async with store.read() as conn:
-        return sorted(row.name for row in await repo.all_agents(conn))
+    return sorted(row.name for row in await store.read(repo.all_agents, ))
 
 
 def session_row(session_id: str) -> dict[str, Any]:
@@ -98,15 +95,18 @@ def _schema_diff(conn: sa.Connection) -> list[Any]:
     return list(compare_metadata(context, t.metadata))
 
 
+def _version(conn: sa.Connection) -> list[str]:
+    return list(conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all())
+
+
 async def test_migrations_produce_exactly_the_metadata(db_url: str) -> None:
     async with asyncio.timeout(LIMIT):
         store = Store(db_url)
         try:
             await store.migrate()
-            async with store.read() as conn:
-                assert await conn.run_sync(_schema_diff) == []
-                version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalars().all()
-                names = set(await conn.run_sync(lambda c: sa.inspect(c).get_table_names()))
+            assert await store.read(_schema_diff) == []
+            version = await store.read(_version)
+            names = set(await store.read(lambda c: sa.inspect(c).get_table_names()))
             assert version == ["0006"]
             assert names == set(t.metadata.tables) | {"alembic_version"}
         finally:
@@ -118,26 +118,28 @@ async def test_upgrade_from_0001_gives_old_sessions_to_local_and_scopes_keys(db_
     async with asyncio.timeout(LIMIT):
         store = Store(db_url)
         try:
-            async with store.raw_write_connection() as conn:
-                await conn.run_sync(lambda c: command.upgrade(_alembic_config(c), "0001"))
-                await conn.execute(sa.text(
+            def old_database(conn: sa.Connection) -> None:
+                command.upgrade(_alembic_config(conn), "0001")
+                conn.execute(sa.text(
                     "INSERT INTO sessions (id, agent, key, metadata, created_at) "
                     "VALUES ('ses_old', 'assistant', 'main', '{}', :now)"), {"now": datetime.now(UTC)})
-                await conn.execute(t.runs.insert(), [run_row("run_old", "ses_old", "completed")])
+                conn.execute(t.runs.insert(), [run_row("run_old", "ses_old", "completed")])
+
+            await store.raw_write(old_database)
             await store.migrate()
-            async with store.read() as conn:
-                assert await conn.run_sync(_schema_diff) == []
-                old = await repo.get_session(conn, "ses_old")
-                assert old is not None and old.owner == "local" and old.key == "main"
-                assert (await repo.get_run(conn, "run_old")) is not None
-            async with store.raw_write_connection() as conn:  # the same key, another owner: allowed
-                await conn.execute(t.sessions.insert(), [{**session_row("ses_new"), "owner": "alice", "key": "main"}])
-            with pytest.raises(IntegrityError):
-                async with store.raw_write_connection() as conn:  # the same key, the same owner: refused
-                    await conn.execute(t.sessions.insert(), [{**session_row("ses_dup"), "key": "main"}])
-            with pytest.raises(IntegrityError):
-                async with store.raw_write_connection() as conn:  # foreign keys still enforced after the rebuild
-                    await conn.execute(t.runs.insert(), [run_row("run_orphan", "ses_missing", "queued")])
+            assert await store.read(_schema_diff) == []
+            old = await store.read(repo.get_session, "ses_old")
+            assert old is not None and old.owner == "local" and old.key == "main"
+            assert await store.read(repo.get_run, "run_old") is not None
+            # The same key, another owner: allowed.
+            await store.raw_write(lambda conn: conn.execute(
+                t.sessions.insert(), [{**session_row("ses_new"), "owner": "alice", "key": "main"}]))
+            with pytest.raises(IntegrityError):  # the same key, the same owner: refused
+                await store.raw_write(lambda conn: conn.execute(
+                    t.sessions.insert(), [{**session_row("ses_dup"), "key": "main"}]))
+            with pytest.raises(IntegrityError):  # foreign keys still enforced after the rebuild
+                await store.raw_write(lambda conn: conn.execute(
+                    t.runs.insert(), [run_row("run_orphan", "ses_missing", "queued")]))
         finally:
             await store.aclose()
 
@@ -148,8 +150,7 @@ async def test_the_active_run_index_is_partial_and_unique(db_url: str) -> None:
         store = Store(db_url)
         try:
             await store.migrate()
-            async with store.read() as conn:
-                indexes = await conn.run_sync(lambda c: sa.inspect(c).get_indexes("runs"))
+            indexes = await store.read(lambda c: sa.inspect(c).get_indexes("runs"))
             (index,) = [i for i in indexes if i["name"] == "uq_runs_one_active_per_session"]
             assert index["unique"]
             assert index["column_names"] == ["session_id"]
@@ -169,10 +170,8 @@ async def test_migrate_is_idempotent_and_keeps_data(db_url: str) -> None:
         try:
             await store.migrate()
             await store.migrate()
-            async with store.read() as conn:
-                assert await conn.run_sync(_schema_diff) == []
-                version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalars().all()
-            assert version == ["0006"]
+            assert await store.read(_schema_diff) == []
+            assert await store.read(_version) == ["0006"]
             assert await agent_names(store) == ["kept"]
             assert [e.seq for e in await stored_events(store, "ses_a")] == [1, 2]
         finally:
@@ -211,6 +210,72 @@ async def test_units_submitted_together_are_group_committed(db_url: str) -> None
         assert 1 <= used < n // 10, f"{n} units took {used} commits"
         assert len(await agent_names(store)) == n
         assert [e.seq for e in await stored_events(store, "ses_group")] == list(range(1, n + 1))
+
+
+async def test_a_batch_is_one_hand_off_and_a_read_is_one_hand_off(db_url: str) -> None:
+    """However many units and statements, a group commit costs one trip to the writer's lane,
+    and a read function of several statements one trip to a reader."""
+    async with asyncio.timeout(LIMIT), running_store(db_url) as store:
+        await store.write([ops.Insert(t.sessions, [session_row("ses_hop")])])
+        before = store.statistics()
+        futures = [store.submit([ops.Insert(t.runs, [run_row(f"run_{i}", "ses_hop", "completed", float(i))])],
+                                [ev("ses_hop", i)]) for i in range(100)]
+        await asyncio.gather(*futures)
+        after = store.statistics()
+        assert after["units"] - before["units"] == 100
+        assert after["write_hand_offs"] - before["write_hand_offs"] == after["batches"] - before["batches"]
+        assert after["batches"] - before["batches"] < 10
+        compaction, rows = await store.read(repo.conversation, "ses_hop")  # two statements
+        assert compaction is None and rows == []
+        assert store.statistics()["read_hand_offs"] - after["read_hand_offs"] == 1
+
+
+async def test_units_run_on_one_thread_outside_the_event_loop_on_sqlite(tmp_path: Any) -> None:
+    """SQLite's single writer is a thread of its own: a slow fsync never stalls the event loop."""
+    async with asyncio.timeout(LIMIT), running_store(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}") as store:
+        threads: list[str] = []
+
+        def unit(conn: sa.Connection) -> None:
+            threads.append(threading.current_thread().name)
+
+        for _ in range(3):  # three batches
+            await asyncio.gather(*(store.submit(unit) for _ in range(5)))
+        assert len(threads) == 15 and len(set(threads)) == 1
+        assert threads[0] != threading.current_thread().name and threads[0].startswith("corral-writer")
+
+
+async def test_a_cancelled_writer_reports_the_real_outcome_of_its_last_batch(tmp_path: Any) -> None:
+    """A batch already handed to the writer's thread commits even if the writer task is cancelled;
+    its units are told it committed (a 202 means committed, never "failed" for a commit that happened)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    store = Store(url)
+    entered, gate = threading.Event(), threading.Event()
+    try:
+        async with asyncio.timeout(LIMIT):
+            await store.migrate()
+            started = asyncio.Event()
+            task = asyncio.create_task(store.run_writer(started))
+            await started.wait()
+
+            def held(conn: sa.Connection) -> str:
+                entered.set()
+                assert gate.wait(LIMIT), "the test never opened the gate"
+                repo.insert_agent(conn, "held", {}, datetime.now(UTC))
+                return "held"
+
+            future = store.submit(held, [ev("ses_cancel")])
+            assert await asyncio.to_thread(entered.wait, LIMIT)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not future.done()  # still committing on the writer's thread
+            gate.set()
+            assert await future == "held"
+            assert await agent_names(store) == ["held"]
+            assert [e.seq for e in await stored_events(store, "ses_cancel")] == [1]
+    finally:
+        gate.set()
+        await store.aclose()
 
 
 async def test_close_drains_queued_units_then_refuses_new_ones(db_url: str) -> None:
@@ -300,12 +365,12 @@ async def test_a_unit_and_its_events_are_atomic(db_url: str) -> None:
     async with asyncio.timeout(LIMIT), running_store(db_url) as store:
         await store.write(insert_agent("taken"))
 
-        async def half_then_duplicate(conn: AsyncConnection) -> None:
-            await repo.insert_agent(conn, "half", {}, datetime.now(UTC))
-            await repo.insert_agent(conn, "taken", {}, datetime.now(UTC))
+        def half_then_duplicate(conn: sa.Connection) -> None:
+            repo.insert_agent(conn, "half", {}, datetime.now(UTC))
+            repo.insert_agent(conn, "taken", {}, datetime.now(UTC))
 
-        async def half_then_bug(conn: AsyncConnection) -> None:
-            await repo.insert_agent(conn, "half2", {}, datetime.now(UTC))
+        def half_then_bug(conn: sa.Connection) -> None:
+            repo.insert_agent(conn, "half2", {}, datetime.now(UTC))
             raise ValueError("a bug in the unit")
 
         with pytest.raises(IntegrityError):
@@ -336,9 +401,8 @@ def _count_from_another_connection(url: str, session_id: str) -> int:
     async def count() -> int:
         other = Store(url)
         try:
-            async with other.read() as conn:
-                query = sa.select(sa.func.count()).select_from(t.events).where(t.events.c.session_id == session_id)
-                return int((await conn.execute(query)).scalar_one())
+            query = sa.select(sa.func.count()).select_from(t.events).where(t.events.c.session_id == session_id)
+            return int(await other.read(lambda conn: conn.execute(query).scalar_one()))
         finally:
             await other.aclose()
 
@@ -383,32 +447,34 @@ async def test_on_commit_hooks_see_events_only_after_commit(db_url: str) -> None
 
 async def test_one_running_or_waiting_run_per_session_is_a_database_fact(db_url: str) -> None:
     async with asyncio.timeout(LIMIT), running_store(db_url) as store:
-        async with store.raw_write_connection() as conn:
+        def setup(conn: sa.Connection) -> None:
             for sid in ("ses_1", "ses_2"):
-                await repo.insert_session(conn, session_row(sid))
-            await repo.insert_run(conn, run_row("run_active", "ses_1", "running"))
+                repo.insert_session(conn, session_row(sid))
+            repo.insert_run(conn, run_row("run_active", "ses_1", "running"))
             # Any number of queued and ended runs beside it.
             for i, status in enumerate(["queued", "queued", "completed", "completed", "failed", "cancelled",
                                         "interrupted", "interrupted"]):
-                await repo.insert_run(conn, run_row(f"run_other_{i}", "ses_1", status, position=2.0 + i))
+                repo.insert_run(conn, run_row(f"run_other_{i}", "ses_1", status, position=2.0 + i))
             # Another session has its own active run.
-            await repo.insert_run(conn, run_row("run_s2", "ses_2", "waiting"))
+            repo.insert_run(conn, run_row("run_s2", "ses_2", "waiting"))
+
+        def hand_over(conn: sa.Connection) -> None:
+            repo.update_run(conn, "run_active", status="completed")
+            repo.update_run(conn, "run_other_0", status="waiting")
+
+        await store.raw_write(setup)
         for second in ("running", "waiting"):
             with pytest.raises(IntegrityError):
-                async with store.raw_write_connection() as conn:
-                    await repo.insert_run(conn, run_row(f"run_second_{second}", "ses_1", second, position=20.0))
+                await store.raw_write(lambda conn: repo.insert_run(
+                    conn, run_row(f"run_second_{second}", "ses_1", second, position=20.0)))  # noqa: B023
             with pytest.raises(IntegrityError):  # promoting a queued run is refused the same way
-                async with store.raw_write_connection() as conn:
-                    await repo.update_run(conn, "run_other_0", status=second)
+                await store.raw_write(lambda conn: repo.update_run(conn, "run_other_0", status=second))  # noqa: B023
         # Once the active run ended, another may become active.
-        async with store.raw_write_connection() as conn:
-            await repo.update_run(conn, "run_active", status="completed")
-            await repo.update_run(conn, "run_other_0", status="waiting")
-        async with store.read() as conn:
-            assert await repo.count_active_runs(conn, "ses_1") == 1
-            assert await repo.count_active_runs(conn, "ses_2") == 1
-            statuses = sorted(r.status for r in await repo.list_runs(
-                conn, session_ids=["ses_1"], statuses=None, limit=100, offset=0))
+        await store.raw_write(hand_over)
+        assert await store.read(repo.count_active_runs, "ses_1") == 1
+        assert await store.read(repo.count_active_runs, "ses_2") == 1
+        statuses = sorted(r.status for r in await store.read(
+            repo.list_runs, session_ids=["ses_1"], statuses=None, limit=100, offset=0))
         assert statuses.count("waiting") == 1 and "running" not in statuses
         assert len(statuses) == 9
 
@@ -443,9 +509,8 @@ async def test_ending_one_run_and_starting_the_next_in_one_batch(db_url: str) ->
             return_exceptions=True,
         )
         assert isinstance(early, IntegrityError) and end is None
-        async with store.read() as conn:
-            statuses = {r.id: r.status for r in await repo.list_runs(
-                conn, session_ids=["ses_h"], statuses=None, limit=10, offset=0)}
+        statuses = {r.id: r.status for r in await store.read(
+            repo.list_runs, session_ids=["ses_h"], statuses=None, limit=10, offset=0)}
         assert statuses == {"run_a": "completed", "run_b": "completed", "run_c": "queued"}
         assert [(e.seq, e.data["n"]) for e in await stored_events(store, "ses_h")] == [(1, 1), (2, 2), (3, 4)]
 
@@ -461,18 +526,17 @@ async def test_timestamps_round_trip_as_utc_aware(db_url: str) -> None:
     assert earlier < later
     async with asyncio.timeout(LIMIT), running_store(db_url) as store:
 
-        async def unit(conn: AsyncConnection) -> None:
-            await repo.insert_session(conn, {**session_row("ses_t"), "created_at": earlier})
-            await repo.insert_run(conn, run_row("run_early", "ses_t", "completed", created_at=earlier))
-            await repo.insert_run(conn, run_row("run_late", "ses_t", "queued", 2.0, created_at=later))
-            await repo.update_run(conn, "run_early", started_at=earlier, ended_at=later)
+        def unit(conn: sa.Connection) -> None:
+            repo.insert_session(conn, {**session_row("ses_t"), "created_at": earlier})
+            repo.insert_run(conn, run_row("run_early", "ses_t", "completed", created_at=earlier))
+            repo.insert_run(conn, run_row("run_late", "ses_t", "queued", 2.0, created_at=later))
+            repo.update_run(conn, "run_early", started_at=earlier, ended_at=later)
 
         await store.write(unit, [NewEvent("ses_t", EventType.RUN_QUEUED, "run_early", {}, ts=earlier)])
-        async with store.read() as conn:
-            early = await repo.get_run(conn, "run_early")
-            session = await repo.get_session(conn, "ses_t")
-            newest_first = await repo.list_runs(conn, session_ids=["ses_t"], statuses=None, limit=10, offset=0)
-            (event,) = await repo.events_after(conn, "ses_t", 0)
+        early = await store.read(repo.get_run, "run_early")
+        session = await store.read(repo.get_session, "ses_t")
+        newest_first = await store.read(repo.list_runs, session_ids=["ses_t"], statuses=None, limit=10, offset=0)
+        (event,) = await store.read(repo.events_after, "ses_t", 0)
         assert early is not None and session is not None
         for value, original in [(early.created_at, earlier), (early.started_at, earlier),
                                 (early.ended_at, later), (session.created_at, earlier), (event.ts, earlier)]:
@@ -536,28 +600,30 @@ async def test_none_in_a_json_column_is_sql_null_on_both_backends(db_url: str) -
     """``WHERE error IS NULL`` must mean the same on SQLite and Postgres."""
     async with asyncio.timeout(LIMIT), running_store(db_url) as store:
 
-        async def unit(conn: AsyncConnection) -> None:
-            await repo.insert_session(conn, session_row("ses_j"))
-            await repo.insert_run(conn, run_row("run_set", "ses_j", "completed"))
-            await repo.update_run(conn, "run_set", error=None, usage=None, output=None)
-            await repo.insert_run(conn, run_row("run_unset", "ses_j", "queued", 2.0))
-            await repo.insert_run(conn, run_row("run_failed", "ses_j", "failed", 3.0))
-            await repo.update_run(conn, "run_failed", error={"code": "x"})
-            await repo.insert_messages(conn, [{"session_id": "ses_j", "run_id": "run_set", "input_id": None,
-                                               "role": "user", "content": "hi", "tool_calls": None,
-                                               "tool_call_id": None, "rolled_back": False,
-                                               "created_at": datetime.now(UTC)}])
+        def unit(conn: sa.Connection) -> None:
+            repo.insert_session(conn, session_row("ses_j"))
+            repo.insert_run(conn, run_row("run_set", "ses_j", "completed"))
+            repo.update_run(conn, "run_set", error=None, usage=None, output=None)
+            repo.insert_run(conn, run_row("run_unset", "ses_j", "queued", 2.0))
+            repo.insert_run(conn, run_row("run_failed", "ses_j", "failed", 3.0))
+            repo.update_run(conn, "run_failed", error={"code": "x"})
+            repo.insert_messages(conn, [{"session_id": "ses_j", "run_id": "run_set", "input_id": None,
+                                         "role": "user", "content": "hi", "tool_calls": None,
+                                         "tool_call_id": None, "rolled_back": False,
+                                         "created_at": datetime.now(UTC)}])
+
+        def check(conn: sa.Connection) -> tuple[Any, Any, Any, Any]:
+            no_error = conn.execute(
+                sa.select(t.runs.c.id).where(t.runs.c.error.is_(None)).order_by(t.runs.c.id)).scalars().all()
+            no_usage = conn.execute(
+                sa.select(sa.func.count()).select_from(t.runs).where(t.runs.c.usage.is_(None))).scalar_one()
+            no_calls = conn.execute(
+                sa.select(sa.func.count()).select_from(t.messages).where(t.messages.c.tool_calls.is_(None))
+            ).scalar_one()
+            return no_error, no_usage, no_calls, repo.get_run(conn, "run_failed")
 
         await store.write(unit)
-        async with store.read() as conn:
-            no_error = (await conn.execute(
-                sa.select(t.runs.c.id).where(t.runs.c.error.is_(None)).order_by(t.runs.c.id))).scalars().all()
-            no_usage = (await conn.execute(
-                sa.select(sa.func.count()).select_from(t.runs).where(t.runs.c.usage.is_(None)))).scalar_one()
-            no_calls = (await conn.execute(
-                sa.select(sa.func.count()).select_from(t.messages).where(t.messages.c.tool_calls.is_(None))
-            )).scalar_one()
-            failed = await repo.get_run(conn, "run_failed")
+        no_error, no_usage, no_calls, failed = await store.read(check)
         assert no_error == ["run_set", "run_unset"]
         assert no_usage == 3 and no_calls == 1
         assert failed is not None and failed.error == {"code": "x"}

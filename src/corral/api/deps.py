@@ -37,8 +37,7 @@ def require_admin(principal: Principal) -> None:
 async def owned_session(kernel: Kernel, principal: Principal, session_id: str) -> Any:
     """The session's row, or NotFound, also when it exists but belongs to someone else:
     a stranger learns nothing, not even that the id is taken."""
-    async with kernel.store.read() as conn:
-        row = await repo.get_session(conn, session_id)
+    row = await kernel.store.read(repo.get_session, session_id)
     if row is None or not principal.may_access(row.owner):
         raise NotFound(f"no session {session_id!r}")
     return row
@@ -55,9 +54,7 @@ async def check_session(kernel: Kernel, principal: Principal, session_id: str) -
 
 async def owned_run(kernel: Kernel, principal: Principal, run_id: str) -> Any:
     """The run's row, or NotFound when it does not exist or is in someone else's session."""
-    async with kernel.store.read() as conn:
-        row = await repo.get_run(conn, run_id)
-        owner = None if row is None else await repo.session_owner(conn, row.session_id)
+    row, owner = await kernel.store.read(repo.run_and_owner, run_id)
     if row is None or owner is None or not principal.may_access(owner):
         raise NotFound(f"no run {run_id!r}")
     return row

@@ -88,8 +88,7 @@ class AgentManager:
 
     async def load(self) -> None:
         """Start every agent recorded in the store (at service start)."""
-        async with self._store.read() as conn:
-            rows = await repo.all_agents(conn)
+        rows = await self._store.read(repo.all_agents)
         for row in rows:
             spec = AgentSpec.model_validate(row.config)
             if spec.name not in self._agents:

@@ -247,8 +247,7 @@ class Kernel:
         seen = runtime.idempotency.get(key)
         if seen is not None:
             return seen
-        async with self.store.read() as conn:
-            row = await repo.input_by_idempotency_key(conn, runtime.id, key)
+        row = await self.store.read(repo.input_by_idempotency_key, runtime.id, key)
         if row is not None:
             seen = Accepted(runtime.id, row.id, row.run_id, Disposition(row.disposition), duplicate=True)
             runtime.idempotency.setdefault(key, seen)
@@ -673,8 +672,7 @@ class Kernel:
             self._start(handle, resume=True)
 
     async def _status_of_ended(self, run_id: str) -> RunStatus:
-        async with self.store.read() as conn:
-            row = await repo.get_run(conn, run_id)
+        row = await self.store.read(repo.get_run, run_id)
         if row is None:
             raise NotFound(f"no run {run_id!r}")
         raise Conflict(f"run {run_id} already ended ({row.status})")

@@ -174,8 +174,7 @@ class EventHub:
         try:
             while True:
                 while True:
-                    async with store.read() as conn:
-                        page = await repo.events_after(conn, session_id, last, run_id=run_id, limit=PAGE)
+                    page = await store.read(repo.events_after, session_id, last, run_id=run_id, limit=PAGE)
                     for event in page:
                         last = event.seq
                         yield event

@@ -27,10 +27,7 @@ INTERRUPTED_ERROR = {"code": "interrupted", "message": "the server stopped while
 
 
 async def recover(kernel: Kernel) -> None:
-    async with kernel.store.read() as conn:
-        runs = list(await repo.unfinished_runs(conn))
-        inputs = await repo.inputs_of_runs(conn, [r.id for r in runs])
-        approvals = await repo.pending_approvals(conn)
+    runs, inputs, approvals = await kernel.store.read(repo.unfinished_work)
     inputs_by_run: dict[str, list[Any]] = defaultdict(list)
     for row in inputs:
         inputs_by_run[row.run_id].append(row)

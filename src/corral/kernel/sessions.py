@@ -104,15 +104,13 @@ class SessionTable:
     async def _get_or_insert(
         self, agent: str, key: str, metadata: dict[str, Any], owner: str, history: Sequence[tuple[str, str]]
     ) -> tuple[dict[str, Any], bool]:
-        async with self._store.read() as conn:
-            existing = await repo.get_session_by_key(conn, owner, key)
+        existing = await self._store.read(repo.get_session_by_key, owner, key)
         if existing is not None:
             return dict(existing._mapping), False
         try:
             return await self._insert(agent, key, metadata, owner, history), True
         except IntegrityError:
-            async with self._store.read() as conn:  # another process won the race
-                existing = await repo.get_session_by_key(conn, owner, key)
+            existing = await self._store.read(repo.get_session_by_key, owner, key)  # another process won the race
             if existing is None:
                 raise
             return dict(existing._mapping), False
@@ -148,11 +146,9 @@ class SessionTable:
         future: asyncio.Future[SessionRuntime] = asyncio.get_running_loop().create_future()
         self._loading[session_id] = future
         try:
-            async with self._store.read() as conn:
-                row = await repo.get_session(conn, session_id)
-                if row is None:
-                    raise NotFound(f"no session {session_id!r}")
-                last_seq, top = await repo.session_counters(conn, session_id)
+            row, (last_seq, top) = await self._store.read(repo.session_state, session_id)
+            if row is None:
+                raise NotFound(f"no session {session_id!r}")
             lane = Lane(max_pending=self._max_pending, top_position=top)
             loaded = SessionRuntime(session_id, row.agent, row.owner, lane, last_seq)
             runtime = self._live.setdefault(session_id, loaded)

@@ -105,10 +105,7 @@ class StepLoop:
             return Stopped(stop.partial)
 
     async def _run(self) -> Outcome:
-        async with self.store.read() as conn:
-            compaction = await repo.latest_compaction(conn, self.session_id)
-            after = compaction.through_message_id if compaction is not None else 0
-            rows = await repo.session_messages(conn, self.session_id, include_rolled_back=False, after_id=after)
+        compaction, rows = await self.store.read(repo.conversation, self.session_id)
         summary = compaction.summary if compaction is not None else None
         steps = steps_taken(rows, self.run_id)
         pending = unresolved_calls(rows, self.run_id)
@@ -116,8 +113,7 @@ class StepLoop:
             summary, rows = await self._compact_if_needed(summary, rows)
         context = self._fixed(summary) + build_context(rows, self.run_id)
         if pending:  # resuming after approvals (or a restart while waiting)
-            async with self.store.read() as conn:
-                approvals = await repo.approvals_of_run(conn, self.run_id)
+            approvals = await self.store.read(repo.approvals_of_run, self.run_id)
             decided = {a.call_id: ApprovalStatus(a.status) for a in approvals}
             parked = await self._run_calls(pending, context, decided)
             if parked:

@@ -80,10 +80,7 @@ class Reflector:
             await self._progress.wait_for(lambda: self.done + self.failed >= count)
 
     async def _title_and_summary(self, ended: RunEnd) -> None:
-        async with self.kernel.store.read() as conn:
-            session = await repo.get_session(conn, ended.session_id)
-            turns = await repo.completed_runs_count(conn, ended.session_id)
-            rows = await repo.session_messages(conn, ended.session_id, include_rolled_back=False)
+        session, turns, rows = await self.kernel.store.read(repo.reflection_inputs, ended.session_id)
         if session is None:
             return
         conversation = [ChatMessage(r.role, r.content) for r in rows if r.role in ("user", "assistant") and r.content]

@@ -87,8 +87,7 @@ class Scheduler:
 
     async def run(self) -> None:
         """Load the jobs, then fire each when due, until cancelled."""
-        async with self.kernel.store.read() as conn:
-            self._jobs = {row.id: Job.from_row(row) for row in await repo.all_jobs(conn)}
+        self._jobs = {row.id: Job.from_row(row) for row in await self.kernel.store.read(repo.all_jobs)}
         while not self.kernel.stopping.is_set():
             self._changed.clear()  # before looking: a change made while firing wakes the next wait
             now = self.clock()
@@ -161,8 +160,7 @@ class Scheduler:
                 ops.Call(lambda conn: repo.advance_job(conn, job.id, **values)),
             ])
         except IntegrityError:  # another node sharing the database recorded this fire first
-            async with self.kernel.store.read() as conn:
-                row = await repo.get_job(conn, job.id)
+            row = await self.kernel.store.read(repo.get_job, job.id)
             if row is None:
                 self._jobs.pop(job.id, None)
             else:

@@ -75,13 +75,11 @@ class Subagents:
 
     async def run(self) -> None:
         """Announce what ended while the service was down, then each child's end as it comes."""
-        async with self.kernel.store.read() as conn:
-            links = await repo.unannounced_subagents(conn)
+        links = await self.kernel.store.read(repo.unannounced_subagents)
         for link in links:
             self._open[link.child_session_id] = Link(link.parent_session_id, link.parent_run_id, link.depth)
         for link in links:
-            async with self.kernel.store.read() as conn:
-                last = await repo.latest_run(conn, link.child_session_id)
+            last = await self.kernel.store.read(repo.latest_run, link.child_session_id)
             if last is not None and RunStatus(last.status).is_terminal:
                 await self._announce(RunEnd(link.child_session_id, last.id, RunStatus(last.status), last.output,
                                             last.error, continued=False))
@@ -144,8 +142,7 @@ class Subagents:
             raise ToolError(f"subagents may nest {self.limits.max_depth} deep; this one would be {depth} deep")
         if len(self._open) >= self.limits.max_total:
             raise ToolError(f"{self.limits.max_total} subagents are already at work; wait for some to finish")
-        async with self.kernel.store.read() as conn:
-            siblings = len(await repo.children_of_session(conn, context.session_id))
+        siblings = len(await self.kernel.store.read(repo.children_of_session, context.session_id))
         if siblings >= self.limits.max_children_per_session:
             raise ToolError(f"this session already spawned {siblings} subagents (the limit)")
         name = agent or context.agent
@@ -177,8 +174,7 @@ class Subagents:
         if waiting_for:
             await self.kernel.wait_in_run(context.run_id, {"waiting_for": "subagents", "children": waiting_for},
                                           all_reported())
-        async with self.kernel.store.read() as conn:
-            children = await repo.children_of_run(conn, context.run_id)
+        children = await self.kernel.store.read(repo.children_of_run, context.run_id)
         if not children:
             return "no subagents were spawned by this run"
         return "\n".join(f"{c.child_session_id} ({c.status}): {c.result or ''}".rstrip() for c in children)
@@ -187,8 +183,7 @@ class Subagents:
         link = self._open.get(session_id)
         if link is not None:
             return link.depth
-        async with self.kernel.store.read() as conn:
-            row = await repo.subagent_link(conn, session_id)
+        row = await self.kernel.store.read(repo.subagent_link, session_id)
         return int(row.depth) if row is not None else 0
 
 

@@ -15,17 +15,18 @@ foreign keys and the one-active-run index:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from corral.store import tables as t
 
-WriteFn = Callable[[AsyncConnection], Awaitable[Any]]
+# Runs on the writer's thread (SQLite) or greenlet (Postgres), inside the batch's transaction.
+WriteFn = Callable[[Connection], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +145,7 @@ class _Plan:
             self.calls.append(op.fn)
 
 
-async def apply(conn: AsyncConnection, ops: Sequence[Op]) -> None:
+def apply(conn: Connection, ops: Sequence[Op]) -> None:
     """Apply a batch's operations with one statement per kind (see the module docstring)."""
     plan = _Plan()
     for op in ops:
@@ -152,17 +153,17 @@ async def apply(conn: AsyncConnection, ops: Sequence[Op]) -> None:
     for table in INSERT_ORDER:
         rows = plan.inserts.get(table.name)
         if rows:
-            await conn.execute(table.insert(), rows)
+            conn.execute(table.insert(), rows)
     if plan.runs:
         params = [
             {"k_id": run_id, **{f"v_{c}": values.get(c) for c in RUN_COLUMNS}} for run_id, values in plan.runs.items()
         ]
-        await conn.execute(UPDATE_RUNS, params)
+        conn.execute(UPDATE_RUNS, params)
     if plan.inputs:
-        await conn.execute(MOVE_INPUTS, [{"k_id": input_id, **v} for input_id, v in plan.inputs.items()])
+        conn.execute(MOVE_INPUTS, [{"k_id": input_id, **v} for input_id, v in plan.inputs.items()])
     if plan.roll_backs:
-        await conn.execute(ROLL_BACK, [{"k_run": run_id} for run_id in plan.roll_backs])
+        conn.execute(ROLL_BACK, [{"k_run": run_id} for run_id in plan.roll_backs])
     if plan.approvals:
-        await conn.execute(RESOLVE, plan.approvals)
+        conn.execute(RESOLVE, plan.approvals)
     for fn in plan.calls:
-        await fn(conn)
+        fn(conn)

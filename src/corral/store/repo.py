@@ -1,5 +1,9 @@
-"""Row-level reads and writes. Each takes a connection and never commits:
-the caller owns the transaction (the writer's batch, or a read block)."""
+"""Row-level reads and writes: synchronous functions of a connection that never commit.
+
+The caller owns the transaction: the writer's batch, or one ``Store.read`` (which runs
+a whole function like these in one hand-off, so a read that needs two queries is one
+function here, not two reads).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from corral.store import tables as t
 from corral.store.events import Event
@@ -20,49 +24,49 @@ NON_TERMINAL = [RunStatus.QUEUED.value, RunStatus.RUNNING.value, RunStatus.WAITI
 
 # --- agents -------------------------------------------------------------------------
 
-async def insert_agent(conn: AsyncConnection, name: str, config: dict[str, Any], now: datetime) -> None:
-    await conn.execute(t.agents.insert().values(name=name, config=config, created_at=now))
+def insert_agent(conn: Connection, name: str, config: dict[str, Any], now: datetime) -> None:
+    conn.execute(t.agents.insert().values(name=name, config=config, created_at=now))
 
 
-async def delete_agent(conn: AsyncConnection, name: str) -> None:
-    await conn.execute(t.agents.delete().where(t.agents.c.name == name))
+def delete_agent(conn: Connection, name: str) -> None:
+    conn.execute(t.agents.delete().where(t.agents.c.name == name))
 
 
-async def all_agents(conn: AsyncConnection) -> Sequence[Row]:
-    return (await conn.execute(sa.select(t.agents).order_by(t.agents.c.created_at))).all()
+def all_agents(conn: Connection) -> Sequence[Row]:
+    return conn.execute(sa.select(t.agents).order_by(t.agents.c.created_at)).all()
 
 
 # --- sessions -----------------------------------------------------------------------
 
-async def insert_session(conn: AsyncConnection, row: dict[str, Any]) -> None:
-    await conn.execute(t.sessions.insert().values(**row))
+def insert_session(conn: Connection, row: dict[str, Any]) -> None:
+    conn.execute(t.sessions.insert().values(**row))
 
 
-async def get_session(conn: AsyncConnection, session_id: str) -> Row | None:
-    return (await conn.execute(sa.select(t.sessions).where(t.sessions.c.id == session_id))).first()
+def get_session(conn: Connection, session_id: str) -> Row | None:
+    return conn.execute(sa.select(t.sessions).where(t.sessions.c.id == session_id)).first()
 
 
-async def update_session(conn: AsyncConnection, session_id: str, **values: Any) -> None:
-    await conn.execute(t.sessions.update().where(t.sessions.c.id == session_id).values(**values))
+def update_session(conn: Connection, session_id: str, **values: Any) -> None:
+    conn.execute(t.sessions.update().where(t.sessions.c.id == session_id).values(**values))
 
 
-async def completed_runs_count(conn: AsyncConnection, session_id: str) -> int:
+def completed_runs_count(conn: Connection, session_id: str) -> int:
     query = sa.select(sa.func.count()).select_from(t.runs).where(
         t.runs.c.session_id == session_id, t.runs.c.status == RunStatus.COMPLETED.value)
-    return int((await conn.execute(query)).scalar() or 0)
+    return int(conn.execute(query).scalar() or 0)
 
 
-async def session_owner(conn: AsyncConnection, session_id: str) -> str | None:
-    return (await conn.execute(sa.select(t.sessions.c.owner).where(t.sessions.c.id == session_id))).scalar()
+def session_owner(conn: Connection, session_id: str) -> str | None:
+    return conn.execute(sa.select(t.sessions.c.owner).where(t.sessions.c.id == session_id)).scalar()
 
 
-async def get_session_by_key(conn: AsyncConnection, owner: str, key: str) -> Row | None:
+def get_session_by_key(conn: Connection, owner: str, key: str) -> Row | None:
     query = sa.select(t.sessions).where(t.sessions.c.owner == owner, t.sessions.c.key == key)
-    return (await conn.execute(query)).first()
+    return conn.execute(query).first()
 
 
-async def list_sessions(
-    conn: AsyncConnection, *, owner: str | None, agent: str | None, limit: int, offset: int
+def list_sessions(
+    conn: Connection, *, owner: str | None, agent: str | None, limit: int, offset: int
 ) -> Sequence[Row]:
     """Newest first; ``owner=None`` lists every principal's sessions."""
     query = sa.select(t.sessions).order_by(t.sessions.c.created_at.desc(), t.sessions.c.id)
@@ -70,21 +74,21 @@ async def list_sessions(
         query = query.where(t.sessions.c.owner == owner)
     if agent is not None:
         query = query.where(t.sessions.c.agent == agent)
-    return (await conn.execute(query.limit(limit).offset(offset))).all()
+    return conn.execute(query.limit(limit).offset(offset)).all()
 
 
-async def session_counters(conn: AsyncConnection, session_id: str) -> tuple[int, float]:
+def session_counters(conn: Connection, session_id: str) -> tuple[int, float]:
     """The last input seq and the largest run position of a session (0 when new)."""
-    seq = (await conn.execute(
+    seq = conn.execute(
         sa.select(sa.func.max(t.inputs.c.seq)).where(t.inputs.c.session_id == session_id)
-    )).scalar()
-    pos = (await conn.execute(
+    ).scalar()
+    pos = conn.execute(
         sa.select(sa.func.max(t.runs.c.position)).where(t.runs.c.session_id == session_id)
-    )).scalar()
+    ).scalar()
     return int(seq or 0), float(pos or 0.0)
 
 
-async def last_event_seqs(conn: AsyncConnection, session_ids: Sequence[str]) -> dict[str, int]:
+def last_event_seqs(conn: Connection, session_ids: Sequence[str]) -> dict[str, int]:
     """Each session's newest event seq (absent: no event yet), for clients that follow "from now"."""
     if not session_ids:
         return {}
@@ -92,25 +96,49 @@ async def last_event_seqs(conn: AsyncConnection, session_ids: Sequence[str]) -> 
     newest = (sa.select(sa.func.max(t.events.c.seq)).where(t.events.c.session_id == t.sessions.c.id)
               .scalar_subquery())
     query = sa.select(t.sessions.c.id, newest).where(t.sessions.c.id.in_(session_ids))
-    return {sid: int(seq) for sid, seq in (await conn.execute(query)).all() if seq is not None}
+    return {sid: int(seq) for sid, seq in conn.execute(query).all() if seq is not None}
+
+
+def session_state(conn: Connection, session_id: str) -> tuple[Row | None, tuple[int, float]]:
+    """What loading a session's runtime needs: its row and its counters."""
+    return get_session(conn, session_id), session_counters(conn, session_id)
+
+
+def sessions_page(
+    conn: Connection, *, owner: str | None, agent: str | None, limit: int, offset: int
+) -> tuple[Sequence[Row], dict[str, int]]:
+    """A page of ``list_sessions`` and the newest event seq of each."""
+    rows = list_sessions(conn, owner=owner, agent=agent, limit=limit, offset=offset)
+    return rows, last_event_seqs(conn, [row.id for row in rows])
+
+
+def session_detail(conn: Connection, session_id: str) -> tuple[dict[str, int], Row | None, Sequence[Row]]:
+    """A session's newest event seq, its parent link (if a subagent's) and its children."""
+    return last_event_seqs(conn, [session_id]), subagent_link(conn, session_id), children_of_session(conn, session_id)
+
+
+def reflection_inputs(conn: Connection, session_id: str) -> tuple[Row | None, int, Sequence[Row]]:
+    """What the reflector needs after a run: the session, its completed turns, its live messages."""
+    return (get_session(conn, session_id), completed_runs_count(conn, session_id),
+            session_messages(conn, session_id, include_rolled_back=False))
 
 
 # --- inputs and runs ----------------------------------------------------------------
 
-async def insert_run(conn: AsyncConnection, row: dict[str, Any]) -> None:
-    await conn.execute(t.runs.insert().values(**row))
+def insert_run(conn: Connection, row: dict[str, Any]) -> None:
+    conn.execute(t.runs.insert().values(**row))
 
 
-async def update_run(conn: AsyncConnection, run_id: str, **values: Any) -> None:
-    await conn.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
+def update_run(conn: Connection, run_id: str, **values: Any) -> None:
+    conn.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
 
 
-async def get_run(conn: AsyncConnection, run_id: str) -> Row | None:
-    return (await conn.execute(sa.select(t.runs).where(t.runs.c.id == run_id))).first()
+def get_run(conn: Connection, run_id: str) -> Row | None:
+    return conn.execute(sa.select(t.runs).where(t.runs.c.id == run_id)).first()
 
 
-async def list_runs(
-    conn: AsyncConnection,
+def list_runs(
+    conn: Connection,
     *,
     session_ids: Sequence[str] | None,
     statuses: Sequence[str] | None,
@@ -127,129 +155,147 @@ async def list_runs(
         query = query.where(t.runs.c.session_id.in_(session_ids))
     if statuses:
         query = query.where(t.runs.c.status.in_(statuses))
-    return (await conn.execute(query.limit(limit).offset(offset))).all()
+    return conn.execute(query.limit(limit).offset(offset)).all()
 
 
-async def unfinished_runs(conn: AsyncConnection) -> Sequence[Row]:
+def run_and_owner(conn: Connection, run_id: str) -> tuple[Row | None, str | None]:
+    """A run and the owner of its session (None and None when there is no such run)."""
+    row = get_run(conn, run_id)
+    return row, None if row is None else session_owner(conn, row.session_id)
+
+
+def unfinished_work(conn: Connection) -> tuple[list[Row], Sequence[Row], Sequence[Row]]:
+    """What recovery starts from: unfinished runs, their inputs, and pending approvals."""
+    runs = list(unfinished_runs(conn))
+    return runs, inputs_of_runs(conn, [r.id for r in runs]), pending_approvals(conn)
+
+
+def unfinished_runs(conn: Connection) -> Sequence[Row]:
     query = sa.select(t.runs).where(t.runs.c.status.in_(NON_TERMINAL)).order_by(t.runs.c.position)
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()
 
 
-async def inputs_of_runs(conn: AsyncConnection, run_ids: Sequence[str]) -> Sequence[Row]:
+def inputs_of_runs(conn: Connection, run_ids: Sequence[str]) -> Sequence[Row]:
     if not run_ids:
         return []
     query = sa.select(t.inputs).where(t.inputs.c.run_id.in_(run_ids)).order_by(t.inputs.c.seq)
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()
 
 
-async def input_by_idempotency_key(conn: AsyncConnection, session_id: str, key: str) -> Row | None:
+def input_by_idempotency_key(conn: Connection, session_id: str, key: str) -> Row | None:
     query = sa.select(t.inputs).where(
         t.inputs.c.session_id == session_id, t.inputs.c.idempotency_key == key
     )
-    return (await conn.execute(query)).first()
+    return conn.execute(query).first()
 
 
-async def count_active_runs(conn: AsyncConnection, session_id: str) -> int:
+def count_active_runs(conn: Connection, session_id: str) -> int:
     query = sa.select(sa.func.count()).select_from(t.runs).where(
         t.runs.c.session_id == session_id, t.runs.c.status.in_([s.value for s in ACTIVE_STATUSES])
     )
-    return int((await conn.execute(query)).scalar() or 0)
+    return int(conn.execute(query).scalar() or 0)
 
 
 # --- messages -----------------------------------------------------------------------
 
-async def insert_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+def insert_messages(conn: Connection, rows: list[dict[str, Any]]) -> None:
     if rows:
-        await conn.execute(t.messages.insert(), rows)
+        conn.execute(t.messages.insert(), rows)
 
 
-
-
-async def session_messages(
-    conn: AsyncConnection, session_id: str, *, include_rolled_back: bool, after_id: int = 0
+def session_messages(
+    conn: Connection, session_id: str, *, include_rolled_back: bool, after_id: int = 0
 ) -> Sequence[Row]:
     """The session's messages in order; ``after_id`` skips those a compaction summarised."""
     query = (sa.select(t.messages).where(t.messages.c.session_id == session_id, t.messages.c.id > after_id)
              .order_by(t.messages.c.id))
     if not include_rolled_back:
         query = query.where(t.messages.c.rolled_back.is_(False))
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()
 
 
-async def latest_compaction(conn: AsyncConnection, session_id: str) -> Row | None:
+def latest_compaction(conn: Connection, session_id: str) -> Row | None:
     query = (sa.select(t.compactions).where(t.compactions.c.session_id == session_id)
              .order_by(t.compactions.c.id.desc()).limit(1))
-    return (await conn.execute(query)).first()
+    return conn.execute(query).first()
+
+
+def conversation(conn: Connection, session_id: str) -> tuple[Row | None, Sequence[Row]]:
+    """What a run's context is built from, read once per run: the latest compaction and
+    the messages it does not summarise (rolled-back ones left out)."""
+    compaction = latest_compaction(conn, session_id)
+    after = compaction.through_message_id if compaction is not None else 0
+    return compaction, session_messages(conn, session_id, include_rolled_back=False, after_id=after)
 
 
 # --- jobs ---------------------------------------------------------------------------
 
-async def all_jobs(conn: AsyncConnection) -> Sequence[Row]:
-    return (await conn.execute(sa.select(t.jobs).order_by(t.jobs.c.created_at))).all()
+def all_jobs(conn: Connection) -> Sequence[Row]:
+    return conn.execute(sa.select(t.jobs).order_by(t.jobs.c.created_at)).all()
 
 
-async def list_jobs(conn: AsyncConnection, *, owner: str | None) -> Sequence[Row]:
+def list_jobs(conn: Connection, *, owner: str | None) -> Sequence[Row]:
     query = sa.select(t.jobs).order_by(t.jobs.c.created_at.desc(), t.jobs.c.id)
     if owner is not None:
         query = query.where(t.jobs.c.owner == owner)
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()
 
 
-async def get_job(conn: AsyncConnection, job_id: str) -> Row | None:
-    return (await conn.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id))).first()
+def get_job(conn: Connection, job_id: str) -> Row | None:
+    return conn.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id)).first()
 
 
-async def job_fires(conn: AsyncConnection, job_id: str) -> Sequence[Row]:
+def job_fires(conn: Connection, job_id: str) -> Sequence[Row]:
     query = sa.select(t.job_fires).where(t.job_fires.c.job_id == job_id).order_by(t.job_fires.c.fire_at)
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()
 
 
-async def advance_job(conn: AsyncConnection, job_id: str, **values: Any) -> None:
-    await conn.execute(t.jobs.update().where(t.jobs.c.id == job_id).values(**values))
+def advance_job(conn: Connection, job_id: str, **values: Any) -> None:
+    conn.execute(t.jobs.update().where(t.jobs.c.id == job_id).values(**values))
 
 
-async def delete_job(conn: AsyncConnection, job_id: str) -> None:
-    await conn.execute(t.jobs.delete().where(t.jobs.c.id == job_id))
+def delete_job(conn: Connection, job_id: str) -> None:
+    conn.execute(t.jobs.delete().where(t.jobs.c.id == job_id))
 
 
 # --- subagents ---------------------------------------------------------------------
 
-async def subagent_link(conn: AsyncConnection, child_session_id: str) -> Row | None:
+def subagent_link(conn: Connection, child_session_id: str) -> Row | None:
     query = sa.select(t.subagents).where(t.subagents.c.child_session_id == child_session_id)
-    return (await conn.execute(query)).first()
+    return conn.execute(query).first()
 
 
-async def children_of_session(conn: AsyncConnection, parent_session_id: str) -> Sequence[Row]:
+def children_of_session(conn: Connection, parent_session_id: str) -> Sequence[Row]:
     query = (sa.select(t.subagents).where(t.subagents.c.parent_session_id == parent_session_id)
              .order_by(t.subagents.c.created_at))
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()
 
 
-async def children_of_run(conn: AsyncConnection, parent_run_id: str) -> Sequence[Row]:
+def children_of_run(conn: Connection, parent_run_id: str) -> Sequence[Row]:
     query = (sa.select(t.subagents).where(t.subagents.c.parent_run_id == parent_run_id)
              .order_by(t.subagents.c.created_at))
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()
 
 
-async def unannounced_subagents(conn: AsyncConnection) -> Sequence[Row]:
-    return (await conn.execute(sa.select(t.subagents).where(t.subagents.c.announced_at.is_(None)))).all()
+def unannounced_subagents(conn: Connection) -> Sequence[Row]:
+    return conn.execute(sa.select(t.subagents).where(t.subagents.c.announced_at.is_(None))).all()
 
 
-async def latest_run(conn: AsyncConnection, session_id: str) -> Row | None:
+def latest_run(conn: Connection, session_id: str) -> Row | None:
     query = (sa.select(t.runs).where(t.runs.c.session_id == session_id)
              .order_by(t.runs.c.created_at.desc(), t.runs.c.position.desc()).limit(1))
-    return (await conn.execute(query)).first()
+    return conn.execute(query).first()
 
 
-async def update_subagent(conn: AsyncConnection, child_session_id: str, **values: Any) -> None:
-    await conn.execute(t.subagents.update().where(t.subagents.c.child_session_id == child_session_id)
+def update_subagent(conn: Connection, child_session_id: str, **values: Any) -> None:
+    conn.execute(t.subagents.update().where(t.subagents.c.child_session_id == child_session_id)
                        .values(**values))
 
 
 # --- events -------------------------------------------------------------------------
 
-async def events_after(
-    conn: AsyncConnection, session_id: str, after: int, *, run_id: str | None = None, limit: int = 1000
+def events_after(
+    conn: Connection, session_id: str, after: int, *, run_id: str | None = None, limit: int = 1000
 ) -> list[Event]:
     query = (
         sa.select(t.events)
@@ -259,20 +305,17 @@ async def events_after(
     )
     if run_id is not None:
         query = query.where(t.events.c.run_id == run_id)
-    return [Event.from_row(row) for row in (await conn.execute(query)).all()]
+    return [Event.from_row(row) for row in conn.execute(query).all()]
 
 
 # --- approvals ----------------------------------------------------------------------
 
 
-
-
-
-async def approvals_of_run(conn: AsyncConnection, run_id: str) -> Sequence[Row]:
+def approvals_of_run(conn: Connection, run_id: str) -> Sequence[Row]:
     query = sa.select(t.approvals).where(t.approvals.c.run_id == run_id).order_by(t.approvals.c.created_at)
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()
 
 
-async def pending_approvals(conn: AsyncConnection) -> Sequence[Row]:
+def pending_approvals(conn: Connection) -> Sequence[Row]:
     query = sa.select(t.approvals).where(t.approvals.c.status == ApprovalStatus.PENDING.value)
-    return (await conn.execute(query)).all()
+    return conn.execute(query).all()

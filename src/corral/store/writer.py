@@ -13,6 +13,8 @@ Contract:
   never leave a gap.
 - ``on_commit`` sees each batch's events only after the commit returned: an observer
   never sees an event that could still be rolled back.
+- A batch is one synchronous function run in one hand-off on the writer's lane (its
+  thread on SQLite; see ``engine``), so its cost does not grow with its statements.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
 
 from corral.errors import ShuttingDown
 from corral.store import ops as o
 from corral.store import tables as t
+from corral.store.engine import Lane
 from corral.store.events import Event, NewEvent
 
 log = logging.getLogger(__name__)
@@ -55,18 +58,18 @@ def _as_ops(unit: Unit, holder: list[_Unit]) -> list[o.Op]:
     if callable(unit):
         fn = unit
 
-        async def call(conn: AsyncConnection) -> None:
-            holder[0].result = await fn(conn)
+        def call(conn: Connection) -> None:
+            holder[0].result = fn(conn)
 
         return [o.Call(call)]
     return list(unit)
 
 
 class Writer:
-    """Owns the write connection and commits submitted units in batches."""
+    """Owns the write lane and commits submitted units in batches."""
 
-    def __init__(self, engine: AsyncEngine, on_commit: CommitHook, *, max_batch: int = 1024):
-        self._engine = engine
+    def __init__(self, lane: Lane, on_commit: CommitHook, *, max_batch: int = 1024):
+        self._lane = lane
         self._on_commit = on_commit
         self._max_batch = max_batch
         # Units wait here until the loop takes them; only the loop pops.
@@ -109,75 +112,81 @@ class Writer:
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """The writer loop; returns once ``close`` was called and every unit is done."""
-        async with self._engine.connect() as conn:
-            if started is not None:
-                started.set()
-            while True:
-                if not self._pending:
-                    if self._closing:
-                        return
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                batch = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
-                await self._commit(conn, batch)
+        await self._lane.run(_reachable)  # a database that cannot be reached fails the start, not the first write
+        if started is not None:
+            started.set()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
+            await self._commit(batch)
 
     def close(self) -> None:
         """Refuse new units; the loop finishes what is queued and returns."""
         self._closing = True
         self._wakeup.set()
 
-    async def _commit(self, conn: AsyncConnection, batch: list[_Unit]) -> None:
-        saved = dict(self._next_seq)
+    async def _commit(self, batch: list[_Unit]) -> None:
         began = time.perf_counter()
+        error = await self._attempt(batch)
+        if error is None:
+            if self.batch_hook is not None:
+                self.batch_hook(len(batch), time.perf_counter() - began)
+            self._done(batch)
+        elif len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_exception(error)
+        else:
+            # One bad unit must not fail its neighbours: retry each on its own.
+            log.debug("batch of %d failed; retrying units one by one", len(batch), exc_info=error)
+            for unit in batch:
+                await self._commit([unit])
+
+    async def _attempt(self, batch: list[_Unit]) -> Exception | None:
+        """Run the batch in one hand-off; the error that rolled it back, or None once committed."""
+        saved = dict(self._next_seq)
+        job = asyncio.ensure_future(self._lane.run(lambda conn: self._apply(conn, batch)))
         try:
-            await self._run_units(conn, batch)
+            await asyncio.shield(job)
         except asyncio.CancelledError:
+            # The batch may still commit on the writer's thread: its units learn the real
+            # outcome when it is known, never "failed" for a commit that happened.
+            job.add_done_callback(lambda _: self._settle_late(batch, job))
+            raise
+        except Exception as exc:
             self._next_seq = saved
+            return exc
+        return None
+
+    def _settle_late(self, batch: list[_Unit], job: asyncio.Future[None]) -> None:
+        if job.cancelled() or job.exception() is not None:
             for unit in batch:
                 if not unit.future.done():
                     unit.future.set_exception(ShuttingDown("the writer was stopped"))
-            raise
-        except Exception:
-            # One bad unit must not fail its neighbours: retry each on its own.
-            self._next_seq = saved
-            log.debug("batch of %d failed; retrying units one by one", len(batch), exc_info=True)
-            for unit in batch:
-                await self._commit_alone(conn, unit)
-            return
+        else:
+            self._done(batch)
+
+    def _done(self, batch: list[_Unit]) -> None:
         self.batches += 1
         self.units += len(batch)
-        if self.batch_hook is not None:
-            self.batch_hook(len(batch), time.perf_counter() - began)
-        committed = [event for unit in batch for event in unit.committed]
-        self._publish(committed)
+        self._publish([event for unit in batch for event in unit.committed])
         for unit in batch:
             if not unit.future.done():
                 unit.future.set_result(unit.result)
 
-    async def _commit_alone(self, conn: AsyncConnection, unit: _Unit) -> None:
-        saved = dict(self._next_seq)
-        try:
-            await self._run_units(conn, [unit])
-        except Exception as exc:
-            self._next_seq = saved
-            if not unit.future.done():
-                unit.future.set_exception(exc)
-            return
-        self.batches += 1
-        self.units += 1
-        self._publish(unit.committed)
-        if not unit.future.done():
-            unit.future.set_result(unit.result)
-
-    async def _run_units(self, conn: AsyncConnection, batch: list[_Unit]) -> None:
-        async with conn.begin():
-            await o.apply(conn, [op for unit in batch for op in unit.ops])
-            rows = await self._number_events(conn, batch)
+    def _apply(self, conn: Connection, batch: list[_Unit]) -> None:
+        """The whole batch, on the writer's lane: one transaction, all or nothing."""
+        with conn.begin():
+            o.apply(conn, [op for unit in batch for op in unit.ops])
+            rows = self._number_events(conn, batch)
             if rows:
-                await conn.execute(t.events.insert(), rows)
+                conn.execute(t.events.insert(), rows)
 
-    async def _number_events(self, conn: AsyncConnection, batch: list[_Unit]) -> list[dict[str, Any]]:
+    def _number_events(self, conn: Connection, batch: list[_Unit]) -> list[dict[str, Any]]:
         unknown = {e.session_id for u in batch for e in u.events if e.session_id not in self._next_seq}
         if unknown:
             query = (
@@ -185,7 +194,7 @@ class Writer:
                 .where(t.events.c.session_id.in_(unknown))
                 .group_by(t.events.c.session_id)
             )
-            found = {sid: top for sid, top in (await conn.execute(query)).all()}
+            found = {sid: top for sid, top in conn.execute(query).all()}
             for sid in unknown:
                 self._next_seq[sid] = (found.get(sid) or 0) + 1
         rows: list[dict[str, Any]] = []
@@ -202,6 +211,10 @@ class Writer:
     def _publish(self, events: list[Event]) -> None:
         if events:
             self._on_commit(events)
+
+
+def _reachable(conn: Connection) -> None:
+    conn.exec_driver_sql("SELECT 1")
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

@@ -31,8 +31,7 @@ def _start_seq(after: int | None, last_event_id: str | None) -> int:
 async def _replay(kernel: Kernel, session_id: str, after: int, run_id: str) -> AsyncIterator[Event]:
     """An ended run's stored events after ``after``; ends even when that is past its terminal event."""
     while True:
-        async with kernel.store.read() as conn:
-            page = await repo.events_after(conn, session_id, after, run_id=run_id, limit=PAGE)
+        page = await kernel.store.read(repo.events_after, session_id, after, run_id=run_id, limit=PAGE)
         for event in page:
             after = event.seq
             yield event

@@ -93,8 +93,7 @@ async def get_job(job_id: str, request: Request, principal: PrincipalDep) -> Job
 @router.get("/{job_id}/fires")
 async def list_fires(job_id: str, request: Request, kernel: KernelDep, principal: PrincipalDep) -> list[FireOut]:
     owned_job(scheduler_of(request), principal, job_id)
-    async with kernel.store.read() as conn:
-        rows = await repo.job_fires(conn, job_id)
+    rows = await kernel.store.read(repo.job_fires, job_id)
     return [FireOut(fire_at=r.fire_at, status=r.status, session_id=r.session_id, run_id=r.run_id) for r in rows]
 
 

@@ -84,8 +84,7 @@ async def chat_completions(
 
     async for _ in events:
         pass  # the run's events end with its terminal event
-    async with kernel.store.read() as conn:
-        run = await repo.get_run(conn, accepted.run_id)
+    run = await kernel.store.read(repo.get_run, accepted.run_id)
     assert run is not None
     if run.status != RunStatus.COMPLETED.value:
         status, code = _UNFINISHED.get(run.status, (503, "run_unfinished"))

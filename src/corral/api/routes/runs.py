@@ -27,15 +27,14 @@ async def list_runs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
 ) -> RunList:
-    async with kernel.store.read() as conn:
-        rows = await repo.list_runs(
-            conn,
-            session_ids=[session_id] if session_id else None,
-            statuses=[s.value for s in status] if status else None,
-            limit=limit,
-            offset=offset,
-            owner=None if principal.admin else principal.name,
-        )
+    rows = await kernel.store.read(
+        repo.list_runs,
+        session_ids=[session_id] if session_id else None,
+        statuses=[s.value for s in status] if status else None,
+        limit=limit,
+        offset=offset,
+        owner=None if principal.admin else principal.name,
+    )
     return RunList(runs=[run_out(row) for row in rows], limit=limit, offset=offset)
 
 
@@ -44,8 +43,7 @@ async def get_run(run_id: str, kernel: KernelDep, principal: PrincipalDep) -> Ru
     row = await owned_run(kernel, principal, run_id)
     out = run_out(row)
     if out.status is RunStatus.WAITING:
-        async with kernel.store.read() as conn:
-            approvals = await repo.approvals_of_run(conn, run_id)
+        approvals = await kernel.store.read(repo.approvals_of_run, run_id)
         out.pending_approvals = [PendingApproval(call_id=a.call_id, tool=a.tool, arguments=a.arguments)
                                  for a in approvals if a.status == ApprovalStatus.PENDING.value]
     return out

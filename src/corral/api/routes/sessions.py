@@ -36,20 +36,15 @@ async def list_sessions(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
 ) -> list[SessionOut]:
-    async with kernel.store.read() as conn:
-        owner = None if principal.admin else principal.name
-        rows = await repo.list_sessions(conn, owner=owner, agent=agent, limit=limit, offset=offset)
-        seqs = await repo.last_event_seqs(conn, [row.id for row in rows])
+    owner = None if principal.admin else principal.name
+    rows, seqs = await kernel.store.read(repo.sessions_page, owner=owner, agent=agent, limit=limit, offset=offset)
     return [session_out(kernel, row, seqs.get(row.id, 0)) for row in rows]
 
 
 @router.get("/{session_id}")
 async def get_session(session_id: str, kernel: KernelDep, principal: PrincipalDep) -> SessionOut:
     row = await owned_session(kernel, principal, session_id)
-    async with kernel.store.read() as conn:
-        seqs = await repo.last_event_seqs(conn, [session_id])
-        link = await repo.subagent_link(conn, session_id)
-        children = await repo.children_of_session(conn, session_id)
+    seqs, link, children = await kernel.store.read(repo.session_detail, session_id)
     out = session_out(kernel, row, seqs.get(session_id, 0))
     out.parent_session_id = link.parent_session_id if link is not None else None
     out.children = [ChildOut(session_id=c.child_session_id, task=c.task, status=c.status, result=c.result,
@@ -62,8 +57,7 @@ async def list_messages(
     session_id: str, kernel: KernelDep, principal: PrincipalDep, include_rolled_back: bool = True
 ) -> list[MessageOut]:
     await owned_session(kernel, principal, session_id)
-    async with kernel.store.read() as conn:
-        rows = await repo.session_messages(conn, session_id, include_rolled_back=include_rolled_back)
+    rows = await kernel.store.read(repo.session_messages, session_id, include_rolled_back=include_rolled_back)
     return [MessageOut.model_validate(dict(row._mapping)) for row in rows]
 
 
