@@ -213,8 +213,8 @@ async def test_units_submitted_together_are_group_committed(db_url: str) -> None
 
 
 async def test_a_batch_is_one_hand_off_and_a_read_is_one_hand_off(db_url: str) -> None:
-    """However many units and statements, a group commit costs one trip to the writer's lane,
-    and a read function of several statements one trip to a reader."""
+    """However many units and statements, a group commit costs at most one trip to the writer's
+    lane, and a read function of several statements one trip to a reader."""
     async with asyncio.timeout(LIMIT), running_store(db_url) as store:
         await store.write([ops.Insert(t.sessions, [session_row("ses_hop")])])
         before = store.statistics()
@@ -223,7 +223,8 @@ async def test_a_batch_is_one_hand_off_and_a_read_is_one_hand_off(db_url: str) -
         await asyncio.gather(*futures)
         after = store.statistics()
         assert after["units"] - before["units"] == 100
-        assert after["write_hand_offs"] - before["write_hand_offs"] == after["batches"] - before["batches"]
+        # One hand-off drains whatever is pending, batch after batch: never more hand-offs than batches.
+        assert 1 <= after["write_hand_offs"] - before["write_hand_offs"] <= after["batches"] - before["batches"]
         assert after["batches"] - before["batches"] < 10
         compaction, rows = await store.read(repo.conversation, "ses_hop")  # two statements
         assert compaction is None and rows == []

@@ -13,8 +13,9 @@ Contract:
   never leave a gap.
 - ``on_commit`` sees each batch's events only after the commit returned: an observer
   never sees an event that could still be rolled back.
-- A batch is one synchronous function run in one hand-off on the writer's lane (its
-  thread on SQLite; see ``engine``), so its cost does not grow with its statements.
+- Batches are applied by synchronous code on the writer's lane (its thread on SQLite;
+  see ``engine``): one hand-off drains every unit pending, batch after batch, without
+  waiting for a turn of the event loop in between; outcomes are posted back in order.
 """
 
 from __future__ import annotations
@@ -72,12 +73,16 @@ class Writer:
         self._lane = lane
         self._on_commit = on_commit
         self._max_batch = max_batch
-        # Units wait here until the loop takes them; only the loop pops.
+        # Units wait here until the lane takes them: appended on the event loop, popped on the
+        # writer's lane (a deque's append and popleft are atomic, so no lock is needed).
         self._pending: deque[_Unit] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
+        # Set when the writer task is cancelled: the lane stops after the batch in hand.
+        self._stopping = False
         # session id -> next event seq; authoritative because this writer is the
-        # only one appending events for the sessions this process owns.
+        # only one appending events for the sessions this process owns. Only the lane
+        # (one thread, or the writer task's greenlet) touches it.
         self._next_seq: dict[str, int] = {}
         self.batches = 0
         self.units = 0
@@ -112,6 +117,7 @@ class Writer:
 
     async def run(self, started: asyncio.Event | None = None) -> None:
         """The writer loop; returns once ``close`` was called and every unit is done."""
+        loop = asyncio.get_running_loop()
         await self._lane.run(_reachable)  # a database that cannot be reached fails the start, not the first write
         if started is not None:
             started.set()
@@ -122,61 +128,68 @@ class Writer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
-            await self._commit(batch)
+            drain = asyncio.ensure_future(self._lane.run(lambda conn: self._drain(conn, loop)))
+            try:
+                await asyncio.shield(drain)
+            except asyncio.CancelledError:
+                # The batch in hand still commits (or not) and reports its real outcome, never
+                # "failed" for a commit that happened; what is left behind it fails.
+                self._stopping = True
+                drain.add_done_callback(lambda _: self._fail_pending(ShuttingDown("the writer was stopped")))
+                raise
 
     def close(self) -> None:
         """Refuse new units; the loop finishes what is queued and returns."""
         self._closing = True
         self._wakeup.set()
 
-    async def _commit(self, batch: list[_Unit]) -> None:
-        began = time.perf_counter()
-        error = await self._attempt(batch)
-        if error is None:
-            if self.batch_hook is not None:
-                self.batch_hook(len(batch), time.perf_counter() - began)
-            self._done(batch)
-        elif len(batch) == 1:
-            if not batch[0].future.done():
-                batch[0].future.set_exception(error)
-        else:
-            # One bad unit must not fail its neighbours: retry each on its own.
-            log.debug("batch of %d failed; retrying units one by one", len(batch), exc_info=error)
-            for unit in batch:
-                await self._commit([unit])
+    def _drain(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer's lane: commit batch after batch until nothing is pending.
 
-    async def _attempt(self, batch: list[_Unit]) -> Exception | None:
-        """Run the batch in one hand-off; the error that rolled it back, or None once committed."""
+        The lane does not wait for a turn of the event loop between batches (a busy loop's
+        turn takes milliseconds): each outcome is posted back, in commit order, and the
+        next batch starts at once.
+        """
+        while self._pending and not self._stopping:
+            batch = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
+            self._commit(conn, batch, loop)
+
+    def _commit(self, conn: Connection, batch: list[_Unit], loop: asyncio.AbstractEventLoop) -> None:
+        began = time.perf_counter()
         saved = dict(self._next_seq)
-        job = asyncio.ensure_future(self._lane.run(lambda conn: self._apply(conn, batch)))
         try:
-            await asyncio.shield(job)
-        except asyncio.CancelledError:
-            # The batch may still commit on the writer's thread: its units learn the real
-            # outcome when it is known, never "failed" for a commit that happened.
-            job.add_done_callback(lambda _: self._settle_late(batch, job))
-            raise
+            self._apply(conn, batch)
         except Exception as exc:
             self._next_seq = saved
-            return exc
-        return None
-
-    def _settle_late(self, batch: list[_Unit], job: asyncio.Future[None]) -> None:
-        if job.cancelled() or job.exception() is not None:
+            if len(batch) == 1:
+                _post(loop, self._failed, batch[0], exc)
+                return
+            # One bad unit must not fail its neighbours: retry each on its own.
+            log.debug("batch of %d failed; retrying units one by one", len(batch), exc_info=exc)
             for unit in batch:
-                if not unit.future.done():
-                    unit.future.set_exception(ShuttingDown("the writer was stopped"))
-        else:
-            self._done(batch)
+                self._commit(conn, [unit], loop)
+            return
+        _post(loop, self._committed, batch, time.perf_counter() - began)
 
-    def _done(self, batch: list[_Unit]) -> None:
+    def _committed(self, batch: list[_Unit], seconds: float) -> None:
+        """On the loop, after the commit: count, publish, resolve, in that order."""
         self.batches += 1
         self.units += len(batch)
+        if self.batch_hook is not None:
+            self.batch_hook(len(batch), seconds)
         self._publish([event for unit in batch for event in unit.committed])
         for unit in batch:
             if not unit.future.done():
                 unit.future.set_result(unit.result)
+
+    @staticmethod
+    def _failed(unit: _Unit, error: Exception) -> None:
+        if not unit.future.done():
+            unit.future.set_exception(error)
+
+    def _fail_pending(self, error: Exception) -> None:
+        while self._pending:
+            self._failed(self._pending.popleft(), error)
 
     def _apply(self, conn: Connection, batch: list[_Unit]) -> None:
         """The whole batch, on the writer's lane: one transaction, all or nothing."""
@@ -211,6 +224,14 @@ class Writer:
     def _publish(self, events: list[Event]) -> None:
         if events:
             self._on_commit(events)
+
+
+def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """Hand an outcome to the event loop; a loop already closed has no one left to tell."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        log.debug("the event loop closed before a write's outcome could be reported")
 
 
 def _reachable(conn: Connection) -> None:
