@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.monitor import FLAG_CORES, ForeignLoad
 from bench.report import console_table, write_doc
-from bench.suite import SCENARIOS, Options, doc_blocks, expand, machine, rows_of
+from bench.suite import SCENARIOS, Options, doc_blocks, expand, foreign_note, machine, rows_of
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,14 +38,19 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
 
 
 async def _run(names: list[str], options: Options) -> dict[str, Any]:
-    run: dict[str, Any] = {"machine": machine(), "quick": options.quick, "results": {}, "seconds": {}}
+    run: dict[str, Any] = {"machine": machine(), "quick": options.quick, "results": {}, "seconds": {},
+                           "foreign_cpu": {}}
     for name in names:
         print(f"--- {name}", flush=True)
         began = time.monotonic()
-        results = await SCENARIOS[name].run(options)
+        async with ForeignLoad() as foreign:
+            results = await SCENARIOS[name].run(options)
         run["seconds"][name] = time.monotonic() - began
         run["results"][name] = results
+        run["foreign_cpu"][name] = foreign.result()
         print(console_table(rows_of({name: results})), flush=True)
+        if foreign.result()["mean_cores"] > FLAG_CORES:
+            print(f"WARNING: {foreign_note(run, [name])}", flush=True)
     return run
 
 
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     run = asyncio.run(_run(names, options))
     print(f"\n=== {len(names)} scenario(s) in {(time.monotonic() - began) / 60:.1f} min\n")
     print(console_table(rows_of(run["results"])))
+    if note := foreign_note(run, names):
+        print(f"\nWARNING: {note}")
     RESULTS.mkdir(exist_ok=True)
     label = "-".join(args.names) if args.names else "suite"
     path = RESULTS / f"{label}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import latency, lifecycle, peer, scale, throughput
+from bench.monitor import FLAG_CORES
 from bench.report import Row, machine_line, markdown_table
 
 
@@ -199,5 +200,18 @@ def doc_blocks(run: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
             skipped.append(block)
             continue
         seconds = sum(run["seconds"][name] for name in names)
-        blocks[block] = f"{stamp} ({seconds / 60:.1f} min):\n\n{markdown_table(rows_of(results, block))}\n"
+        note = foreign_note(run, names)
+        blocks[block] = (f"{stamp} ({seconds / 60:.1f} min):\n\n{markdown_table(rows_of(results, block))}\n"
+                         + (f"\n{note}\n" if note else ""))
     return blocks, skipped
+
+
+def foreign_note(run: dict[str, Any], names: list[str]) -> str:
+    """Which scenarios ran beside other people's load (their figures are low by that much)."""
+    foreign = run.get("foreign_cpu", {})
+    loaded = [f"{name} ({foreign[name]['mean_cores']:.2f} cores on average, {foreign[name]['max_cores']:.2f} at "
+              "most)" for name in names if foreign.get(name, {}).get("mean_cores", 0.0) > FLAG_CORES]
+    if not loaded:
+        return ""
+    return ("Other processes on the machine used CPU during " + ", ".join(loaded)
+            + f" of its {run['machine']['cpus']} cores: those figures are skewed low.")
