@@ -189,3 +189,20 @@ async def test_a_report_arrives_exactly_once_across_a_kill_9(tmp_path: Path) -> 
                 assert reports == [f"[subagent {child} completed] echo: /sleep 1.5"]
                 detail = (await http.get(f"/v1/sessions/{boss}")).json()
                 assert [c["status"] for c in detail["children"]] == ["completed"]
+
+
+async def test_a_parent_waiting_across_a_graceful_restart_keeps_waiting(tmp_path: Path) -> None:
+    """A graceful stop leaves a parent waiting on its children as a crash would: waiting. The
+    next start resumes the wait; nothing is interrupted, re-queued or spawned twice."""
+    url = sqlite_url(tmp_path)
+    async with asyncio.timeout(LIMIT):
+        async with with_subagents(url) as (kernel, _service):
+            boss = await new_session(kernel, "boss")
+            accepted = await kernel.submit(boss, spawn_lines("/sleep 1.5") + "\n/next\n/tool wait_subagents {}")
+            await wait_event(kernel, boss, "run.waiting", run_id=accepted.run_id)
+        async with with_subagents(url) as (kernel, _service):
+            run = await wait_run(kernel, accepted.run_id)
+            assert run["status"] == "completed" and "(completed): echo: /sleep 1.5" in run["output"]
+            events = await run_events(kernel, accepted.run_id)
+            assert [e.type for e in events].count("subagent.spawned") == 1
+            assert "run.interrupted" not in [e.type for e in events]

@@ -388,8 +388,10 @@ class Kernel:
                         self.config.workspace_root / agent.name, self.metrics)
 
     async def _finalize_quietly(self, handle: RunHandle, status: RunStatus, begun: bool) -> None:
-        if not begun and handle.interrupted_by_shutdown:
-            return  # never started: stays queued in the store for the next start
+        if handle.interrupted_by_shutdown and (not begun or handle.status is RunStatus.WAITING):
+            # Never started, or waiting at a boundary (on its subagents): it stays queued or
+            # waiting in the store, and the next start takes it up where it was, as after a crash.
+            return
         await self._finalize(handle, status, error=_cancel_error(handle))
 
     def _stop_status(self, handle: RunHandle) -> RunStatus:
