@@ -59,8 +59,11 @@ async def scheduler_stop(in_flight: int = 500, samples: int = 20) -> dict[str, A
                 sessions.append(row["id"])
                 await kernel.submit(row["id"], '/tool wait {"ms": 600000}')
 
+            def running() -> int:
+                return sum(kernel.session_view(s)["active_status"] == "running" for s in sessions)
+
             async def all_running() -> bool:
-                return sum(kernel.session_view(s)["active_status"] == "running" for s in sessions) == in_flight
+                return running() == in_flight
 
             await until(all_running, what="every run running")
             await scheduler.add("local", "assistant", EverySchedule(every_s=3600), "due in an hour")
@@ -74,8 +77,8 @@ async def scheduler_stop(in_flight: int = 500, samples: int = 20) -> dict[str, A
                 task.cancel()
                 await asyncio.wait([task])
                 timings.append(time.perf_counter() - began)
-            running = sum(kernel.session_view(s)["active_status"] == "running" for s in sessions)
-    return {"in_flight": running, **summary(timings)}
+            still = running()
+    return {"in_flight": still, **summary(timings)}
 
 
 # --- SIGTERM ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +47,7 @@ class Sync:
         return time.monotonic()
 
 
-Worker = Callable[[Any, Sync], Awaitable[Any]]
+Worker = Callable[[Any, Sync], Coroutine[Any, Any, Any]]
 
 
 def _child(worker: Worker, share: Any, sync: Sync, index: int, results: Any) -> None:
