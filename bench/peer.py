@@ -281,6 +281,8 @@ async def run(plan: Plan) -> dict[str, Any]:
         results["langgraph"] = await run_langgraph(plan)
     except PeerUnavailable as exc:
         results["langgraph"] = {"unavailable": str(exc)}
+    except RuntimeError as exc:  # it started but failed under the workload: say so, keep the run
+        results["langgraph"] = {"unavailable": f"it failed under the workload: {str(exc)[-300:]}"}
     return results
 
 
@@ -304,3 +306,26 @@ def rows(results: dict[str, Any]) -> list[Row]:
         f"`values` event p50 {peer['started']['p50_ms']:.0f} ms, p99 {peer['started']['p99_ms']:.0f} ms; "
         f"to the run's end p50 {peer['ended']['p50_ms']:.0f} ms"))
     return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The side-by-side as one comparison table (the doc's peer block)."""
+    corral, peer = results["corral"], results["langgraph"]
+    lines = ["| server | setting | runs/s | creation to first event p50 / p99 | to the graph or run started p50 | "
+             "to the run's end p50 / p99 |", "| --- | --- | --- | --- | --- | --- |"]
+
+    def line(name: str, setting: str, data: dict[str, Any], first: str) -> str:
+        return (f"| {name} | {setting} | **{data['runs_per_s']:,.0f}** | **{data['first_event']['p50_ms']:,.0f}** / "
+                f"{data['first_event']['p99_ms']:,.0f} ms ({first}) | {data['started']['p50_ms']:,.0f} ms | "
+                f"{data['ended']['p50_ms']:,.0f} / {data['ended']['p99_ms']:,.0f} ms |")
+
+    lines.append(line("Corral", "demo model, `latency_ms=50`", corral, "`run.started`"))
+    if "unavailable" in peer:
+        lines.append(f"| LangGraph dev server | — | not measured: {peer['unavailable']} | | | |")
+    else:
+        sweep = ", ".join(f"{jobs}: {rate:,.0f}" for jobs, rate in peer["sweep_runs_per_s"].items())
+        lines.append(line("LangGraph dev server", f"`--n-jobs-per-worker {peer['jobs_per_worker']}` (sweep, runs/s: "
+                          f"{sweep})", peer, "`metadata`"))
+    workload = (f"{results['clients']} clients at once, {results['runs_per_client']} runs each, "
+                f"median of {results['repeats']} batches")
+    return workload + ":\n\n" + "\n".join(lines)

@@ -116,6 +116,7 @@ class Scenario:
     run: Runner
     rows: Rows
     block: str  # the docs/benchmarks.md block its rows go to
+    markdown: Callable[[dict[str, Any]], str] | None = None  # its own table instead of its rows
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -127,7 +128,7 @@ SCENARIOS: dict[str, Scenario] = {
     "agent-start": Scenario(_agent_start, scale.agent_rows, "suite"),
     "stop": Scenario(_stop, lifecycle.stop_rows, "suite"),
     "recovery": Scenario(_recovery, lifecycle.recovery_rows, "suite"),
-    "peer": Scenario(_peer, peer.rows, "peer"),
+    "peer": Scenario(_peer, peer.rows, "peer", peer.markdown),
     "chat": Scenario(_chat, _chat_rows, "chat"),
     "web": Scenario(_web, _web_rows, "web"),
 }
@@ -201,8 +202,13 @@ def doc_blocks(run: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
             continue
         seconds = sum(run["seconds"][name] for name in names)
         note = foreign_note(run, names)
-        blocks[block] = (f"{stamp} ({seconds / 60:.1f} min):\n\n{markdown_table(rows_of(results, block))}\n"
-                         + (f"\n{note}\n" if note else ""))
+        renderers = [SCENARIOS[name].markdown for name in names]
+        if all(renderers):
+            body = " ".join(render(results[name]) for name, render in zip(names, renderers, strict=True) if render)
+            text = f"{stamp} ({seconds / 60:.1f} min). {body}\n"
+        else:
+            text = f"{stamp} ({seconds / 60:.1f} min):\n\n{markdown_table(rows_of(results, block))}\n"
+        blocks[block] = text + (f"\n{note}\n" if note else "")
     return blocks, skipped
 
 
