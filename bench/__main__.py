@@ -27,7 +27,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="scenarios or groups (default: suite)")
     parser.add_argument("--quick", action="store_true", help="every scenario small: a fast pass")
     parser.add_argument("--write-docs", action="store_true", help="regenerate docs/benchmarks.md's tables")
