@@ -137,6 +137,11 @@ class Writer:
                 self._stopping = True
                 drain.add_done_callback(lambda _: self._fail_pending(ShuttingDown("the writer was stopped")))
                 raise
+            except Exception as exc:
+                # The lane could not run at all (no connection to the database): the units
+                # waiting fail with its error, and the next submit tries again.
+                log.error("the writer could not reach the database", exc_info=exc)
+                self._fail_pending(exc)
 
     def close(self) -> None:
         """Refuse new units; the loop finishes what is queued and returns."""
