@@ -223,9 +223,10 @@ async def test_a_batch_is_one_hand_off_and_a_read_is_one_hand_off(db_url: str) -
         await asyncio.gather(*futures)
         after = store.statistics()
         assert after["units"] - before["units"] == 100
-        # One hand-off drains whatever is pending, batch after batch: never more hand-offs than batches.
-        assert 1 <= after["write_hand_offs"] - before["write_hand_offs"] <= after["batches"] - before["batches"]
-        assert after["batches"] - before["batches"] < 10
+        # One hand-off drains whatever is pending, batch after batch (the one that committed the
+        # session may still be draining and take these too): never more hand-offs than batches.
+        assert 1 <= after["batches"] - before["batches"] < 10
+        assert after["write_hand_offs"] - before["write_hand_offs"] <= after["batches"] - before["batches"]
         compaction, rows = await store.read(repo.conversation, "ses_hop")  # two statements
         assert compaction is None and rows == []
         assert store.statistics()["read_hand_offs"] - after["read_hand_offs"] == 1
