@@ -25,7 +25,7 @@ from bench.api import cancel, create_agent, create_session, send, until
 from bench.load import Sync, TurnLoad, client, crew, merge_turns, open_session, split, turn, turn_worker
 from bench.report import Row
 from bench.server import fresh_server
-from bench.sse import sse_events
+from bench.sse import sse_events, sse_frames
 from bench.stats import percentile, summary
 
 # --- first event ---------------------------------------------------------------------------
@@ -46,23 +46,28 @@ class FirstEventPlan:
 FIRST_EVENT_QUICK = FirstEventPlan(samples=50, max_warmup_s=1.0, max_measure_s=3.0, warmup_s=1.0, measure_s=4.0)
 
 
-async def _probe(http: aiohttp.ClientSession, base: str, samples: int) -> list[float]:
-    """Sequential turns on one session of the default agent; POST to first event, in seconds."""
+async def _probe(http: aiohttp.ClientSession, base: str, samples: int) -> tuple[list[float], list[float], str]:
+    """Sequential turns on one session of the default agent: POST to the first event and to
+    `run.started`, in seconds, and the first event's type."""
     session_id, stream = await open_session(http, base, "assistant")
-    timings: list[float] = []
+    firsts: list[float] = []
+    starts: list[float] = []
+    kinds: set[str] = set()
     try:
         for index in range(samples):
             done = await turn(http, base, session_id, stream, f"probe {index}")
-            timings.append(done.first_event - done.started)
+            firsts.append(done.first_event - done.started)
+            starts.append(done.run_started - done.started)
+            kinds.add(done.first_type)
             await asyncio.sleep(0.01)  # one probe at a time, a little apart: it must not be the load
     finally:
         await stream.aclose()
-    return timings
+    return firsts, starts, "/".join(sorted(kinds))
 
 
 async def first_event(plan: FirstEventPlan) -> dict[str, Any]:
     async with fresh_server() as server, client() as http:
-        idle = await _probe(http, server.base, plan.samples)
+        idle, idle_started, first_type = await _probe(http, server.base, plan.samples)
 
         shares = [TurnLoad(server.base, "assistant", n, plan.max_warmup_s, plan.max_measure_s, seed=i)
                   for i, n in enumerate(split(plan.sessions, plan.generators))]
@@ -78,8 +83,11 @@ async def first_event(plan: FirstEventPlan) -> dict[str, Any]:
             await workers.go()
             background = merge_turns(await workers.results())
     return {
+        "first_type": first_type,
         "idle": summary(idle),
+        "idle_run_started": summary(idle_started),
         "loaded": summary(background.first_events),
+        "loaded_run_started": summary(background.run_starts),
         "max_turns_per_s": maximum,
         "load_target_per_s": target,
         "load_turns_per_s": background.turns / plan.measure_s,
@@ -88,14 +96,19 @@ async def first_event(plan: FirstEventPlan) -> dict[str, Any]:
 
 def first_event_rows(results: dict[str, Any]) -> list[Row]:
     idle, loaded = results["idle"], results["loaded"]
+    kind = results.get("first_type", "?")
+    started = {name: results.get(f"{name}_run_started") for name in ("idle", "loaded")}
+    then = {name: f"; to `run.started` p50 {value['p50_ms']:.1f} ms" if value else ""
+            for name, value in started.items()}
     return [
         Row("first event after `POST .../messages`, idle",
-            f"**p50 {idle['p50_ms']:.1f} ms**, p99 {idle['p99_ms']:.1f} ms ({idle['n']} samples)",
+            f"**p50 {idle['p50_ms']:.1f} ms**, p99 {idle['p99_ms']:.1f} ms (`{kind}`, {idle['n']} samples)"
+            f"{then['idle']}",
             "p50 ≤ 10 ms", idle["p50_ms"] <= 10),
         Row("first event at 80% load",
-            f"**p50 {loaded['p50_ms']:.1f} ms**, p99 {loaded['p99_ms']:.1f} ms ({loaded['n']:,} turns of a paced "
-            f"load offering {results['load_target_per_s']:,.0f} turns/s, 80% of the {results['max_turns_per_s']:,.0f} "
-            f"measured just before; {results['load_turns_per_s']:,.0f} done)"),
+            f"**p50 {loaded['p50_ms']:.1f} ms**, p99 {loaded['p99_ms']:.1f} ms{then['loaded']} ({loaded['n']:,} turns "
+            f"of a paced load offering {results['load_target_per_s']:,.0f} turns/s, 80% of the "
+            f"{results['max_turns_per_s']:,.0f} measured just before; {results['load_turns_per_s']:,.0f} done)"),
     ]
 
 
@@ -171,7 +184,7 @@ async def isolation(plan: IsolationPlan) -> dict[str, Any]:
             workers.sync.value.value = 1
             merged = merge_turns(await workers.results())
     by_phase: dict[str, list[float]] = {"alone": [], "beside": []}
-    for started, _, ended in merged.spans:
+    for started, _, _, ended in merged.spans:
         for name, lo, hi in phases:
             if lo <= started and ended <= hi:
                 by_phase[name].append(ended - started)
@@ -250,21 +263,17 @@ async def observer_worker(share: Observers, sync: Sync) -> Observed:
         seen = [0] * share.count
 
         async def observe(index: int, response: aiohttp.ClientResponse) -> None:
-            seq, ts, in_order = 0, 0.0, True
+            in_order = True
             try:
-                async for raw in response.content:
-                    if raw.startswith(b"id:"):
-                        seq = int(raw[3:])
-                    elif raw.startswith(b"data:"):
-                        ts = _ts(json.loads(raw[5:])["ts"])
-                    elif raw in (b"\r\n", b"\n") and seq:
-                        out.lags.append(time.time() - ts)
-                        out.events += 1
-                        out.last_at = max(out.last_at, time.monotonic())
-                        in_order = in_order and seq == seen[index] + 1
-                        seen[index] = seq
-                        if seq >= final[0]:
-                            break
+                async for ident, _, data in sse_frames(response):
+                    seq = int(ident)
+                    out.lags.append(time.time() - _ts(json.loads(data)["ts"]))
+                    out.events += 1
+                    out.last_at = max(out.last_at, time.monotonic())
+                    in_order = in_order and seq == seen[index] + 1
+                    seen[index] = seq
+                    if seq >= final[0]:
+                        break
             except aiohttp.ClientError:
                 pass  # closed by the watcher once it had everything
             if in_order and seen[index] >= final[0]:

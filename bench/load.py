@@ -191,7 +191,8 @@ class SessionStream:
 
     def __init__(self, response: aiohttp.ClientResponse):
         self.response = response
-        self.first: dict[str, float] = {}
+        self.first: dict[str, tuple[float, str]] = {}  # run -> (time, type) of its first event
+        self.started: dict[str, float] = {}  # run -> time of its run.started
         self._ended: dict[str, asyncio.Future[float]] = {}
         self.task = asyncio.create_task(self._pump())
 
@@ -201,8 +202,11 @@ class SessionStream:
             run_id = event.get("run_id")
             if run_id is None:
                 continue
-            self.first.setdefault(run_id, now)
-            if event["type"] in TERMINAL:
+            kind = event["type"]
+            self.first.setdefault(run_id, (now, kind))
+            if kind == "run.started":
+                self.started.setdefault(run_id, now)
+            elif kind in TERMINAL:
                 future = self.ended(run_id)
                 if not future.done():
                     future.set_result(now)
@@ -215,6 +219,7 @@ class SessionStream:
 
     def forget(self, run_id: str) -> None:
         self.first.pop(run_id, None)
+        self.started.pop(run_id, None)
         self._ended.pop(run_id, None)
 
     async def aclose(self) -> None:
@@ -233,8 +238,10 @@ async def open_session(http: aiohttp.ClientSession, base: str, agent: str) -> tu
 
 @dataclass(frozen=True)
 class Turn:
-    started: float
+    started: float  # the POST was sent
     first_event: float
+    first_type: str  # which event came first (run.queued: the run's record, before it starts)
+    run_started: float
     ended: float
 
 
@@ -247,9 +254,10 @@ async def turn(http: aiohttp.ClientSession, base: str, session_id: str, stream: 
             raise RuntimeError(f"POST messages: {response.status} {await response.text()}")
         run_id = str((await response.json())["run_id"])
     ended = await stream.ended(run_id)
-    first = stream.first[run_id]
+    first, first_type = stream.first[run_id]
+    run_started = stream.started.get(run_id, ended)  # a run cancelled before it started has none
     stream.forget(run_id)
-    return Turn(started, first, ended)
+    return Turn(started, first, first_type, run_started, ended)
 
 
 @dataclass(frozen=True)
@@ -272,8 +280,8 @@ class TurnLoad:
 class TurnResult:
     seconds: float = 0.0
     cpu_s: float = 0.0
-    # (POST sent, first event of the run, terminal event) for each turn that ended in the window
-    spans: list[tuple[float, float, float]] = field(default_factory=list)
+    # (POST sent, first event of the run, run.started, terminal event) for each turn that ended in the window
+    spans: list[tuple[float, float, float, float]] = field(default_factory=list)
 
     @property
     def turns(self) -> int:
@@ -281,11 +289,15 @@ class TurnResult:
 
     @property
     def latencies(self) -> list[float]:
-        return [ended - started for started, _, ended in self.spans]
+        return [ended - started for started, _, _, ended in self.spans]
 
     @property
     def first_events(self) -> list[float]:
-        return [first - started for started, first, _ in self.spans]
+        return [first - started for started, first, _, _ in self.spans]
+
+    @property
+    def run_starts(self) -> list[float]:
+        return [run_started - started for started, _, run_started, _ in self.spans]
 
 
 async def turn_worker(load: TurnLoad, sync: Sync) -> TurnResult:
@@ -310,7 +322,7 @@ async def turn_worker(load: TurnLoad, sync: Sync) -> TurnResult:
                 done = await turn(http, load.base, session_id, stream, f"{load.content} {count}")
                 count += 1
                 if window[0] <= done.ended <= window[1]:
-                    result.spans.append((done.started, done.first_event, done.ended))
+                    result.spans.append((done.started, done.first_event, done.run_started, done.ended))
 
         cpu: list[float] = []
         cpu_task = asyncio.create_task(_cpu_in_window(window, cpu))

@@ -6,7 +6,8 @@ whose only node sleeps 50 ms (bench/peer/graph.py); Corral: the demo model with
 `latency_ms=50` and no tokens. Reported: runs/s over the whole batch, and creation to the first
 event: LangGraph's `POST /threads/{id}/runs/stream` to its first SSE event (and to the first
 `values` event, the graph running), Corral's `POST .../messages` to the run's first event on
-the session's open stream (`run.started`). Both servers are driven by the same generator.
+the session's open stream (`run.queued`, its record; then `run.started`). Both servers are
+driven by the same generator.
 
 The peer runs from its own venv (bench/.peer-venv, from bench/requirements-peer.txt), created
 on first use; if it cannot be installed or started, the result says why instead of failing
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -157,7 +159,8 @@ class Clients:
 @dataclass
 class RunSamples:
     first_event: list[float] = field(default_factory=list)
-    started: list[float] = field(default_factory=list)  # LangGraph: the first `values` event
+    first_types: Counter[str] = field(default_factory=Counter)
+    started: list[float] = field(default_factory=list)  # LangGraph: the first `values`; Corral: `run.started`
     ended: list[float] = field(default_factory=list)
     last_end: float = 0.0
 
@@ -177,7 +180,9 @@ async def _langgraph_client(http: aiohttp.ClientSession, base: str, runs: int, t
                     event = line[6:].strip()
                 elif not line and event is not None:
                     now = time.monotonic()
-                    first = first or now
+                    if first is None:
+                        first = now
+                        out.first_types[event] += 1
                     if event == "values" and values is None:
                         values = now
                     if event == "error":
@@ -210,7 +215,8 @@ async def clients_worker(share: Clients, sync: Sync) -> tuple[float, RunSamples]
                 for index in range(share.runs):
                     done = await turn(http, share.base, session_id, stream, f"run {index}")
                     out.first_event.append(done.first_event - done.started)
-                    out.started.append(done.first_event - done.started)
+                    out.first_types[done.first_type] += 1
+                    out.started.append(done.run_started - done.started)
                     out.ended.append(done.ended - done.started)
                     out.last_end = max(out.last_end, done.ended)
 
@@ -233,6 +239,7 @@ async def _batch(kind: str, base: str, plan: Plan) -> dict[str, Any]:
     total = sum(len(p.ended) for p in samples)
     return {
         "runs": total, "runs_per_s": total / (max(p.last_end for p in samples) - start),
+        "first_types": dict(sum((p.first_types for p in samples), Counter[str]())),
         "first_event": [x for p in samples for x in p.first_event],
         "started": [x for p in samples for x in p.started],
         "ended": [x for p in samples for x in p.ended],
@@ -240,7 +247,9 @@ async def _batch(kind: str, base: str, plan: Plan) -> dict[str, Any]:
 
 
 def _summarise(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    first_types = sum((Counter(b["first_types"]) for b in batches), Counter[str]())
     return {
+        "first_type": first_types.most_common(1)[0][0],
         "runs_per_s": median(b["runs_per_s"] for b in batches),
         "runs_per_s_each": [b["runs_per_s"] for b in batches],
         "first_event": summary([x for b in batches for x in b["first_event"]]),
@@ -291,8 +300,9 @@ def rows(results: dict[str, Any]) -> list[Row]:
     workload = (f"{results['clients']} concurrent clients x {results['runs_per_client']} runs of a 50 ms step, "
                 f"one thread/session each")
     out = [Row(f"Corral (demo model, latency_ms=50): {workload}",
-               f"**{corral['runs_per_s']:,.0f} runs/s**; creation to first event (`run.started`) "
+               f"**{corral['runs_per_s']:,.0f} runs/s**; creation to first event (`{corral.get('first_type', '?')}`) "
                f"**p50 {corral['first_event']['p50_ms']:.1f} ms**, p99 {corral['first_event']['p99_ms']:.1f} ms; "
+               f"to `run.started` p50 {corral['started']['p50_ms']:.0f} ms; "
                f"to the run's end p50 {corral['ended']['p50_ms']:.0f} ms")]
     if "unavailable" in peer:
         out.append(Row("LangGraph dev server", f"not measured: {peer['unavailable']}"))
@@ -301,7 +311,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
     out.append(Row(
         f"LangGraph dev server, `--n-jobs-per-worker {peer['jobs_per_worker']}` (the best of a sweep, runs/s by "
         f"setting: {sweep}): same workload",
-        f"**{peer['runs_per_s']:,.0f} runs/s**; creation to first event (`metadata`) "
+        f"**{peer['runs_per_s']:,.0f} runs/s**; creation to first event (`{peer.get('first_type', '?')}`) "
         f"**p50 {peer['first_event']['p50_ms']:.1f} ms**, p99 {peer['first_event']['p99_ms']:.1f} ms; to the first "
         f"`values` event p50 {peer['started']['p50_ms']:.0f} ms, p99 {peer['started']['p99_ms']:.0f} ms; "
         f"to the run's end p50 {peer['ended']['p50_ms']:.0f} ms"))
@@ -311,12 +321,13 @@ def rows(results: dict[str, Any]) -> list[Row]:
 def markdown(results: dict[str, Any]) -> str:
     """The side-by-side as one comparison table (the doc's peer block)."""
     corral, peer = results["corral"], results["langgraph"]
-    lines = ["| server | setting | runs/s | creation to first event p50 / p99 | to the graph or run started p50 | "
+    lines = ["| server | setting | runs/s | creation to first event p50 / p99 | to the run running p50 | "
              "to the run's end p50 / p99 |", "| --- | --- | --- | --- | --- | --- |"]
 
-    def line(name: str, setting: str, data: dict[str, Any], first: str) -> str:
+    def line(name: str, setting: str, data: dict[str, Any], running: str) -> str:
         return (f"| {name} | {setting} | **{data['runs_per_s']:,.0f}** | **{data['first_event']['p50_ms']:,.0f}** / "
-                f"{data['first_event']['p99_ms']:,.0f} ms ({first}) | {data['started']['p50_ms']:,.0f} ms | "
+                f"{data['first_event']['p99_ms']:,.0f} ms (`{data.get('first_type', '?')}`) | "
+                f"{data['started']['p50_ms']:,.0f} ms ({running}) | "
                 f"{data['ended']['p50_ms']:,.0f} / {data['ended']['p99_ms']:,.0f} ms |")
 
     lines.append(line("Corral", "demo model, `latency_ms=50`", corral, "`run.started`"))
@@ -325,7 +336,7 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         sweep = ", ".join(f"{jobs}: {rate:,.0f}" for jobs, rate in peer["sweep_runs_per_s"].items())
         lines.append(line("LangGraph dev server", f"`--n-jobs-per-worker {peer['jobs_per_worker']}` (sweep, runs/s: "
-                          f"{sweep})", peer, "`metadata`"))
+                          f"{sweep})", peer, "first `values`"))
     workload = (f"{results['clients']} clients at once, {results['runs_per_client']} runs each, "
                 f"median of {results['repeats']} batches")
     return workload + ":\n\n" + "\n".join(lines)
