@@ -69,7 +69,7 @@ def list_sessions(
     conn: Connection, *, owner: str | None, agent: str | None, limit: int, offset: int
 ) -> Sequence[Row]:
     """Newest first; ``owner=None`` lists every principal's sessions."""
-    query = sa.select(t.sessions).order_by(t.sessions.c.created_at.desc(), t.sessions.c.id)
+    query = sa.select(t.sessions).order_by(t.sessions.c.created_at.desc(), t.sessions.c.id.desc())
     if owner is not None:
         query = query.where(t.sessions.c.owner == owner)
     if agent is not None:

@@ -81,6 +81,8 @@ sessions = sa.Table(
     # Keys are per principal: two principals' "main" are two sessions.
     sa.UniqueConstraint("owner", "key"),
     sa.Index("ix_sessions_owner_created_at", "owner", "created_at"),
+    # An admin's listing of everyone's sessions, newest first, without sorting the table.
+    sa.Index("ix_sessions_created_at_id", "created_at", "id"),
 )
 
 runs = sa.Table(
