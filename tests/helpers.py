@@ -64,7 +64,7 @@ class KernelHarness:
 
 
 def sqlite_url(directory: Path) -> str:
-    return f"sqlite+aiosqlite:///{directory / 'corral.db'}"
+    return f"sqlite:///{directory / 'corral.db'}"
 
 
 async def run_events(kernel: Kernel, run_id: str, after: int = 0) -> list[Event]:

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'corral.db').resolve()}"
+        return f"sqlite:///{(self.data_dir / 'corral.db').resolve()}"
 
     def kernel_config(self) -> KernelConfig:
         return KernelConfig(

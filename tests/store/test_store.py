@@ -565,8 +565,7 @@ async def test_a_naive_timestamp_is_refused(db_url: str) -> None:
     "not a url",
     "mysql+aiomysql://user@host/db",
     "postgres://user@host/db",
-    "sqlite:///corral.db",
-    "sqlite+pysqlite:///corral.db",
+    "sqlite+pysqlcipher:///corral.db",
     "postgresql://user@host/db",
     "postgresql+psycopg2://user@host/db",
     "sqlite+aiosqlite://",
@@ -574,6 +573,8 @@ async def test_a_naive_timestamp_is_refused(db_url: str) -> None:
     "sqlite+aiosqlite:///:memory:",
     "sqlite+aiosqlite:///file::memory:?cache=shared",
     "sqlite+aiosqlite:///file:corral?mode=memory&cache=shared&uri=true",
+    "sqlite://",
+    "sqlite:///:memory:",
 ])
 def test_dialect_for_refuses_unusable_urls(url: str) -> None:
     with pytest.raises(InvalidInput):
@@ -582,8 +583,10 @@ def test_dialect_for_refuses_unusable_urls(url: str) -> None:
         Store(url)
 
 
-def test_dialect_for_accepts_the_two_async_backends(tmp_path: Any) -> None:
-    sqlite = dialect_for(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", sqlite_synchronous="normal")
+@pytest.mark.parametrize("scheme", ["sqlite", "sqlite+aiosqlite", "sqlite+pysqlite"])
+def test_dialect_for_accepts_the_two_backends(tmp_path: Any, scheme: str) -> None:
+    """`sqlite:///path`, and the driver names earlier versions asked for, so old configs still work."""
+    sqlite = dialect_for(f"{scheme}:///{tmp_path / 'x.db'}", sqlite_synchronous="normal")
     assert isinstance(sqlite, SQLiteDialect) and sqlite.synchronous == "NORMAL"
     assert isinstance(dialect_for("postgresql+asyncpg://user@host:5432/db"), PostgresDialect)
 

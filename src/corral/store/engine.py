@@ -128,7 +128,7 @@ class SQLiteDialect(Dialect):
         self.synchronous = synchronous
 
     def _engine(self, begin: str, **kwargs: Any) -> sa.Engine:
-        # The URL names aiosqlite for historical reasons; the store drives sqlite3 itself, on its threads.
+        # Whatever driver the URL names, the store drives sqlite3 itself, on its threads.
         url = make_url(self.url).set(drivername="sqlite+pysqlite")
         # A pooled connection moves between the lane's threads, but only one uses it at a time.
         engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
@@ -181,6 +181,9 @@ class PostgresDialect(Dialect):
     name = "postgresql"
 
 
+SQLITE_DRIVERS = frozenset({"pysqlite", "aiosqlite"})
+
+
 def dialect_for(url: str, *, sqlite_synchronous: str = "FULL") -> Dialect:
     try:
         parsed = make_url(url)
@@ -188,11 +191,12 @@ def dialect_for(url: str, *, sqlite_synchronous: str = "FULL") -> Dialect:
     except Exception as exc:  # sqlalchemy raises ArgumentError with no stable subclass
         raise InvalidInput(f"not a database URL: {url!r}") from exc
     if backend == "sqlite":
-        if not url.startswith("sqlite+aiosqlite"):
-            raise InvalidInput("write SQLite URLs as sqlite+aiosqlite:///path")
+        # `sqlite:///path`; the driver names of earlier versions (aiosqlite, pysqlite) are accepted too.
+        if parsed.get_driver_name() not in SQLITE_DRIVERS:
+            raise InvalidInput("write SQLite URLs as sqlite:///path")
         # ``file:name?mode=memory&uri=true`` is in-memory too (each connection its own database).
         in_memory = "memory" in str(parsed.query.get("mode", ""))
-        if in_memory or ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:"):
+        if in_memory or not parsed.database or ":memory:" in parsed.database:
             raise InvalidInput("an in-memory SQLite database cannot be shared by the writer and readers")
         return SQLiteDialect(url, synchronous=sqlite_synchronous.upper())
     if backend == "postgresql":
