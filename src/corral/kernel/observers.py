@@ -162,7 +162,22 @@ class EventHub:
         run_id: str | None = None,
         stop: asyncio.Event | None = None,
     ) -> AsyncIterator[Event]:
-        """Every event after ``after``: the stored backlog, then the live tail.
+        """Every event after ``after``, one at a time (see :meth:`observe_batches`)."""
+        async for batch in self.observe_batches(store, session_id, after=after, run_id=run_id, stop=stop):
+            for event in batch:
+                yield event
+
+    async def observe_batches(
+        self,
+        store: Store,
+        session_id: str,
+        *,
+        after: int = 0,
+        run_id: str | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[list[Event]]:
+        """Every event after ``after``: the stored backlog, then the live tail, in batches of
+        whatever is ready at once (a stream sends each batch as one write).
 
         No gap: the subscription exists before the backlog is read, so an event is
         either in that read or arrives live. No duplicate: anything at or below the
@@ -175,25 +190,29 @@ class EventHub:
             while True:
                 while True:
                     page = await store.read(repo.events_after, session_id, last, run_id=run_id, limit=PAGE)
-                    for event in page:
-                        last = event.seq
-                        yield event
-                        if run_id is not None and event.is_terminal:
+                    if page:
+                        last = page[-1].seq
+                        ended = _through_terminal(page, run_id)
+                        yield ended if ended is not None else page
+                        if ended is not None:
                             return
                     if len(page) < PAGE:
                         break
                 while True:
                     if stop is not None and stop.is_set():
                         return
-                    if sub.buffer:
+                    batch: list[Event] = []
+                    while sub.buffer:
                         event = sub.buffer.popleft()
                         if event.seq <= last:
                             continue
                         last = event.seq
-                        if run_id is not None and event.run_id != run_id:
-                            continue
-                        yield event
-                        if run_id is not None and event.is_terminal:
+                        if run_id is None or event.run_id == run_id:
+                            batch.append(event)
+                    if batch:
+                        ended = _through_terminal(batch, run_id)
+                        yield ended if ended is not None else batch
+                        if ended is not None:
                             return
                         continue
                     if sub.lagged:
@@ -204,3 +223,13 @@ class EventHub:
                     await sub.wait()
         finally:
             self.unsubscribe(sub)
+
+
+def _through_terminal(batch: list[Event], run_id: str | None) -> list[Event] | None:
+    """For a run's stream: the batch up to and including the run's terminal event, if it is there."""
+    if run_id is None:
+        return None
+    for index, event in enumerate(batch):
+        if event.is_terminal:
+            return batch[: index + 1]
+    return None
