@@ -20,7 +20,7 @@ import pytest
 from corral.kernel import Kernel, KernelConfig
 from corral.settings import Settings
 from corral.specs import AgentSpec
-from corral.types import AgentState, CancelMode, Decision
+from corral.types import AgentState, CancelMode, Decision, Mode
 from tests.api.test_sse import new_session as http_session
 from tests.api.test_sse import post, read_run, sse_frames
 from tests.helpers import (
@@ -106,6 +106,19 @@ async def test_a_prompt_streams_its_answer_as_events(kernel: Kernel) -> None:
         assert "".join(e.data["text"] for e in events if e.type == "message.delta") == "w0 w1 w2 w3 w4 "
         run = await get_run(kernel, accepted.run_id)
         assert run["status"] == "completed" and run["output"] == "w0 w1 w2 w3 w4 "
+
+
+async def test_a_message_steered_in_during_a_prompt_is_the_next_prompt_of_the_run(kernel: Kernel) -> None:
+    async with asyncio.timeout(20):
+        session = await ready_session(kernel, acp_spec())
+        accepted = await kernel.submit(session, "slow 6")
+        await wait_event(kernel, session, "message.delta", run_id=accepted.run_id)
+        steer = await kernel.submit(session, "count", mode=Mode.STEER)
+        assert steer.run_id == accepted.run_id
+        run = await wait_run(kernel, accepted.run_id)
+        assert run["output"] == "w0 w1 w2 w3 w4 w5 prompt 2"
+        steered = [e for e in await run_events(kernel, accepted.run_id) if e.type == "run.steered"]
+        assert [e.data["input_id"] for e in steered] == [steer.input_id]
 
 
 async def test_each_corral_session_is_its_own_acp_session(kernel: Kernel) -> None:

@@ -73,8 +73,11 @@ class AcpTurn:
             while True:
                 if not await self._prompt(process, acp_session, text):
                     return Stopped("".join(self._parts))
+                if self.handle.soft_cancel_requested:
+                    # Steers stay untaken, so they are re-queued as the next run rather than lost.
+                    return Finished("".join(self._parts))
                 steers = self.take_steers()  # arrived during the prompt: they become the next one
-                if not steers or self.handle.soft_cancel_requested:
+                if not steers:
                     return Finished("".join(self._parts))
                 record_steers(self.store, self.handle, steers)
                 text = "\n\n".join(steer.content for steer in steers)
