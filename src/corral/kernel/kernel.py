@@ -449,15 +449,7 @@ class Kernel:
         decision: asyncio.Future[ApprovalStatus] = asyncio.get_running_loop().create_future()
         handle.approval_waiters[call.id] = decision
         handle.pending_approvals.add(call.id)
-        row = {"run_id": run_id, "call_id": call.id, "session_id": handle.session_id, "tool": call.name,
-               "arguments": call.arguments, "status": ApprovalStatus.PENDING.value, "created_at": utcnow()}
-        unit: list[ops.Op] = [ops.Insert(t.approvals, [row])]
-        events = [NewEvent(handle.session_id, EventType.APPROVAL_REQUESTED, run_id,
-                           {"call_id": call.id, "tool": call.name, "arguments": call.arguments})]
-        if handle.status is RunStatus.RUNNING:
-            handle.move(RunStatus.WAITING)
-            unit.append(ops.UpdateRun(run_id, status=RunStatus.WAITING.value))
-            events.append(NewEvent(handle.session_id, EventType.RUN_WAITING, run_id, {"pending": [call.id]}))
+        unit, events = self._request_approvals(handle, [call])
         cancelled = asyncio.ensure_future(handle.cancel_signal.wait())
         try:
             await self.store.write(unit, events)
@@ -482,21 +474,8 @@ class Kernel:
 
     async def _park(self, handle: RunHandle, calls: list[ToolCall]) -> bool:
         """Record the wait for approvals; True if the run should now sleep (holding nothing)."""
-        handle.move(RunStatus.WAITING)
         handle.pending_approvals = {call.id for call in calls}
-        now = utcnow()
-        rows = [{"run_id": handle.run_id, "call_id": c.id, "session_id": handle.session_id, "tool": c.name,
-                 "arguments": c.arguments, "status": ApprovalStatus.PENDING.value, "created_at": now}
-                for c in calls]
-
-        unit: list[ops.Op] = [
-            ops.Insert(t.approvals, rows), ops.UpdateRun(handle.run_id, status=RunStatus.WAITING.value)
-        ]
-
-        events = [NewEvent(handle.session_id, EventType.APPROVAL_REQUESTED, handle.run_id,
-                           {"call_id": c.id, "tool": c.name, "arguments": c.arguments}) for c in calls]
-        events.append(NewEvent(handle.session_id, EventType.RUN_WAITING, handle.run_id,
-                               {"pending": [c.id for c in calls]}))
+        unit, events = self._request_approvals(handle, calls)
         await self.store.write(unit, events)
         if handle.pending_approvals and handle.cancel_mode is None:
             handle.task = None  # parked: decide() or cancel() picks it up
@@ -506,6 +485,21 @@ class Kernel:
             return True
         await self._resume(handle)
         return False
+
+    def _request_approvals(self, handle: RunHandle, calls: list[ToolCall]) -> tuple[list[ops.Op], list[NewEvent]]:
+        """What asking a human about ``calls`` writes: the pending approvals and their events, and
+        the run's move to ``waiting`` unless it is there already (moved here, in memory, at once)."""
+        now, sid, run_id = utcnow(), handle.session_id, handle.run_id
+        rows = [{"run_id": run_id, "call_id": c.id, "session_id": sid, "tool": c.name, "arguments": c.arguments,
+                 "status": ApprovalStatus.PENDING.value, "created_at": now} for c in calls]
+        unit: list[ops.Op] = [ops.Insert(t.approvals, rows)]
+        events = [NewEvent(sid, EventType.APPROVAL_REQUESTED, run_id,
+                           {"call_id": c.id, "tool": c.name, "arguments": c.arguments}) for c in calls]
+        if handle.status is not RunStatus.WAITING:
+            handle.move(RunStatus.WAITING)
+            unit.append(ops.UpdateRun(run_id, status=RunStatus.WAITING.value))
+            events.append(NewEvent(sid, EventType.RUN_WAITING, run_id, {"pending": [c.id for c in calls]}))
+        return unit, events
 
     async def _finalize(
         self,
