@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from corral.tools import ToolRegistry
 from corral.types import RunStatus
 
 TERMINAL = {s.value for s in RunStatus if s.is_terminal}
+POLL_S = 0.02
 
 
 class KernelHarness:
@@ -61,6 +62,13 @@ class KernelHarness:
         if self._task is not None:
             await self._task
             self._task = None
+
+
+async def until(predicate: Callable[[], object]) -> None:
+    """Poll a condition of the outside world (a file, a process) that sends no event; the
+    caller's ``asyncio.timeout`` bounds the wait."""
+    while not predicate():  # noqa: ASYNC110 - nothing to wait on but the condition itself
+        await asyncio.sleep(POLL_S)
 
 
 def sqlite_url(directory: Path) -> str:

@@ -31,6 +31,7 @@ from tests.helpers import (
     new_session,
     run_events,
     sqlite_url,
+    until,
     wait_event,
     wait_run,
 )
@@ -69,13 +70,6 @@ def alive(pid: int) -> bool:
     # command line tells ours apart.
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if "State:\tZ" not in status else b"acp_agent.py"
     return b"acp_agent.py" in cmdline
-
-
-async def until(condition: Any, within: float = 10.0) -> None:
-    """Wait for a condition of the outside world (a file, a process) that sends no event."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - nothing to wait on but the condition itself
-            await asyncio.sleep(0.02)
 
 
 async def ready_session(kernel: Kernel, spec: AgentSpec) -> str:

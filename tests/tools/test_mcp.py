@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from corral.specs import AgentPolicy, AgentSpec, McpServerSpec
 from corral.tools.base import ToolContext
 from corral.tools.mcp import McpState, McpStatus
 from corral.types import Approval, CancelMode
-from tests.helpers import KernelHarness, client, free_port, http_server, new_session, wait_event, wait_run
+from tests.helpers import KernelHarness, client, free_port, http_server, new_session, until, wait_event, wait_run
 
 FIXTURE = Path(__file__).with_name("mcp_server_fixture.py")
 STDIO = {"name": "fixture", "command": [sys.executable, str(FIXTURE)]}
@@ -74,14 +74,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Poll ``predicate``; the caller's ``asyncio.timeout`` bounds the wait."""
-    while True:
-        if predicate():
-            return
-        await asyncio.sleep(POLL_S)
 
 
 # --- specs -----------------------------------------------------------------------------
