@@ -36,7 +36,7 @@ import aiohttp
 from bench.api import create_agent
 from bench.load import Sync, client, crew, open_session, split, turn
 from bench.report import Row
-from bench.server import free_port, fresh_server
+from bench.server import free_port, fresh_server, wait_answering
 from bench.stats import median, summary
 
 HERE = Path(__file__).resolve().parent
@@ -130,19 +130,8 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 
 async def _wait_ok(base: str, process: subprocess.Popen[bytes], log_path: Path, within: float = 90.0) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise PeerUnavailable(f"`langgraph dev` exited with {process.returncode}: {_tail(log_path)}")
-            try:
-                async with http.get(f"{base}/ok") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.2)
-    raise PeerUnavailable(f"`langgraph dev` did not answer /ok within {within:g} s")
+    await wait_answering(f"{base}/ok", process, within=within, poll_s=0.2,
+                         fail=lambda why: PeerUnavailable(f"`langgraph dev` {why}: {_tail(log_path)}"))
 
 
 # --- the workload --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,17 +128,24 @@ def _spawn(command: list[str], env: dict[str, str], data_dir: Path) -> tuple[IO[
     return log, subprocess.Popen(command, env=env, stdout=log, stderr=log)
 
 
-async def _wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 60.0) -> None:
+async def wait_answering(url: str, process: subprocess.Popen[bytes], *, within: float, poll_s: float,
+                         fail: Callable[[str], Exception]) -> None:
+    """Poll ``url`` until it answers 200; ``fail(why)`` if the process exits or time runs out."""
     deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"corral serve exited with {process.returncode}")
+                raise fail(f"exited with {process.returncode}")
             try:
-                async with http.get(f"{base}/healthz") as response:
+                async with http.get(url) as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientConnectionError:
                 pass
-            await asyncio.sleep(0.05)
-    raise RuntimeError("corral serve did not become healthy in time")
+            await asyncio.sleep(poll_s)
+    raise fail(f"did not answer {url} within {within:g} s")
+
+
+async def _wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 60.0) -> None:
+    await wait_answering(f"{base}/healthz", process, within=within, poll_s=0.05,
+                         fail=lambda why: RuntimeError(f"corral serve {why}"))
