@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(5.0, ge=0)
     requeue_interrupted: bool = True
     max_tool_processes: int = Field(8, ge=1)
+    conversation_cache_sessions: int = Field(
+        1000, ge=0, description="sessions whose conversation stays in memory between runs; 0: none")
     tools: ToolSettings = Field(default_factory=ToolSettings, description="limits of the built-in tools")
     workspace_root: Path | None = Field(None, description="default: data_dir/workspaces; one directory per agent")
     subagent_max_depth: int = Field(3, ge=1, le=20)
@@ -75,6 +77,7 @@ class Settings(BaseSettings):
             shutdown_grace_s=self.shutdown_grace_s,
             requeue_interrupted=self.requeue_interrupted,
             max_tool_processes=self.max_tool_processes,
+            conversation_cache_sessions=self.conversation_cache_sessions,
             workspace_root=(self.workspace_root or self.data_dir / "workspaces").resolve(),
         )
 

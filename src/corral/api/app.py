@@ -45,7 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Corral", version=__version__, lifespan=lifespan)
     app.state.auth_required = settings.auth_enabled
     errors.install(app)
-    for module in (meta, agents, sessions, runs, events, jobs, openai):
+    # Routes are matched in order, one regex each: the busiest (a turn's POST and its stream) go first.
+    for module in (sessions, events, runs, agents, jobs, openai, meta):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False)

@@ -86,6 +86,11 @@ class AgentManager:
     def exists(self, name: str) -> bool:
         return name in self._agents
 
+    def ready_now(self, name: str) -> bool:
+        """Whether ``wait_ready(name)`` would return at once, without waiting."""
+        agent = self._agents.get(name)
+        return agent is not None and agent.settled.is_set() and agent.state is AgentState.READY
+
     async def load(self) -> None:
         """Start every agent recorded in the store (at service start)."""
         rows = await self._store.read(repo.all_agents)

@@ -21,6 +21,7 @@ from corral import logs, tracing
 from corral.drivers.acp_turn import AcpTurn
 from corral.errors import Conflict, CorralError, NotFound, SessionBusy, ShuttingDown, TooManyPending
 from corral.kernel.agents import AgentManager, AgentRuntime
+from corral.kernel.conversations import Conversations
 from corral.kernel.lane import Acceptance, Slot
 from corral.kernel.observers import EventHub
 from corral.kernel.runs import CancelReason, RunEnd, RunHandle, queued_run_row
@@ -58,6 +59,8 @@ class KernelConfig:
     shutdown_grace_s: float = 5.0
     requeue_interrupted: bool = True
     max_tool_processes: int = 8
+    # Sessions whose conversation stays in memory between runs (least recently used out).
+    conversation_cache_sessions: int = 1000
     # Each agent's tools work in ``workspace_root / <agent name>``.
     workspace_root: Path = Path(".corral/workspaces")
 
@@ -86,6 +89,7 @@ class Kernel:
         store.on_commit(lambda events: self.metrics.events_appended.inc(len(events)))
         store.on_batch(self._observe_batch)
         self.metrics.watch(self._state)
+        self.conversations = Conversations(store, self.config.conversation_cache_sessions)
         self.sessions = SessionTable(store, self.config.max_pending_inputs, on_created=self._session_created)
         # Services may add tools (the scheduler's `schedule`) before agents pick theirs.
         self.tools = tools or default_registry()
@@ -226,12 +230,18 @@ class Kernel:
         accepted = Accepted(session_id, input_id, acceptance.slot.run_id, acceptance.disposition)
         if idempotency_key is not None:
             runtime.idempotency[idempotency_key] = Accepted(**{**accepted.__dict__, "duplicate": True})
-        written = self.store.submit(*self._accept_unit(runtime, acceptance, input_id, content, mode,
-                                                      idempotency_key, origin))
+        unit, events = self._accept_unit(runtime, acceptance, input_id, content, mode, idempotency_key, origin)
+        handle = None
         if acceptance.created:
-            handle = RunHandle(acceptance.slot.run_id, session_id, acceptance.slot, accepted=written,
+            handle = RunHandle(acceptance.slot.run_id, session_id, acceptance.slot,
                                background=origin in BACKGROUND_ORIGINS)
             self._register(runtime, handle)
+            if self._starts_at_once(runtime, acceptance):
+                begin_unit, begin_events, handle.prompt = self._begin_unit(runtime, handle)
+                unit, events = unit + begin_unit, events + begin_events
+        written = self.store.submit(unit, events)
+        if handle is not None:
+            handle.accepted = written
         if acceptance.to_interrupt is not None:
             self._interrupt(acceptance.to_interrupt.run_id, roll_back=mode is Mode.ROLLBACK)
         if acceptance.to_start is not None:
@@ -333,7 +343,7 @@ class Kernel:
                 await asyncio.shield(handle.accepted)  # a cancel must not cancel the write
             except BaseException:
                 return  # submit() undoes the acceptance and reports the error
-        begun = resume
+        begun = resume or handle.prompt is not None
         try:
             if not resume:
                 await self._debounce(handle)
@@ -341,12 +351,12 @@ class Kernel:
             if handle.cancel_mode is not None and not begun:
                 await self._finalize(handle, RunStatus.CANCELLED, error=_cancel_error(handle))
                 return
-            prompt: list[str] | None = None
+            prompt: list[str] | None = handle.prompt
             if resume:
                 await self._resume(handle)
-            else:
+            elif prompt is None:
                 prompt = await self._begin(runtime, handle)
-                begun = True
+            begun = True
             while True:
                 step_loop = self._runner(runtime, handle, agent, prompt)
                 outcome = await step_loop.run()
@@ -384,7 +394,7 @@ class Kernel:
 
         if agent.spec.driver == "acp":
             return AcpTurn(self.store, agent, handle, prompt, take_steers, self.ask_approval)
-        return StepLoop(self.store, agent, handle, handle.slot.policy, take_steers, self.tool_slot,
+        return StepLoop(self.store, self.conversations, agent, handle, handle.slot.policy, take_steers, self.tool_slot,
                         self.config.workspace_root / agent.name, self.metrics)
 
     async def _finalize_quietly(self, handle: RunHandle, status: RunStatus, begun: bool) -> None:
@@ -408,6 +418,12 @@ class Kernel:
 
     async def _begin(self, runtime: SessionRuntime, handle: RunHandle) -> list[str]:
         """Move the run to ``running`` with its inputs as user messages; returns their texts."""
+        unit, events, contents = self._begin_unit(runtime, handle)
+        await self.store.write(unit, events)
+        return contents
+
+    def _begin_unit(self, runtime: SessionRuntime, handle: RunHandle) -> tuple[list[ops.Op], list[NewEvent], list[str]]:
+        """What beginning a run writes (moved to ``running`` here, in memory, at once)."""
         self.metrics.lane_wait.observe(time.monotonic() - handle.queued_at)
         runtime.lane.mark_started(handle.run_id)
         handle.move(RunStatus.RUNNING)
@@ -424,8 +440,16 @@ class Kernel:
         # The inputs' text rides along, so the event log alone can replay a conversation.
         contents: list[str] = [row["content"] for row in rows]
         started = {"input_ids": input_ids, "contents": contents}
-        await self.store.write(unit, [NewEvent(runtime.id, EventType.RUN_STARTED, handle.run_id, started)])
-        return contents
+        return unit, [NewEvent(runtime.id, EventType.RUN_STARTED, handle.run_id, started)], contents
+
+    def _starts_at_once(self, runtime: SessionRuntime, acceptance: Acceptance) -> bool:
+        """Whether a new run can begin in its accepting commit: it starts now (idle session),
+        collects no later inputs, and its agent is ready. That saves a whole commit, the
+        longest wait of a turn under load."""
+        slot = acceptance.slot
+        if acceptance.to_start is not slot or slot.collect or slot.debounce_ms or not self.accepting:
+            return False
+        return self.agents.ready_now(runtime.agent)
 
     async def wait_in_run(self, run_id: str, reason: dict[str, Any], until: Awaitable[None]) -> None:
         """Park a run in ``waiting`` while ``until`` is pending (a tool waiting on subagents): it
@@ -564,6 +588,7 @@ class Kernel:
             unit.append(ops.MoveInputs(list(handle.slot.input_ids), InputStatus.CANCELLED.value))
         if roll_back:
             unit.append(ops.RollBack(run_id))
+            self.conversations.forget(sid)
         if requeued is not None:
             unit.append(ops.MoveInputs(steer_moves, InputStatus.PENDING.value, requeued.run_id))
         if requeue is not None:

@@ -58,6 +58,8 @@ class RunHandle:
     status: RunStatus = RunStatus.QUEUED
     # Resolves once the run's accepting write committed: nothing runs before that.
     accepted: asyncio.Future[object] | None = None
+    # The run's prompt, when it began in its accepting write (``Kernel._starts_at_once``).
+    prompt: list[str] | None = None
     task: asyncio.Task[None] | None = None
     cancel_mode: CancelMode | None = None
     cancel_reason: str | None = None

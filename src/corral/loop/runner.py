@@ -22,6 +22,7 @@ from typing import Any
 from corral import tracing
 from corral.errors import AgentUnavailable, StepLimitExceeded, ToolError
 from corral.kernel.agents import AgentRuntime
+from corral.kernel.conversations import Conversations
 from corral.kernel.runs import RunHandle
 from corral.loop.compaction import choose_cut, estimate_tokens, summary_message, summary_request
 from corral.loop.messages import build_context, message_row, steps_taken, unresolved_calls
@@ -81,6 +82,7 @@ class _SoftStop(Exception):
 @dataclass
 class StepLoop:
     store: Store
+    conversations: Conversations
     agent: AgentRuntime
     handle: RunHandle
     policy: ExecPolicy
@@ -105,7 +107,7 @@ class StepLoop:
             return Stopped(stop.partial)
 
     async def _run(self) -> Outcome:
-        compaction, rows = await self.store.read(repo.conversation, self.session_id)
+        compaction, rows = await self.conversations.read(self.session_id)
         summary = compaction.summary if compaction is not None else None
         steps = steps_taken(rows, self.run_id)
         pending = unresolved_calls(rows, self.run_id)

@@ -80,24 +80,29 @@ class Reflector:
             await self._progress.wait_for(lambda: self.done + self.failed >= count)
 
     async def _title_and_summary(self, ended: RunEnd) -> None:
-        session, turns, rows = await self.kernel.store.read(repo.reflection_inputs, ended.session_id)
+        store = self.kernel.store
+        session, turns = await store.read(repo.session_and_turns, ended.session_id)
         if session is None:
             return
-        conversation = [ChatMessage(r.role, r.content) for r in rows if r.role in ("user", "assistant") and r.content]
         agent = await self.kernel.agents.wait_ready(session.agent)
-        if agent.spec.driver == "acp":  # an external program: Corral has no model of its own to ask
-            first = next((m.content for m in conversation if m.role == "user"), None)
-            if session.title is None and first:
-                title = first.strip().splitlines()[0][:MAX_TITLE]
-                await self.kernel.store.write(lambda conn: repo.update_session(conn, ended.session_id, title=title))
-            return
-        if session.title is None:
-            title = (await self._ask(session.agent, conversation, TITLE_PROMPT)).strip().strip('"')[:MAX_TITLE]
-            await self.kernel.store.write(lambda conn: repo.update_session(conn, ended.session_id, title=title))
+        external = agent.spec.driver == "acp"  # an external program: Corral has no model of its own to ask
         every = self.config.summary_every
-        if every and turns % every == 0:
+        wants_summary = not external and bool(every) and turns % every == 0
+        if session.title is not None and not wants_summary:
+            return  # most turns: the conversation is not even read
+        rows = await store.read(repo.session_messages, ended.session_id, include_rolled_back=False)
+        conversation = [ChatMessage(r.role, r.content) for r in rows if r.role in ("user", "assistant") and r.content]
+        if session.title is None:
+            if external:
+                first = next((m.content for m in conversation if m.role == "user"), None)
+                title = first.strip().splitlines()[0][:MAX_TITLE] if first else None
+            else:
+                title = (await self._ask(session.agent, conversation, TITLE_PROMPT)).strip().strip('"')[:MAX_TITLE]
+            if title:
+                await store.write(lambda conn: repo.update_session(conn, ended.session_id, title=title))
+        if wants_summary:
             summary = (await self._ask(session.agent, conversation, SUMMARY_PROMPT)).strip()
-            await self.kernel.store.write(lambda conn: repo.update_session(conn, ended.session_id, summary=summary))
+            await store.write(lambda conn: repo.update_session(conn, ended.session_id, summary=summary))
 
     async def _ask(self, agent_name: str, conversation: list[ChatMessage], instruction: str) -> str:
         agent = await self.kernel.agents.wait_ready(agent_name)

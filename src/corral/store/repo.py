@@ -117,10 +117,9 @@ def session_detail(conn: Connection, session_id: str) -> tuple[dict[str, int], R
     return last_event_seqs(conn, [session_id]), subagent_link(conn, session_id), children_of_session(conn, session_id)
 
 
-def reflection_inputs(conn: Connection, session_id: str) -> tuple[Row | None, int, Sequence[Row]]:
-    """What the reflector needs after a run: the session, its completed turns, its live messages."""
-    return (get_session(conn, session_id), completed_runs_count(conn, session_id),
-            session_messages(conn, session_id, include_rolled_back=False))
+def session_and_turns(conn: Connection, session_id: str) -> tuple[Row | None, int]:
+    """What the reflector decides on after a run: the session and its completed turns."""
+    return get_session(conn, session_id), completed_runs_count(conn, session_id)
 
 
 # --- inputs and runs ----------------------------------------------------------------
@@ -226,6 +225,20 @@ def conversation(conn: Connection, session_id: str) -> tuple[Row | None, Sequenc
     compaction = latest_compaction(conn, session_id)
     after = compaction.through_message_id if compaction is not None else 0
     return compaction, session_messages(conn, session_id, include_rolled_back=False, after_id=after)
+
+
+def conversation_since(
+    conn: Connection, session_id: str, compaction_id: int | None, after_id: int
+) -> tuple[Row | None, Sequence[Row], bool]:
+    """The conversation's change since a reader last saw it, with its latest compaction id
+    and highest message id: ``(compaction, rows, whole)``. Only the messages after
+    ``after_id`` if the compaction is the same; otherwise the whole conversation
+    (``whole``), since a new compaction changes which messages count."""
+    compaction = latest_compaction(conn, session_id)
+    if (compaction.id if compaction is not None else None) != compaction_id:
+        after = compaction.through_message_id if compaction is not None else 0
+        return compaction, session_messages(conn, session_id, include_rolled_back=False, after_id=after), True
+    return compaction, session_messages(conn, session_id, include_rolled_back=False, after_id=after_id), False
 
 
 # --- jobs ---------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""Recent conversations in memory, so a run reads only the messages that are new.
+
+Every run builds its model context from the whole stored conversation. Read from scratch,
+that cost grew with the conversation: a reader hop that fetched every row, and with the
+event loop busy, sqlite3 takes the GIL back after each row's step, so the read's wall time
+grew with rows times load (docs/benchmarks.md). Kept here, a run reads only what was
+written since the last run of its session: usually its own user message.
+
+Why this is exact: this process is the only writer of a session's messages while it owns
+the session (DESIGN.md section 6), message ids grow in commit order (one writer), and the
+two ways stored rows change after they were read are both seen:
+
+- a roll-back (``ops.RollBack``) is written by the kernel, which calls ``forget`` as it
+  submits it, so the next read starts from scratch;
+- a new compaction changes which rows count, and is noticed by its id on every read.
+
+Bounded: at most ``capacity`` sessions, least recently used first out; an idle session
+costs nothing once evicted, and a miss is only a full read.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from corral.store import Store, repo
+
+
+@dataclass
+class _Conversation:
+    compaction: Any  # the latest compaction row, or None
+    rows: list[Any]  # the live messages after it, in id order
+
+    @property
+    def compaction_id(self) -> int | None:
+        return self.compaction.id if self.compaction is not None else None
+
+    @property
+    def last_id(self) -> int:
+        if self.rows:
+            return int(self.rows[-1].id)
+        return int(self.compaction.through_message_id) if self.compaction is not None else 0
+
+
+class Conversations:
+    """The latest compaction and live messages of recently active sessions."""
+
+    def __init__(self, store: Store, capacity: int = 1000):
+        self._store = store
+        self._capacity = capacity
+        self._entries: OrderedDict[str, _Conversation] = OrderedDict()
+        self._forgotten = 0  # counts forget() calls: a read that overlapped one keeps nothing
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self) -> str:
+        return f"<Conversations {len(self._entries)}/{self._capacity} hits={self.hits} misses={self.misses}>"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def read(self, session_id: str) -> tuple[Any, Sequence[Any]]:
+        """What ``repo.conversation`` returns, in one hop that fetches only the new rows."""
+        epoch = self._forgotten
+        known = self._entries.get(session_id)
+        if known is None:
+            self.misses += 1
+            compaction, rows = await self._store.read(repo.conversation, session_id)
+            entry = _Conversation(compaction, list(rows))
+        else:
+            self.hits += 1
+            compaction, fresh, whole = await self._store.read(
+                repo.conversation_since, session_id, known.compaction_id, known.last_id)
+            entry = _Conversation(compaction, list(fresh) if whole else known.rows + list(fresh))
+        if self._forgotten == epoch:  # nothing was rolled back while we read (else keep nothing)
+            self._keep(session_id, entry)
+        return entry.compaction, list(entry.rows)
+
+    def forget(self, session_id: str) -> None:
+        """Some of the session's stored messages are about to change (a roll-back)."""
+        self._entries.pop(session_id, None)
+        self._forgotten += 1
+
+    def _keep(self, session_id: str, entry: _Conversation) -> None:
+        if self._capacity <= 0:
+            return
+        self._entries[session_id] = entry
+        self._entries.move_to_end(session_id)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)

@@ -1,0 +1,157 @@
+"""The in-memory conversations (kernel/conversations.py): a run reads only what is new, and
+what it gets always equals a full read of the store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.kernel import Kernel, KernelConfig
+from corral.kernel.conversations import Conversations
+from corral.specs import AgentSpec
+from corral.store import Store, repo
+from corral.store import tables as t
+from corral.store.tables import utcnow
+from corral.types import Mode
+from tests.helpers import KernelHarness, new_session, wait_event, wait_run
+
+
+async def full_read(store: Store, session_id: str) -> tuple[Any, list[int]]:
+    compaction, rows = await store.read(repo.conversation, session_id)
+    return (compaction.id if compaction is not None else None), [row.id for row in rows]
+
+
+async def cached_read(conversations: Conversations, session_id: str) -> tuple[Any, list[int]]:
+    compaction, rows = await conversations.read(session_id)
+    return (compaction.id if compaction is not None else None), [row.id for row in rows]
+
+
+@pytest.fixture
+async def any_kernel(db_url: str) -> AsyncIterator[Kernel]:
+    harness = KernelHarness(db_url, KernelConfig(interrupt_grace_s=0.5, shutdown_grace_s=1.0))
+    kernel = await harness.start()
+    yield kernel
+    await harness.stop()
+
+
+async def test_runs_read_only_new_messages_and_see_the_whole_conversation(any_kernel: Kernel) -> None:
+    kernel = any_kernel
+    async with asyncio.timeout(20):
+        session = await new_session(kernel)
+        for content in ("first", "/steps 2 1", "third", '/tool wait {"ms": 1}'):
+            accepted = await kernel.submit(session, content)
+            assert (await wait_run(kernel, accepted.run_id))["status"] == "completed"
+            assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
+        # The first run missed; every later one (and each check above) only read what was new.
+        assert kernel.conversations.misses == 1
+        assert kernel.conversations.hits >= 7
+        # The context the last turn was built from held the earlier turns: the demo model
+        # answers "/tool" with its result, after three answered turns.
+        _, rows = await kernel.conversations.read(session)
+        assert [r.content for r in rows if r.role == "user"] == ["first", "/steps 2 1", "third", '/tool wait {"ms": 1}']
+
+
+async def test_a_roll_back_is_never_served_from_memory(kernel: Kernel) -> None:
+    async with asyncio.timeout(20):
+        session = await new_session(kernel)
+        first = await kernel.submit(session, "first message")
+        await wait_run(kernel, first.run_id)
+        active = await kernel.submit(session, "/steps 5 200")
+        await wait_event(kernel, session, "tool.completed", run_id=active.run_id)
+        # The active run read the conversation: the session is in memory, with "first message".
+        assert len(kernel.conversations) == 1
+        rollback = await kernel.submit(session, "corrected message", mode=Mode.ROLLBACK)
+        run = await wait_run(kernel, rollback.run_id)
+        # Served the rolled-back "/steps" turn from memory, the demo model would still follow it.
+        assert run["output"] == "echo: corrected message"
+        compaction, rows = await kernel.conversations.read(session)
+        assert [r.content for r in rows] == ["first message", "echo: first message",
+                                             "corrected message", "echo: corrected message"]
+        assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
+
+
+async def test_a_new_compaction_makes_the_next_read_whole(kernel: Kernel) -> None:
+    async with asyncio.timeout(20):
+        session = await new_session(kernel)
+        for content in ("one", "two", "three"):
+            await wait_run(kernel, (await kernel.submit(session, content)).run_id)
+        _, rows = await kernel.conversations.read(session)
+        through = rows[3].id  # "one" and "two", asked and answered
+
+        def compact(conn: Any) -> None:
+            conn.execute(t.compactions.insert().values(
+                session_id=session, run_id=rows[3].run_id, through_message_id=through, summary="earlier: one, two",
+                created_at=utcnow()))
+
+        await kernel.store.raw_write(compact)
+        compaction, kept = await kernel.conversations.read(session)
+        assert compaction is not None and compaction.summary == "earlier: one, two"
+        assert [r.content for r in kept] == ["three", "echo: three"]
+        assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
+
+
+async def test_memory_holds_at_most_capacity_sessions(tmp_path: Path) -> None:
+    harness = KernelHarness(f"sqlite:///{tmp_path / 'c.db'}", KernelConfig(conversation_cache_sessions=2))
+    kernel = await harness.start()
+    try:
+        async with asyncio.timeout(20):
+            sessions = [await new_session(kernel) for _ in range(3)]
+            for session in sessions:
+                await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
+            assert len(kernel.conversations) == 2
+            misses = kernel.conversations.misses
+            await kernel.conversations.read(sessions[0])  # the least recently used went first
+            assert kernel.conversations.misses == misses + 1
+            assert len(kernel.conversations) == 2
+    finally:
+        await harness.stop()
+
+
+class GatedStore:
+    """The real store, with reads held at a gate: forces a forget() into the middle of a read."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.reading = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def read(self, fn: Any, *args: Any) -> Any:
+        self.reading.set()
+        await self.gate.wait()
+        return await self.store.read(fn, *args)
+
+
+async def test_a_read_that_overlaps_a_forget_keeps_nothing(kernel: Kernel) -> None:
+    async with asyncio.timeout(20):
+        session = await new_session(kernel)
+        await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
+        gated = GatedStore(kernel.store)
+        conversations = Conversations(gated, capacity=10)  # type: ignore[arg-type]
+        reading = asyncio.create_task(conversations.read(session))
+        await gated.reading.wait()
+        conversations.forget(session)
+        gated.gate.set()
+        _, rows = await reading
+        assert [r.content for r in rows] == ["hello", "echo: hello"]
+        assert len(conversations) == 0  # what was read may predate the roll-back: not kept
+        await conversations.read(session)
+        assert len(conversations) == 1
+
+
+async def test_nothing_is_kept_with_capacity_zero(tmp_path: Path) -> None:
+    harness = KernelHarness(f"sqlite:///{tmp_path / 'c.db'}", KernelConfig(conversation_cache_sessions=0),
+                            agents=(AgentSpec(name="assistant"),))
+    kernel = await harness.start()
+    try:
+        async with asyncio.timeout(20):
+            session = await new_session(kernel)
+            for content in ("one", "two"):
+                run = await wait_run(kernel, (await kernel.submit(session, content)).run_id)
+            assert run["output"] == "echo: two"
+            assert len(kernel.conversations) == 0 and kernel.conversations.hits == 0
+    finally:
+        await harness.stop()
