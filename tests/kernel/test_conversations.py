@@ -14,10 +14,8 @@ from corral.kernel import Kernel, KernelConfig
 from corral.kernel.conversations import Conversations
 from corral.specs import AgentSpec
 from corral.store import Store, repo
-from corral.store import tables as t
-from corral.store.tables import utcnow
 from corral.types import Mode
-from tests.helpers import KernelHarness, new_session, wait_event, wait_run
+from tests.helpers import KernelHarness, new_session, run_events, wait_event, wait_run
 
 
 async def full_read(store: Store, session_id: str) -> tuple[Any, list[int]]:
@@ -74,24 +72,22 @@ async def test_a_roll_back_is_never_served_from_memory(kernel: Kernel) -> None:
         assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
 
 
-async def test_a_new_compaction_makes_the_next_read_whole(kernel: Kernel) -> None:
+async def test_a_compaction_is_never_served_from_memory(kernel: Kernel) -> None:
+    words = " ".join(f"word{i}" for i in range(60))
     async with asyncio.timeout(20):
-        session = await new_session(kernel)
-        for content in ("one", "two", "three"):
-            await wait_run(kernel, (await kernel.submit(session, content)).run_id)
-        _, rows = await kernel.conversations.read(session)
-        through = rows[3].id  # "one" and "two", asked and answered
-
-        def compact(conn: Any) -> None:
-            conn.execute(t.compactions.insert().values(
-                session_id=session, run_id=rows[3].run_id, through_message_id=through, summary="earlier: one, two",
-                created_at=utcnow()))
-
-        await kernel.store.raw_write(compact)
-        compaction, kept = await kernel.conversations.read(session)
-        assert compaction is not None and compaction.summary == "earlier: one, two"
-        assert [r.content for r in kept] == ["three", "echo: three"]
-        assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
+        await kernel.agents.create(AgentSpec(name="brief", context_budget_tokens=700))
+        await kernel.agents.wait_ready("brief")
+        session = await new_session(kernel, "brief")
+        compacted = 0
+        for turn in range(6):
+            accepted = await kernel.submit(session, f"turn {turn}: {words}")
+            assert (await wait_run(kernel, accepted.run_id))["status"] == "completed"
+            compacted += len([e for e in await run_events(kernel, accepted.run_id) if e.type == "context.compacted"])
+            # After each turn (compacted or not) memory holds exactly what the store says counts.
+            assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
+        assert compacted >= 2
+        compaction, rows = await kernel.conversations.read(session)
+        assert compaction is not None and all(row.id > compaction.through_message_id for row in rows)
 
 
 async def test_memory_holds_at_most_capacity_sessions(tmp_path: Path) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from types import SimpleNamespace
-from typing import Any
 
 import sqlalchemy as sa
 
 from corral.kernel import Kernel
 from corral.loop.compaction import choose_cut, estimate_tokens
+from corral.loop.messages import StoredMessage
 from corral.providers.base import ChatMessage
 from corral.specs import AgentSpec
 from corral.store import repo
@@ -21,14 +21,14 @@ LIMIT = 30
 WORDS = " ".join(f"word{i}" for i in range(60))  # about 120 estimated tokens per message
 
 
-def rows_of(*runs: tuple[str, int]) -> list[Any]:
+def rows_of(*runs: tuple[str, int]) -> list[StoredMessage]:
     """Rows of runs, each (run id, number of user+assistant pairs), with increasing ids."""
-    rows: list[Any] = []
+    rows: list[StoredMessage] = []
     for run_id, pairs in runs:
         for _ in range(pairs):
             for role in ("user", "assistant"):
-                rows.append(SimpleNamespace(id=len(rows) + 1, run_id=run_id, role=role, content=WORDS,
-                                            tool_calls=None, tool_call_id=None))
+                rows.append(StoredMessage.from_row(SimpleNamespace(
+                    id=len(rows) + 1, run_id=run_id, role=role, content=WORDS, tool_calls=None, tool_call_id=None)))
     return rows
 
 

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
-from corral.loop.messages import NO_ANSWER, NO_RESULT, build_context
+from corral.loop.messages import (
+    NO_ANSWER,
+    NO_RESULT,
+    StoredMessage,
+    build_context,
+    current_run,
+    steps_taken,
+    unresolved_calls,
+)
 
 
 def row(run_id: str, role: str, content: str = "", calls: list[str] | None = None,
-        answers: str | None = None) -> Any:
+        answers: str | None = None) -> StoredMessage:
     tool_calls = [{"id": c, "name": "wait", "arguments": {}} for c in calls] if calls else None
-    return SimpleNamespace(run_id=run_id, role=role, content=content, tool_calls=tool_calls, tool_call_id=answers)
+    return StoredMessage.from_row(SimpleNamespace(id=0, run_id=run_id, role=role, content=content,
+                                                  tool_calls=tool_calls, tool_call_id=answers))
 
 
-def shape(rows: list[Any], run_id: str) -> list[tuple[str, str | None, str]]:
+def shape(rows: list[StoredMessage], run_id: str) -> list[tuple[str, str | None, str]]:
     return [(m.role, m.tool_call_id, m.content) for m in build_context(rows, run_id)]
 
 
@@ -50,3 +58,16 @@ def test_a_run_that_ended_without_an_answer_is_closed_by_a_note() -> None:
     assert NO_ANSWER not in [m[2] for m in shape(steered, "r1")]
     seeded = [row("", "user", "earlier"), row("r1", "user", "now")]
     assert NO_ANSWER not in [m[2] for m in shape(seeded, "r1")]
+
+
+def test_steps_and_open_calls_count_only_the_current_runs_tail() -> None:
+    earlier = [row("r1", "user", "hi"), row("r1", "assistant", calls=["a"]), row("r1", "tool", "A", answers="a"),
+               row("r1", "assistant", calls=["b"])]  # r1 ended with "b" unanswered
+    own = [row("r2", "user", "go"), row("r2", "assistant", calls=["c"]), row("r2", "tool", "C", answers="c"),
+           row("r2", "assistant", calls=["d", "e"]), row("r2", "tool", "D", answers="d")]
+    rows = earlier + own
+    assert current_run(rows, "r2") == own
+    assert steps_taken(rows, "r2") == 2  # r1's two steps are not r2's
+    assert [call.id for call in unresolved_calls(rows, "r2")] == ["e"]
+    assert unresolved_calls(earlier + own[:3], "r2") == []  # its latest step is answered
+    assert steps_taken(rows, "r3") == 0 and unresolved_calls(rows, "r3") == []  # a run yet to write

@@ -88,3 +88,31 @@ async def test_a_failing_reflection_is_counted_and_harmless(tmp_path: Path) -> N
         assert reflector.failed == 2 and reflector.done == 0
         row = await kernel.store.read(repo.get_session, session)
         assert row is not None and row.title is None
+
+
+async def test_the_summary_cadence_counts_completed_runs_across_a_restart(tmp_path: Path) -> None:
+    """Turns are counted by the kernel (loaded from the store with the session, then kept), so
+    "every 3 turns" means turns 3 and 6 even when the server restarted in between; a failed
+    turn does not count."""
+    url, config = sqlite_url(tmp_path), ReflectorConfig(summary_every=3)
+    summaries: list[str | None] = []
+
+    async def turns(kernel: Kernel, reflector: Reflector, session: str, texts: list[str], seen: int) -> int:
+        for text in texts:
+            run = await wait_run(kernel, (await kernel.submit(session, text)).run_id)
+            seen += run["status"] == "completed"
+            await reflector.wait_reflected(seen)
+            row = await kernel.store.read(repo.get_session, session)
+            assert row is not None
+            summaries.append(row.summary)
+        return seen
+
+    async with asyncio.timeout(LIMIT):
+        async with reflecting(url, config=config) as (kernel, reflector):
+            session = await new_session(kernel)
+            await turns(kernel, reflector, session, ["one", "two", "/fail", "three"], 0)
+        async with reflecting(url, config=config) as (kernel, reflector):
+            await turns(kernel, reflector, session, ["four", "five", "six"], 0)
+    after_three = "4 user messages; the latest: three"  # the demo counts the failed turn's message too
+    after_six = "7 user messages; the latest: six"
+    assert summaries == [None, None, None, after_three, after_three, after_three, after_six]

@@ -8,11 +8,9 @@ written since the last run of its session: usually its own user message.
 
 Why this is exact: this process is the only writer of a session's messages while it owns
 the session (DESIGN.md section 6), message ids grow in commit order (one writer), and the
-two ways stored rows change after they were read are both seen:
-
-- a roll-back (``ops.RollBack``) is written by the kernel, which calls ``forget`` as it
-  submits it, so the next read starts from scratch;
-- a new compaction changes which rows count, and is noticed by its id on every read.
+writes that change which stored messages count are this process's own: a roll-back
+(``ops.RollBack``, written by the kernel) and a compaction (written by the step loop). Each
+calls ``forget`` as it submits the write, so the session's next read starts from scratch.
 
 Bounded: at most ``capacity`` sessions, least recently used first out; an idle session
 costs nothing once evicted, and a miss is only a full read.
@@ -25,23 +23,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from corral.loop.messages import StoredMessage
 from corral.store import Store, repo
 
 
 @dataclass
 class _Conversation:
     compaction: Any  # the latest compaction row, or None
-    rows: list[Any]  # the live messages after it, in id order
-
-    @property
-    def compaction_id(self) -> int | None:
-        return self.compaction.id if self.compaction is not None else None
+    rows: list[StoredMessage]  # the live messages after it, in id order
 
     @property
     def last_id(self) -> int:
         if self.rows:
             return int(self.rows[-1].id)
         return int(self.compaction.through_message_id) if self.compaction is not None else 0
+
+
+def _stored(rows: Sequence[Any]) -> list[StoredMessage]:
+    return [StoredMessage.from_row(row) for row in rows]
 
 
 class Conversations:
@@ -61,25 +60,25 @@ class Conversations:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def read(self, session_id: str) -> tuple[Any, Sequence[Any]]:
-        """What ``repo.conversation`` returns, in one hop that fetches only the new rows."""
+    async def read(self, session_id: str) -> tuple[Any, list[StoredMessage]]:
+        """The latest compaction and the messages it does not summarise (``repo.conversation``),
+        in one hop that fetches only the rows that are new."""
         epoch = self._forgotten
         known = self._entries.get(session_id)
         if known is None:
             self.misses += 1
             compaction, rows = await self._store.read(repo.conversation, session_id)
-            entry = _Conversation(compaction, list(rows))
+            entry = _Conversation(compaction, _stored(rows))
         else:
             self.hits += 1
-            compaction, fresh, whole = await self._store.read(
-                repo.conversation_since, session_id, known.compaction_id, known.last_id)
-            entry = _Conversation(compaction, list(fresh) if whole else known.rows + list(fresh))
+            fresh = await self._store.read(repo.messages_after, session_id, known.last_id)
+            entry = _Conversation(known.compaction, known.rows + _stored(fresh))
         if self._forgotten == epoch:  # nothing was rolled back while we read (else keep nothing)
             self._keep(session_id, entry)
         return entry.compaction, list(entry.rows)
 
     def forget(self, session_id: str) -> None:
-        """Some of the session's stored messages are about to change (a roll-back)."""
+        """What counts of the session's messages is about to change (a roll-back, a compaction)."""
         self._entries.pop(session_id, None)
         self._forgotten += 1
 

@@ -553,6 +553,9 @@ class Kernel:
         if status is RunStatus.INTERRUPTED and began and self.config.requeue_interrupted and handle.slot.input_ids:
             requeue = Slot(new_id("run"), handle.slot.position - 0.5, list(handle.slot.input_ids),
                            handle.slot.policy, urgent=True)
+        if status is RunStatus.COMPLETED:
+            runtime.completed_runs += 1  # here, before the write: counted in commit order
+        completed_runs = runtime.completed_runs
         unit, events = self._final_unit(runtime, handle, status, text, error, usage, began,
                                         unstarted=queued_slot is not None or not began,
                                         requeued=handover.requeued, requeue=requeue)
@@ -561,7 +564,8 @@ class Kernel:
         if handover.to_start is not None:
             self._start(runtime.handles[handover.to_start.run_id])
         await self.store.write(unit, events)
-        ended = RunEnd(handle.session_id, handle.run_id, status, text or None, error, continued=requeue is not None)
+        ended = RunEnd(handle.session_id, handle.run_id, status, text or None, error, continued=requeue is not None,
+                       completed_runs=completed_runs)
         for listener in self._run_end_listeners:
             listener(ended)
 

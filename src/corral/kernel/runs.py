@@ -40,6 +40,9 @@ class RunEnd:
     error: dict[str, Any] | None
     # Its inputs went on in a new run (an interrupted run, re-queued): the work is not over.
     continued: bool
+    # The session's completed runs, this one included (0 when not known: an end read back
+    # from the store rather than seen happening).
+    completed_runs: int = 0
 
 
 class CancelReason:

@@ -39,6 +39,8 @@ class SessionRuntime:
     owner: str
     lane: Lane
     last_input_seq: int
+    # Runs of the session that completed (counted from the store at load, then here).
+    completed_runs: int = 0
     # Content of inputs accepted but not yet consumed by a run.
     contents: dict[str, str] = field(default_factory=dict)
     # Unfinished runs of this session, queued or active.
@@ -146,11 +148,11 @@ class SessionTable:
         future: asyncio.Future[SessionRuntime] = asyncio.get_running_loop().create_future()
         self._loading[session_id] = future
         try:
-            row, (last_seq, top) = await self._store.read(repo.session_state, session_id)
+            row, (last_seq, top), completed = await self._store.read(repo.session_state, session_id)
             if row is None:
                 raise NotFound(f"no session {session_id!r}")
             lane = Lane(max_pending=self._max_pending, top_position=top)
-            loaded = SessionRuntime(session_id, row.agent, row.owner, lane, last_seq)
+            loaded = SessionRuntime(session_id, row.agent, row.owner, lane, last_seq, completed_runs=completed)
             runtime = self._live.setdefault(session_id, loaded)
             future.set_result(runtime)
             return runtime

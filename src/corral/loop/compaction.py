@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from corral.loop.messages import build_context
+from corral.loop.messages import StoredMessage, build_context
 from corral.providers.base import ChatMessage
 
 SUMMARY_INSTRUCTIONS = (
@@ -48,7 +47,7 @@ class Cut:
     through_message_id: int
 
 
-def choose_cut(rows: Sequence[Any], run_id: str, budget: int, fixed: Sequence[ChatMessage]) -> Cut | None:
+def choose_cut(rows: Sequence[StoredMessage], run_id: str, budget: int, fixed: Sequence[ChatMessage]) -> Cut | None:
     """Where to cut, or None when there is nothing older than the current run to summarise.
 
     ``fixed`` is what every context carries (the system prompt and the new summary's
@@ -65,7 +64,7 @@ def choose_cut(rows: Sequence[Any], run_id: str, budget: int, fixed: Sequence[Ch
     return Cut(current, rows[current - 1].id)  # as far as it may go: up to the current run
 
 
-def summary_request(previous: str | None, rows: Sequence[Any]) -> list[ChatMessage]:
+def summary_request(previous: str | None, rows: Sequence[StoredMessage]) -> list[ChatMessage]:
     messages = [ChatMessage("system", SUMMARY_INSTRUCTIONS)]
     if previous:
         messages.append(summary_message(previous))

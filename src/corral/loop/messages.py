@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -34,9 +35,28 @@ def message_row(
     }
 
 
-def to_chat(row: Any) -> ChatMessage:
-    calls = tuple(ToolCall.from_json(c) for c in (row.tool_calls or ()))
-    return ChatMessage(row.role, row.content, calls, row.tool_call_id)
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A stored message as the step loop reads it: the row's fields and its model form.
+
+    Every run rebuilds its context from the whole conversation; converted once, when first
+    read (``kernel.conversations`` keeps these between runs), a message costs a run nothing
+    more than a look.
+    """
+
+    id: int
+    run_id: str
+    role: str
+    content: str
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+    chat: ChatMessage
+
+    @classmethod
+    def from_row(cls, row: Any) -> StoredMessage:
+        calls = tuple(ToolCall.from_json(c) for c in (row.tool_calls or ()))
+        return cls(row.id, row.run_id, row.role, row.content, row.tool_calls, row.tool_call_id,
+                   ChatMessage(row.role, row.content, calls, row.tool_call_id))
 
 
 NO_RESULT = "error: no result: the run ended (cancelled, failed or interrupted) before this call finished"
@@ -45,7 +65,7 @@ NO_RESULT = "error: no result: the run ended (cancelled, failed or interrupted) 
 NO_ANSWER = "(no answer: this turn ended before it was finished)"
 
 
-def build_context(rows: Sequence[Any], run_id: str) -> list[ChatMessage]:
+def build_context(rows: Sequence[StoredMessage], run_id: str) -> list[ChatMessage]:
     """The model's view of the stored conversation.
 
     A run cut off inside a tool call leaves calls without results, which model APIs reject
@@ -65,7 +85,7 @@ def build_context(rows: Sequence[Any], run_id: str) -> list[ChatMessage]:
         open_calls.clear()
 
     for row in rows:
-        message = to_chat(row)
+        message = row.chat
         if message.role == "tool":
             open_calls[:] = [call for call in open_calls if call.id != message.tool_call_id]
         elif previous is not None:
@@ -81,22 +101,29 @@ def build_context(rows: Sequence[Any], run_id: str) -> list[ChatMessage]:
     return context
 
 
-def _is_answer(row: Any) -> bool:
+def _is_answer(row: StoredMessage) -> bool:
     return bool(row.role == "assistant" and not row.tool_calls)
 
 
-def unresolved_calls(rows: Sequence[Any], run_id: str) -> list[ToolCall]:
+def current_run(rows: Sequence[StoredMessage], run_id: str) -> Sequence[StoredMessage]:
+    """The run's own messages: the conversation's tail, since a session has one active run
+    and a waiting run keeps its place (so a run never has to scan the whole conversation)."""
+    start = len(rows)
+    while start and rows[start - 1].run_id == run_id:
+        start -= 1
+    return rows[start:]
+
+
+def unresolved_calls(rows: Sequence[StoredMessage], run_id: str) -> list[ToolCall]:
     """Tool calls of the run's latest assistant step that have no result yet."""
-    last_step = None
-    for index, row in enumerate(rows):
-        if row.run_id == run_id and row.role == "assistant" and row.tool_calls:
-            last_step = index
+    own = current_run(rows, run_id)
+    last_step = next((i for i in range(len(own) - 1, -1, -1) if own[i].role == "assistant" and own[i].tool_calls),
+                     None)
     if last_step is None:
         return []
-    answered = {row.tool_call_id for row in rows[last_step + 1 :] if row.role == "tool"}
-    calls = [ToolCall.from_json(c) for c in rows[last_step].tool_calls]
-    return [call for call in calls if call.id not in answered]
+    answered = {row.tool_call_id for row in own[last_step + 1 :] if row.role == "tool"}
+    return [call for call in own[last_step].chat.tool_calls if call.id not in answered]
 
 
-def steps_taken(rows: Sequence[Any], run_id: str) -> int:
-    return sum(1 for row in rows if row.run_id == run_id and row.role == "assistant" and row.tool_calls)
+def steps_taken(rows: Sequence[StoredMessage], run_id: str) -> int:
+    return sum(1 for row in current_run(rows, run_id) if row.role == "assistant" and row.tool_calls)

@@ -25,7 +25,7 @@ from corral.kernel.agents import AgentRuntime
 from corral.kernel.conversations import Conversations
 from corral.kernel.runs import RunHandle
 from corral.loop.compaction import choose_cut, estimate_tokens, summary_message, summary_request
-from corral.loop.messages import build_context, message_row, steps_taken, unresolved_calls
+from corral.loop.messages import StoredMessage, build_context, message_row, steps_taken, unresolved_calls
 from corral.metrics import Metrics
 from corral.providers.base import (
     ChatMessage,
@@ -107,7 +107,8 @@ class StepLoop:
             return Stopped(stop.partial)
 
     async def _run(self) -> Outcome:
-        compaction, rows = await self.conversations.read(self.session_id)
+        compaction, read = await self.conversations.read(self.session_id)
+        rows: Sequence[StoredMessage] = read
         summary = compaction.summary if compaction is not None else None
         steps = steps_taken(rows, self.run_id)
         pending = unresolved_calls(rows, self.run_id)
@@ -150,7 +151,9 @@ class StepLoop:
         fixed = [ChatMessage("system", prompt)] if prompt else []
         return fixed + ([summary_message(summary)] if summary else [])
 
-    async def _compact_if_needed(self, summary: str | None, rows: Sequence[Any]) -> tuple[str | None, Sequence[Any]]:
+    async def _compact_if_needed(
+        self, summary: str | None, rows: Sequence[StoredMessage]
+    ) -> tuple[str | None, Sequence[StoredMessage]]:
         budget = self.agent.spec.context_budget_tokens
         if budget is None:
             return summary, rows
@@ -169,6 +172,7 @@ class StepLoop:
         event = self._event(EventType.CONTEXT_COMPACTED, {
             "through_message_id": cut.through_message_id, "messages_summarised": cut.index,
             "tokens_before": before, "tokens_after": after})
+        self.conversations.forget(self.session_id)
         await self.store.write([ops.Insert(t.compactions, [row])], [event])
         return new_summary, kept
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 TITLE_PROMPT = "Give this conversation a title of at most six words. Reply with the title only."
 SUMMARY_PROMPT = "Summarise this conversation in three sentences at most, for someone about to join it."
 MAX_TITLE = 200
+TITLED_REMEMBERED = 10_000
 
 Hook = Callable[[RunEnd], Awaitable[None]]
 
@@ -47,6 +49,7 @@ class Reflector:
         self.done = 0
         self.failed = 0
         self._progress = asyncio.Condition()
+        self._titled: OrderedDict[str, None] = OrderedDict()  # sessions known to have a title, most recent last
 
     def __repr__(self) -> str:
         return f"<Reflector pending={self._ended.qsize()} done={self.done} failed={self.failed}>"
@@ -80,16 +83,19 @@ class Reflector:
             await self._progress.wait_for(lambda: self.done + self.failed >= count)
 
     async def _title_and_summary(self, ended: RunEnd) -> None:
-        store = self.kernel.store
-        session, turns = await store.read(repo.session_and_turns, ended.session_id)
+        store, every = self.kernel.store, self.config.summary_every
+        summary_due = bool(every) and ended.completed_runs % every == 0
+        if ended.session_id in self._titled and not summary_due:
+            return  # most turns: nothing to read, nothing to ask
+        session = await store.read(repo.get_session, ended.session_id)
         if session is None:
             return
         agent = await self.kernel.agents.wait_ready(session.agent)
         external = agent.spec.driver == "acp"  # an external program: Corral has no model of its own to ask
-        every = self.config.summary_every
-        wants_summary = not external and bool(every) and turns % every == 0
-        if session.title is not None and not wants_summary:
-            return  # most turns: the conversation is not even read
+        if session.title is not None:
+            self._remember_titled(ended.session_id)
+            if external or not summary_due:
+                return
         rows = await store.read(repo.session_messages, ended.session_id, include_rolled_back=False)
         conversation = [ChatMessage(r.role, r.content) for r in rows if r.role in ("user", "assistant") and r.content]
         if session.title is None:
@@ -100,9 +106,17 @@ class Reflector:
                 title = (await self._ask(session.agent, conversation, TITLE_PROMPT)).strip().strip('"')[:MAX_TITLE]
             if title:
                 await store.write(lambda conn: repo.update_session(conn, ended.session_id, title=title))
-        if wants_summary:
+                self._remember_titled(ended.session_id)
+        if summary_due and not external:
             summary = (await self._ask(session.agent, conversation, SUMMARY_PROMPT)).strip()
             await store.write(lambda conn: repo.update_session(conn, ended.session_id, summary=summary))
+
+    def _remember_titled(self, session_id: str) -> None:
+        """A title, once set, stays: the session's later turns need not read it again."""
+        self._titled[session_id] = None
+        self._titled.move_to_end(session_id)
+        while len(self._titled) > TITLED_REMEMBERED:
+            self._titled.popitem(last=False)
 
     async def _ask(self, agent_name: str, conversation: list[ChatMessage], instruction: str) -> str:
         agent = await self.kernel.agents.wait_ready(agent_name)

@@ -99,9 +99,9 @@ def last_event_seqs(conn: Connection, session_ids: Sequence[str]) -> dict[str, i
     return {sid: int(seq) for sid, seq in conn.execute(query).all() if seq is not None}
 
 
-def session_state(conn: Connection, session_id: str) -> tuple[Row | None, tuple[int, float]]:
-    """What loading a session's runtime needs: its row and its counters."""
-    return get_session(conn, session_id), session_counters(conn, session_id)
+def session_state(conn: Connection, session_id: str) -> tuple[Row | None, tuple[int, float], int]:
+    """What loading a session's runtime needs: its row, its counters and its completed runs."""
+    return get_session(conn, session_id), session_counters(conn, session_id), completed_runs_count(conn, session_id)
 
 
 def sessions_page(
@@ -115,11 +115,6 @@ def sessions_page(
 def session_detail(conn: Connection, session_id: str) -> tuple[dict[str, int], Row | None, Sequence[Row]]:
     """A session's newest event seq, its parent link (if a subagent's) and its children."""
     return last_event_seqs(conn, [session_id]), subagent_link(conn, session_id), children_of_session(conn, session_id)
-
-
-def session_and_turns(conn: Connection, session_id: str) -> tuple[Row | None, int]:
-    """What the reflector decides on after a run: the session and its completed turns."""
-    return get_session(conn, session_id), completed_runs_count(conn, session_id)
 
 
 # --- inputs and runs ----------------------------------------------------------------
@@ -227,18 +222,9 @@ def conversation(conn: Connection, session_id: str) -> tuple[Row | None, Sequenc
     return compaction, session_messages(conn, session_id, include_rolled_back=False, after_id=after)
 
 
-def conversation_since(
-    conn: Connection, session_id: str, compaction_id: int | None, after_id: int
-) -> tuple[Row | None, Sequence[Row], bool]:
-    """The conversation's change since a reader last saw it, with its latest compaction id
-    and highest message id: ``(compaction, rows, whole)``. Only the messages after
-    ``after_id`` if the compaction is the same; otherwise the whole conversation
-    (``whole``), since a new compaction changes which messages count."""
-    compaction = latest_compaction(conn, session_id)
-    if (compaction.id if compaction is not None else None) != compaction_id:
-        after = compaction.through_message_id if compaction is not None else 0
-        return compaction, session_messages(conn, session_id, include_rolled_back=False, after_id=after), True
-    return compaction, session_messages(conn, session_id, include_rolled_back=False, after_id=after_id), False
+def messages_after(conn: Connection, session_id: str, after_id: int) -> Sequence[Row]:
+    """The session's live messages newer than ``after_id``: what a run's context gained since."""
+    return session_messages(conn, session_id, include_rolled_back=False, after_id=after_id)
 
 
 # --- jobs ---------------------------------------------------------------------------
