@@ -132,6 +132,11 @@ class SQLiteDialect(Dialect):
         url = make_url(self.url).set(drivername="sqlite+pysqlite")
         # A pooled connection moves between the lane's threads, but only one uses it at a time.
         engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
+        # An ``executemany`` INSERT goes as pages of multi-row ``VALUES`` statements, not one
+        # statement step per row: sqlite3 lets go of the GIL around every step and must take it
+        # back after, which the busy event loop on the other thread makes slow, so a group
+        # commit's wall time grew with its rows (docs/benchmarks.md).
+        engine.dialect.use_insertmanyvalues_wo_returning = True
         synchronous = self.synchronous
 
         @event.listens_for(engine, "connect")
