@@ -73,7 +73,7 @@ class Conversations:
             self.hits += 1
             fresh = await self._store.read(repo.messages_after, session_id, known.last_id)
             entry = _Conversation(known.compaction, known.rows + _stored(fresh))
-        if self._forgotten == epoch:  # nothing was rolled back while we read (else keep nothing)
+        if self._forgotten == epoch:  # nothing was forgotten while we read (else keep nothing)
             self._keep(session_id, entry)
         return entry.compaction, list(entry.rows)
 
