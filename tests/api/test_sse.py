@@ -395,3 +395,23 @@ async def test_plain_disconnect_leaves_the_run_alone(settings: Settings) -> None
                     break
             assert frame.event == "run.completed"
             assert frame.json["output"].startswith("done 3 steps")
+
+
+def test_frames_are_the_bytes_sse_starlette_would_write() -> None:
+    """Events are framed by hand (routes/events.py) for speed; the wire format must not change,
+    whatever the data holds: line breaks, quotes, non-ASCII text."""
+    from sse_starlette import ServerSentEvent
+
+    from corral.api.routes.events import _encode
+    from corral.store import Event
+
+    events = [
+        Event("ses_1", 7, "message.delta", "run_1", {"text": "two\nlines\r\nand \"quotes\" — ünïcode"},
+              datetime(2026, 12, 2, 1, 2, 3)),
+        Event("ses_1", 8, "run.completed", "run_1", {"output": ""}, datetime(2026, 12, 2, 1, 2, 4)),
+    ]
+    expected = b"".join(ServerSentEvent(json.dumps(e.payload()), event=e.type, id=str(e.seq)).encode()
+                        for e in events)
+    assert _encode(events) == expected
+    assert _encode(events) == expected  # the second time from each event's cached JSON
+    assert [json.loads(e.payload_json()) for e in events] == [e.payload() for e in events]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,6 +32,8 @@ class Event:
     run_id: str | None
     data: dict[str, Any]
     ts: datetime
+    # ``payload_json``'s text once made: a cache, not part of the event.
+    _json: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_terminal(self) -> bool:
@@ -46,6 +49,15 @@ class Event:
             "session_id": self.session_id,
             "ts": self.ts.isoformat(),
         }
+
+    def payload_json(self) -> str:
+        """``payload()`` as JSON, serialised once however many streams send the event (a
+        thousand observers of one session would otherwise serialise it a thousand times)."""
+        text = self._json
+        if text is None:
+            text = json.dumps(self.payload())
+            object.__setattr__(self, "_json", text)  # frozen: filling the cache changes no field
+        return text
 
     def row(self) -> dict[str, Any]:
         return {

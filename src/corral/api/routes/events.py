@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from corral.api.deps import KernelDep, PrincipalDep, owned_run, owned_session
 from corral.api.schemas import MAX_INT64
@@ -41,8 +41,16 @@ async def _replay(kernel: Kernel, session_id: str, after: int, run_id: str) -> A
 
 def _encode(events: list[Event]) -> bytes:
     """Events ready together as one chunk: one write through the middlewares and the socket
-    instead of one per event (a turn commits its events in two or three groups)."""
-    return b"".join(ServerSentEvent(json.dumps(e.payload()), event=e.type, id=str(e.seq)).encode() for e in events)
+    instead of one per event (a turn commits its events in two or three groups).
+
+    Framed here rather than by sse-starlette's ``ServerSentEvent``, which splits its data into
+    lines and checks each field, some 8% of the event loop's time under load: an event's
+    type is one of ours and its JSON is one line (``json.dumps`` escapes line breaks), so the
+    frame is three fixed lines. The bytes are the same.
+    """
+    return b"".join(
+        f"id: {e.seq}\r\nevent: {e.type}\r\ndata: {e.payload_json()}\r\n\r\n".encode() for e in events
+    )
 
 
 async def _frames(
