@@ -100,8 +100,8 @@ class Reflector:
         conversation = [ChatMessage(r.role, r.content) for r in rows if r.role in ("user", "assistant") and r.content]
         if session.title is None:
             if external:
-                first = next((m.content for m in conversation if m.role == "user"), None)
-                title = first.strip().splitlines()[0][:MAX_TITLE] if first else None
+                first = next((m.content.strip() for m in conversation if m.role == "user" and m.content.strip()), "")
+                title = first.splitlines()[0][:MAX_TITLE] if first else None
             else:
                 title = (await self._ask(session.agent, conversation, TITLE_PROMPT)).strip().strip('"')[:MAX_TITLE]
             if title:
