@@ -18,8 +18,10 @@ import httpx
 import pytest
 
 from corral.kernel import Kernel, KernelConfig
+from corral.services.reflector import ReflectorConfig, install_reflector
 from corral.settings import Settings
 from corral.specs import AgentSpec
+from corral.store import Store, repo
 from corral.types import AgentState, CancelMode, Decision, Mode
 from tests.api.test_sse import new_session as http_session
 from tests.api.test_sse import post, read_run, sse_frames
@@ -397,3 +399,19 @@ async def test_after_kill_9_a_run_waiting_on_the_program_fails_when_decided(tmp_
             assert "did not survive a restart" in frames[-1].json["error"]["message"]
             again = await post(http, session, "count")
             assert (await read_run(http, again["run_id"]))[-1].json["output"] == "prompt 1"
+
+
+async def test_an_external_agents_session_is_titled_from_its_first_words(tmp_path: Path) -> None:
+    """No Corral model to ask: the reflector titles the session with the first line of the
+    first message that has text (one of only blanks is passed over)."""
+    config = KernelConfig(shutdown_grace_s=1.0, workspace_root=tmp_path / "ws")
+    kernel = Kernel(Store(sqlite_url(tmp_path)), config)
+    reflector = install_reflector(kernel, ReflectorConfig(summary_every=1))
+    async with asyncio.timeout(30), kernel.running():
+        session = await ready_session(kernel, acp_spec())
+        for turn, text in enumerate(("   ", "plan the release\nand then ship it")):
+            assert (await wait_run(kernel, (await kernel.submit(session, text)).run_id))["status"] == "completed"
+            await reflector.wait_reflected(turn + 1)
+        assert reflector.failed == 0
+        row = await kernel.store.read(repo.get_session, session)
+        assert row is not None and row.title == "plan the release" and row.summary is None
