@@ -18,12 +18,12 @@ costs nothing once evicted, and a miss is only a full read.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from corral.loop.messages import StoredMessage
+from corral.lru import Lru
 from corral.store import Store, repo
 
 
@@ -48,19 +48,18 @@ class Conversations:
 
     def __init__(self, store: Store, capacity: int = 1000):
         self._store = store
-        self._capacity = capacity
-        self._entries: OrderedDict[str, _Conversation] = OrderedDict()
+        self._entries: Lru[str, _Conversation] = Lru(capacity)
         self._forgotten = 0  # counts forget() calls: a read that overlapped one keeps nothing
         self.hits = 0
         self.misses = 0
 
     def __repr__(self) -> str:
-        return f"<Conversations {len(self._entries)}/{self._capacity} hits={self.hits} misses={self.misses}>"
+        return f"<Conversations {len(self._entries)}/{self._entries.capacity} hits={self.hits} misses={self.misses}>"
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def read(self, session_id: str) -> tuple[Any, list[StoredMessage]]:
+    async def read(self, session_id: str) -> tuple[Any, Sequence[StoredMessage]]:
         """The latest compaction and the messages it does not summarise (``repo.conversation``),
         in one hop that fetches only the rows that are new."""
         epoch = self._forgotten
@@ -71,21 +70,14 @@ class Conversations:
             entry = _Conversation(compaction, _stored(rows))
         else:
             self.hits += 1
-            fresh = await self._store.read(repo.messages_after, session_id, known.last_id)
+            fresh = await self._store.read(repo.session_messages, session_id, include_rolled_back=False,
+                                           after_id=known.last_id)
             entry = _Conversation(known.compaction, known.rows + _stored(fresh))
         if self._forgotten == epoch:  # nothing was forgotten while we read (else keep nothing)
-            self._keep(session_id, entry)
-        return entry.compaction, list(entry.rows)
+            self._entries.put(session_id, entry)
+        return entry.compaction, entry.rows
 
     def forget(self, session_id: str) -> None:
         """What counts of the session's messages is about to change (a roll-back, a compaction)."""
-        self._entries.pop(session_id, None)
+        self._entries.pop(session_id)
         self._forgotten += 1
-
-    def _keep(self, session_id: str, entry: _Conversation) -> None:
-        if self._capacity <= 0:
-            return
-        self._entries[session_id] = entry
-        self._entries.move_to_end(session_id)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)

@@ -192,27 +192,27 @@ class EventHub:
                     page = await store.read(repo.events_after, session_id, last, run_id=run_id, limit=PAGE)
                     if page:
                         last = page[-1].seq
-                        ended = _through_terminal(page, run_id)
-                        yield ended if ended is not None else page
-                        if ended is not None:
+                        batch, ended = _cut_at_terminal(list(page), run_id)
+                        yield batch
+                        if ended:
                             return
                     if len(page) < PAGE:
                         break
                 while True:
                     if stop is not None and stop.is_set():
                         return
-                    batch: list[Event] = []
+                    ready: list[Event] = []
                     while sub.buffer:
                         event = sub.buffer.popleft()
                         if event.seq <= last:
                             continue
                         last = event.seq
                         if run_id is None or event.run_id == run_id:
-                            batch.append(event)
-                    if batch:
-                        ended = _through_terminal(batch, run_id)
-                        yield ended if ended is not None else batch
-                        if ended is not None:
+                            ready.append(event)
+                    if ready:
+                        batch, ended = _cut_at_terminal(ready, run_id)
+                        yield batch
+                        if ended:
                             return
                         continue
                     if sub.lagged:
@@ -225,11 +225,11 @@ class EventHub:
             self.unsubscribe(sub)
 
 
-def _through_terminal(batch: list[Event], run_id: str | None) -> list[Event] | None:
-    """For a run's stream: the batch up to and including the run's terminal event, if it is there."""
-    if run_id is None:
-        return None
-    for index, event in enumerate(batch):
-        if event.is_terminal:
-            return batch[: index + 1]
-    return None
+def _cut_at_terminal(batch: list[Event], run_id: str | None) -> tuple[list[Event], bool]:
+    """For a run's stream, the batch through the run's terminal event and True if that is in
+    it (the stream ends there); otherwise the batch as it is and False."""
+    if run_id is not None:
+        for index, event in enumerate(batch):
+            if event.is_terminal:
+                return batch[: index + 1], True
+    return batch, False

@@ -107,8 +107,7 @@ class StepLoop:
             return Stopped(stop.partial)
 
     async def _run(self) -> Outcome:
-        compaction, read = await self.conversations.read(self.session_id)
-        rows: Sequence[StoredMessage] = read
+        compaction, rows = await self.conversations.read(self.session_id)
         summary = compaction.summary if compaction is not None else None
         steps = steps_taken(rows, self.run_id)
         pending = unresolved_calls(rows, self.run_id)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from corral.errors import AgentUnavailable, CorralError
 from corral.kernel import Kernel
 from corral.kernel.runs import RunEnd
+from corral.lru import Lru
 from corral.providers.base import ChatMessage, ModelRequest, reply_text
 from corral.store import repo
 from corral.types import RunStatus
@@ -49,7 +49,7 @@ class Reflector:
         self.done = 0
         self.failed = 0
         self._progress = asyncio.Condition()
-        self._titled: OrderedDict[str, None] = OrderedDict()  # sessions known to have a title, most recent last
+        self._titled: Lru[str, bool] = Lru(TITLED_REMEMBERED)  # sessions known to have a title
 
     def __repr__(self) -> str:
         return f"<Reflector pending={self._ended.qsize()} done={self.done} failed={self.failed}>"
@@ -85,7 +85,7 @@ class Reflector:
     async def _title_and_summary(self, ended: RunEnd) -> None:
         store, every = self.kernel.store, self.config.summary_every
         summary_due = bool(every) and ended.completed_runs % every == 0
-        if ended.session_id in self._titled and not summary_due:
+        if self._titled.get(ended.session_id) and not summary_due:
             return  # most turns: nothing to read, nothing to ask
         session = await store.read(repo.get_session, ended.session_id)
         if session is None:
@@ -93,7 +93,7 @@ class Reflector:
         agent = await self.kernel.agents.wait_ready(session.agent)
         external = agent.spec.driver == "acp"  # an external program: Corral has no model of its own to ask
         if session.title is not None:
-            self._remember_titled(ended.session_id)
+            self._titled.put(ended.session_id, True)  # a title, once set, stays
             if external or not summary_due:
                 return
         rows = await store.read(repo.session_messages, ended.session_id, include_rolled_back=False)
@@ -106,17 +106,10 @@ class Reflector:
                 title = (await self._ask(session.agent, conversation, TITLE_PROMPT)).strip().strip('"')[:MAX_TITLE]
             if title:
                 await store.write(lambda conn: repo.update_session(conn, ended.session_id, title=title))
-                self._remember_titled(ended.session_id)
+                self._titled.put(ended.session_id, True)  # a title, once set, stays
         if summary_due and not external:
             summary = (await self._ask(session.agent, conversation, SUMMARY_PROMPT)).strip()
             await store.write(lambda conn: repo.update_session(conn, ended.session_id, summary=summary))
-
-    def _remember_titled(self, session_id: str) -> None:
-        """A title, once set, stays: the session's later turns need not read it again."""
-        self._titled[session_id] = None
-        self._titled.move_to_end(session_id)
-        while len(self._titled) > TITLED_REMEMBERED:
-            self._titled.popitem(last=False)
 
     async def _ask(self, agent_name: str, conversation: list[ChatMessage], instruction: str) -> str:
         agent = await self.kernel.agents.wait_ready(agent_name)

@@ -132,11 +132,6 @@ class SQLiteDialect(Dialect):
         url = make_url(self.url).set(drivername="sqlite+pysqlite")
         # A pooled connection moves between the lane's threads, but only one uses it at a time.
         engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
-        # An ``executemany`` INSERT goes as pages of multi-row ``VALUES`` statements, not one
-        # statement step per row: sqlite3 lets go of the GIL around every step and must take it
-        # back after, which the busy event loop on the other thread makes slow, so a group
-        # commit's wall time grew with its rows (docs/benchmarks.md).
-        engine.dialect.use_insertmanyvalues_wo_returning = True
         synchronous = self.synchronous
 
         @event.listens_for(engine, "connect")
@@ -158,7 +153,13 @@ class SQLiteDialect(Dialect):
         return engine
 
     def writer_lane(self) -> Lane:
-        return ThreadLane(self._engine("BEGIN IMMEDIATE", pool_size=1, max_overflow=0), 1, "corral-writer")
+        engine = self._engine("BEGIN IMMEDIATE", pool_size=1, max_overflow=0)
+        # An ``executemany`` INSERT goes as pages of multi-row ``VALUES`` statements, not one
+        # statement step per row: sqlite3 lets go of the GIL around every step and must take it
+        # back after, which the busy event loop on the other thread makes slow, so a group
+        # commit's wall time grew with its rows (docs/benchmarks.md).
+        engine.dialect.use_insertmanyvalues_wo_returning = True
+        return ThreadLane(engine, 1, "corral-writer")
 
     def reader_lane(self) -> Lane:
         threads = self.READER_THREADS

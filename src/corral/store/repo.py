@@ -217,15 +217,10 @@ def latest_compaction(conn: Connection, session_id: str) -> Row | None:
 def conversation(conn: Connection, session_id: str) -> tuple[Row | None, Sequence[Row]]:
     """What a run's context is built from: the latest compaction and the messages it does not
     summarise (rolled-back ones left out). ``kernel.conversations`` reads it once per session,
-    then only what is new (``messages_after``)."""
+    then only the messages after the last it knows."""
     compaction = latest_compaction(conn, session_id)
     after = compaction.through_message_id if compaction is not None else 0
     return compaction, session_messages(conn, session_id, include_rolled_back=False, after_id=after)
-
-
-def messages_after(conn: Connection, session_id: str, after_id: int) -> Sequence[Row]:
-    """The session's live messages newer than ``after_id``: what a run's context gained since."""
-    return session_messages(conn, session_id, include_rolled_back=False, after_id=after_id)
 
 
 # --- jobs ---------------------------------------------------------------------------
