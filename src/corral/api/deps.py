@@ -12,17 +12,28 @@ from corral.principals import LOCAL, Principal
 from corral.store import repo
 
 
-# The dependencies are ``async`` although they never await: FastAPI runs a plain ``def``
-# dependency in a worker thread, two thread hand-offs per request for a dictionary lookup.
-async def get_kernel(request: Request) -> Kernel:
+def kernel_of(request: Request) -> Kernel:
     kernel: Kernel = request.app.state.kernel
     return kernel
 
 
-async def get_principal(request: Request) -> Principal:
+def principal_of(request: Request) -> Principal:
     # Set by the Authenticate middleware; an app built without it serves the local admin.
     principal: Principal | None = getattr(request.state, "principal", None)
     return principal or LOCAL
+
+
+# The dependencies are ``async`` although they never await: FastAPI runs a plain ``def``
+# dependency in a worker thread, two thread hand-offs per request for a dictionary lookup.
+# A turn's own route takes the request and calls the functions above instead: FastAPI
+# inspects every dependency again on every request, which under load cost more of the
+# event loop than the route's own work (docs/benchmarks.md).
+async def get_kernel(request: Request) -> Kernel:
+    return kernel_of(request)
+
+
+async def get_principal(request: Request) -> Principal:
+    return principal_of(request)
 
 
 KernelDep = Annotated[Kernel, Depends(get_kernel)]

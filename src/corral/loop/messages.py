@@ -89,14 +89,15 @@ def build_context(rows: Sequence[StoredMessage], run_id: str) -> list[ChatMessag
         if message.role == "tool":
             open_calls[:] = [call for call in open_calls if call.id != message.tool_call_id]
         elif previous is not None:
-            close(previous.run_id)
+            if open_calls:  # the common message closes nothing: this loop runs over the whole conversation
+                close(previous.run_id)
             if previous.run_id not in ("", row.run_id) and not _is_answer(previous):
                 context.append(ChatMessage("assistant", NO_ANSWER))
         context.append(message)
         if message.role == "assistant" and message.tool_calls:
             open_calls.extend(message.tool_calls)
         previous = row
-    if previous is not None:
+    if open_calls:
         close(previous.run_id)
     return context
 

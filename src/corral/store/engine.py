@@ -148,7 +148,7 @@ class SQLiteDialect(Dialect):
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql(begin)
+            conn.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
 
         return engine
 

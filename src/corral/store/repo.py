@@ -197,15 +197,21 @@ def insert_messages(conn: Connection, rows: list[dict[str, Any]]) -> None:
         conn.execute(t.messages.insert(), rows)
 
 
+# Built once: every run reads its session's new messages with this, and building a statement
+# (and its cache key) cost more of the reader thread's time than running it.
+_MESSAGES_AFTER = (sa.select(t.messages)
+                   .where(t.messages.c.session_id == sa.bindparam("session_id"),
+                          t.messages.c.id > sa.bindparam("after_id"))
+                   .order_by(t.messages.c.id))
+_LIVE_MESSAGES_AFTER = _MESSAGES_AFTER.where(t.messages.c.rolled_back.is_(False))
+
+
 def session_messages(
     conn: Connection, session_id: str, *, include_rolled_back: bool, after_id: int = 0
 ) -> Sequence[Row]:
     """The session's messages in order; ``after_id`` skips those a compaction summarised."""
-    query = (sa.select(t.messages).where(t.messages.c.session_id == session_id, t.messages.c.id > after_id)
-             .order_by(t.messages.c.id))
-    if not include_rolled_back:
-        query = query.where(t.messages.c.rolled_back.is_(False))
-    return conn.execute(query).all()
+    query = _MESSAGES_AFTER if include_rolled_back else _LIVE_MESSAGES_AFTER
+    return conn.execute(query, {"session_id": session_id, "after_id": after_id}).all()
 
 
 def latest_compaction(conn: Connection, session_id: str) -> Row | None:
