@@ -12,6 +12,7 @@ from corral.kernel import Kernel, KernelConfig
 from corral.kernel.runs import RunEnd
 from corral.services.reflector import Reflector, ReflectorConfig, install_reflector
 from corral.settings import Settings, default_agent
+from corral.specs import AgentSpec
 from corral.store import Store, repo
 from tests.helpers import client, http_server, new_session, sqlite_url, wait_run
 
@@ -116,3 +117,24 @@ async def test_the_summary_cadence_counts_completed_runs_across_a_restart(tmp_pa
     after_three = "4 user messages; the latest: three"  # the demo counts the failed turn's message too
     after_six = "7 user messages; the latest: six"
     assert summaries == [None, None, None, after_three, after_three, after_three, after_six]
+
+
+async def test_a_summary_is_asked_of_the_compacted_conversation(tmp_path: Path) -> None:
+    """A long session's summary is made from what its runs see (the latest compaction's summary
+    and the messages after it), not from its whole history, which can outgrow a model's context."""
+    words = " ".join(f"word{i}" for i in range(60))
+    config = ReflectorConfig(summary_every=6)
+    async with asyncio.timeout(LIMIT), reflecting(sqlite_url(tmp_path), config=config) as (kernel, reflector):
+        await kernel.agents.create(AgentSpec(name="brief", context_budget_tokens=700))
+        await kernel.agents.wait_ready("brief")
+        session = await new_session(kernel, "brief")
+        for turn in range(6):
+            await wait_run(kernel, (await kernel.submit(session, f"turn {turn}: {words}")).run_id)
+        await reflector.wait_reflected(6)
+        compaction, rows = await kernel.store.read(repo.conversation, session)
+        assert compaction is not None  # the context was compacted on the way
+        kept = len([row for row in rows if row.role == "user"])
+        assert 0 < kept < 6
+        row = await kernel.store.read(repo.get_session, session)
+        latest = f"turn 5: {words}"[:80]  # the demo quotes the latest message's first 80 characters
+        assert row is not None and row.summary == f"{kept} user messages; the latest: {latest}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from corral.errors import AgentUnavailable, CorralError
 from corral.kernel import Kernel
 from corral.kernel.runs import RunEnd
+from corral.loop.compaction import summary_message
 from corral.lru import Lru
 from corral.providers.base import ChatMessage, ModelRequest, reply_text
 from corral.store import repo
@@ -96,8 +97,12 @@ class Reflector:
             self._titled.put(ended.session_id, True)  # a title, once set, stays
             if external or not summary_due:
                 return
-        rows = await store.read(repo.session_messages, ended.session_id, include_rolled_back=False)
-        conversation = [ChatMessage(r.role, r.content) for r in rows if r.role in ("user", "assistant") and r.content]
+        # What the session's runs see: the latest compaction's summary and the messages after it,
+        # from the kernel's memory. The whole history could outgrow the model's context, and
+        # reading it every few turns cost a read that grew with the session.
+        compaction, rows = await self.kernel.conversations.read(ended.session_id)
+        conversation = [summary_message(compaction.summary)] if compaction is not None else []
+        conversation += [ChatMessage(r.role, r.content) for r in rows if r.role in ("user", "assistant") and r.content]
         if session.title is None:
             if external:
                 first = next((m.content.strip() for m in conversation if m.role == "user" and m.content.strip()), "")
