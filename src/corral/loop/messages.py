@@ -37,7 +37,7 @@ def message_row(
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
-    """A stored message as the step loop reads it: the row's fields and its model form.
+    """A stored message as the step loop reads it: its id, its run and its model form.
 
     Every run rebuilds its context from the whole conversation; converted once, when first
     read (``kernel.conversations`` keeps these between runs), a message costs a run nothing
@@ -46,17 +46,25 @@ class StoredMessage:
 
     id: int
     run_id: str
-    role: str
-    content: str
-    tool_calls: list[dict[str, Any]] | None
-    tool_call_id: str | None
-    chat: ChatMessage
+    chat: ChatMessage  # the role, content and tool calls, in the form the model takes
 
     @classmethod
     def from_row(cls, row: Any) -> StoredMessage:
         calls = tuple(ToolCall.from_json(c) for c in (row.tool_calls or ()))
-        return cls(row.id, row.run_id, row.role, row.content, row.tool_calls, row.tool_call_id,
-                   ChatMessage(row.role, row.content, calls, row.tool_call_id))
+        return cls(row.id, row.run_id, ChatMessage(row.role, row.content, calls, row.tool_call_id))
+
+    @property
+    def role(self) -> str:
+        return self.chat.role
+
+    @property
+    def content(self) -> str:
+        return self.chat.content
+
+    @property
+    def is_step(self) -> bool:
+        """An assistant message that called tools: one step of its run."""
+        return self.role == "assistant" and bool(self.chat.tool_calls)
 
 
 NO_RESULT = "error: no result: the run ended (cancelled, failed or interrupted) before this call finished"
@@ -103,7 +111,7 @@ def build_context(rows: Sequence[StoredMessage], run_id: str) -> list[ChatMessag
 
 
 def _is_answer(row: StoredMessage) -> bool:
-    return bool(row.role == "assistant" and not row.tool_calls)
+    return row.role == "assistant" and not row.chat.tool_calls
 
 
 def current_run(rows: Sequence[StoredMessage], run_id: str) -> Sequence[StoredMessage]:
@@ -118,13 +126,12 @@ def current_run(rows: Sequence[StoredMessage], run_id: str) -> Sequence[StoredMe
 def unresolved_calls(rows: Sequence[StoredMessage], run_id: str) -> list[ToolCall]:
     """Tool calls of the run's latest assistant step that have no result yet."""
     own = current_run(rows, run_id)
-    last_step = next((i for i in range(len(own) - 1, -1, -1) if own[i].role == "assistant" and own[i].tool_calls),
-                     None)
+    last_step = next((i for i in range(len(own) - 1, -1, -1) if own[i].is_step), None)
     if last_step is None:
         return []
-    answered = {row.tool_call_id for row in own[last_step + 1 :] if row.role == "tool"}
+    answered = {row.chat.tool_call_id for row in own[last_step + 1 :] if row.role == "tool"}
     return [call for call in own[last_step].chat.tool_calls if call.id not in answered]
 
 
 def steps_taken(rows: Sequence[StoredMessage], run_id: str) -> int:
-    return sum(1 for row in current_run(rows, run_id) if row.role == "assistant" and row.tool_calls)
+    return sum(1 for row in current_run(rows, run_id) if row.is_step)
