@@ -55,6 +55,24 @@ class ShuttingDown(CorralError):
     code = "shutting_down"
 
 
+class StoreUnavailable(CorralError):
+    """The database could not take a write (unreachable, full, locked, or a session whose last
+    write is being repaired): nothing was recorded; retry after ``retry_after`` seconds."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreConflict(Conflict):
+    """A write broke a uniqueness rule of the store (a name or key taken meanwhile, perhaps by
+    another process); the store translates its driver's error into this one."""
+
+    code = "store_conflict"
+
+
 class ProviderError(CorralError):
     """The model provider failed; the run fails with this error."""
 

@@ -20,6 +20,7 @@ STATUS: list[tuple[type[e.CorralError], int]] = [
     (e.BodyTooLarge, 413),
     (e.TooManyPending, 429),
     (e.ShuttingDown, 503),
+    (e.StoreUnavailable, 503),
 ]
 
 
@@ -44,7 +45,10 @@ async def _corral_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.CorralError)
     status = status_for(exc)
     body = error_body(exc.code, str(exc), type=OPENAI_TYPES.get(status, "server_error"))
-    return JSONResponse(body, status_code=status)
+    headers = None
+    if isinstance(exc, e.StoreUnavailable):
+        headers = {"retry-after": str(max(1, round(exc.retry_after)))}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

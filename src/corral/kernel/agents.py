@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from corral.clock import utcnow
 from corral.drivers.acp_process import AcpProcess
 from corral.errors import AgentUnavailable, Conflict, NotFound
 from corral.kernel.slots import PrioritySlot
@@ -25,7 +26,6 @@ from corral.providers.registry import create_provider, validate_agent
 from corral.specs import AgentSpec
 from corral.store import Store, ops, repo
 from corral.store import tables as t
-from corral.store.tables import utcnow
 from corral.tools.base import Tool, ToolRegistry
 from corral.tools.mcp import McpSupervisor, McpTool
 from corral.types import AgentState

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import logs, tracing
+from corral.clock import utcnow
 from corral.drivers.acp_turn import AcpTurn
 from corral.errors import Conflict, CorralError, NotFound, SessionBusy, ShuttingDown, TooManyPending
 from corral.kernel.agents import AgentManager, AgentRuntime
@@ -33,7 +34,6 @@ from corral.providers.base import ToolCall
 from corral.specs import AgentSpec
 from corral.store import NewEvent, Store, ops, repo
 from corral.store import tables as t
-from corral.store.tables import utcnow
 from corral.tools import ToolRegistry, default_registry
 from corral.types import (
     TERMINAL_EVENT,

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+from corral.clock import utcnow
 from corral.kernel.lane import Slot
 from corral.kernel.runs import RunHandle, queued_run_row
 from corral.store import NewEvent, ops, repo
 from corral.store import tables as t
-from corral.store.tables import utcnow
 from corral.types import EventType, ExecPolicy, InputStatus, RunStatus, new_id
 
 if TYPE_CHECKING:

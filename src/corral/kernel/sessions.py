@@ -9,13 +9,13 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from corral.clock import utcnow
 from corral.errors import NotFound
 from corral.kernel.lane import Lane
 from corral.kernel.runs import RunHandle
 from corral.principals import LOCAL
 from corral.store import Store, ops, repo
 from corral.store import tables as t
-from corral.store.tables import utcnow
 from corral.types import Disposition, new_id
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from corral.clock import utcnow
 from corral.providers.base import ChatMessage, ToolCall
-from corral.store.tables import utcnow
 
 
 def message_row(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import tracing
+from corral.clock import utcnow
 from corral.errors import AgentUnavailable, StepLimitExceeded, ToolError
 from corral.kernel.agents import AgentRuntime
 from corral.kernel.conversations import Conversations
@@ -39,7 +40,6 @@ from corral.providers.base import (
 )
 from corral.store import NewEvent, Store, ops, repo
 from corral.store import tables as t
-from corral.store.tables import utcnow
 from corral.tools.base import ToolContext
 from corral.types import Approval, ApprovalStatus, EventType, ExecPolicy, InputStatus
 

@@ -21,13 +21,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy.exc import IntegrityError
 
+from corral.clock import utcnow
 from corral.errors import CorralError, InvalidInput, NotFound, ShuttingDown, ToolError
 from corral.kernel import Kernel
 from corral.principals import LOCAL
 from corral.services.schedules import AnySchedule, Schedule, next_fire
 from corral.store import ops, repo
 from corral.store import tables as t
-from corral.store.tables import utcnow
 from corral.tools.base import Tool, ToolContext
 from corral.types import Misfire, Overlap, new_id
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral.clock import utcnow
 from corral.errors import Conflict, CorralError, NotFound, ShuttingDown, ToolError
 from corral.kernel import Kernel
 from corral.kernel.runs import RunEnd
 from corral.store import NewEvent, ops, repo
 from corral.store import tables as t
-from corral.store.tables import utcnow
 from corral.tools.base import Tool, ToolContext
 from corral.types import CancelMode, EventType, Mode, RunStatus
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from corral.store.tables import utcnow
+from corral.clock import utcnow
 from corral.types import TERMINAL_EVENT_TYPES, EventType
 
 

@@ -49,10 +49,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 # None is SQL NULL on both backends (plain sa.JSON stores the JSON text 'null' on SQLite,
 # so ``IS NULL`` would mean different things per backend).
 JSON: Any = sa.JSON(none_as_null=True)
