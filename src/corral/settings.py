@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from corral.kernel import KernelConfig
+from corral.kernel.config import KernelConfig
 from corral.principals import Principal, TokenTable
 from corral.services.subagents import SubagentLimits
 from corral.specs import AgentSpec

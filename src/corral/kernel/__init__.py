@@ -1,6 +1,31 @@
-"""The concurrency core: lanes, runs, sessions, agents and events. No HTTP, no SQL."""
+"""The concurrency core: lanes, runs, sessions, agents and events. No HTTP, no SQL.
 
-from corral.kernel.kernel import Kernel, KernelConfig
-from corral.kernel.sessions import Accepted
+The names below load on first use, so importing a pure module of the package
+(``corral.kernel.lane``) does not import the whole runtime.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.kernel.config import KernelConfig
+    from corral.kernel.kernel import Kernel
+    from corral.kernel.sessions import Accepted
 
 __all__ = ["Accepted", "Kernel", "KernelConfig"]
+
+_HOMES = {
+    "Accepted": "corral.kernel.sessions",
+    "Kernel": "corral.kernel.kernel",
+    "KernelConfig": "corral.kernel.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(home), name)

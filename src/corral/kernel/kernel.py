@@ -13,8 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from corral import logs, tracing
@@ -22,6 +20,7 @@ from corral.clock import utcnow
 from corral.drivers.acp_turn import AcpTurn
 from corral.errors import Conflict, CorralError, NotFound, SessionBusy, ShuttingDown, TooManyPending
 from corral.kernel.agents import AgentManager, AgentRuntime
+from corral.kernel.config import KernelConfig
 from corral.kernel.conversations import Conversations
 from corral.kernel.lane import Acceptance, Slot
 from corral.kernel.observers import EventHub
@@ -50,19 +49,6 @@ from corral.types import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    max_pending_inputs: int = 1000
-    interrupt_grace_s: float = 2.0
-    shutdown_grace_s: float = 5.0
-    requeue_interrupted: bool = True
-    max_tool_processes: int = 8
-    # Sessions whose conversation stays in memory between runs (least recently used out).
-    conversation_cache_sessions: int = 1000
-    # Each agent's tools work in ``workspace_root / <agent name>``.
-    workspace_root: Path = Path(".corral/workspaces")
 
 
 # Inputs from these origins run in the background class (see kernel/slots.py).
