@@ -9,19 +9,19 @@ them onto each record, where any formatter (ours, or a user's ``%(run_id)s``) ca
 What a line may carry is fixed (time, level, logger, message, ids, exception text): no
 ``extra`` fields or call arguments are dumped, so nothing reaches the log unless some code
 wrote it into a message on purpose; request headers (and so API tokens) never are.
+
+The ASGI middleware that binds a request's session or run id is ``corral.api.request_log``:
+this module is imported by the kernel and the CLI, which need no web framework.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
-
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 LogFormat = Literal["auto", "json", "human"]
 
@@ -122,28 +122,3 @@ def configure_logging(level: str, fmt: LogFormat = "auto", stream: TextIO | None
         logger.propagate = True
     return handler
 
-
-_ID_PATH = re.compile(r"^/v1/(sessions|runs)/([^/]+)")
-
-
-class LogContext:
-    """ASGI middleware: a request on ``/v1/sessions/{id}…`` or ``/v1/runs/{id}…`` logs with that id.
-
-    Plain ASGI (not ``BaseHTTPMiddleware``) so the binding is seen by the route, the tasks it
-    starts and uvicorn's access line, which all run in this request's context.
-    """
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _ID_PATH.match(scope["path"]) if scope["type"] == "http" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        var = session_id_var if match[1] == "sessions" else run_id_var
-        token = var.set(match[2])
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            var.reset(token)

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from corral.kernel.config import KernelConfig
 from corral.principals import Principal, TokenTable
-from corral.services.subagents import SubagentLimits
+from corral.services.limits import SubagentLimits
 from corral.specs import AgentSpec
 from corral.tools.config import ToolSettings
 

@@ -14,9 +14,9 @@ from fastapi.staticfiles import StaticFiles
 from corral import __version__
 from corral.api import errors
 from corral.api.limits import Authenticate, BodyLimit
+from corral.api.request_log import LogContext
 from corral.api.routes import agents, events, jobs, meta, openai, runs, sessions
 from corral.kernel import Kernel
-from corral.logs import LogContext
 from corral.services.reflector import ReflectorConfig, install_reflector
 from corral.services.scheduler import install_scheduler
 from corral.services.subagents import install_subagents

@@ -23,20 +23,13 @@ from corral.clock import utcnow
 from corral.errors import Conflict, CorralError, NotFound, ShuttingDown, ToolError
 from corral.kernel import Kernel
 from corral.kernel.runs import RunEnd
+from corral.services.limits import SubagentLimits
 from corral.store import NewEvent, ops, repo
 from corral.store import tables as t
 from corral.tools.base import Tool, ToolContext
 from corral.types import CancelMode, EventType, Mode, RunStatus
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SubagentLimits:
-    max_depth: int = 3
-    max_children_per_session: int = 10
-    max_total: int = 100
-    cascade_cancel: bool = True
 
 
 @dataclass(frozen=True)
