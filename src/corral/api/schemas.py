@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.tools.mcp import McpState
+from corral.tools.mcp_status import McpState
 from corral.types import AgentState, CancelMode, Decision, Disposition, ExecPolicy, Mode, RunStatus
 
 # Positions and offsets are stored as 64-bit integers: anything larger is a client error, not a 500.

@@ -9,22 +9,30 @@ never delays the agent, its other servers or any other agent.
 A server's tools are Corral tools named ``SERVER.TOOL`` (the approval policy names them so,
 too). They stay in the agent's tool set while their server is down, so a call gets a clear
 error at once ("MCP server X is down (restarting): ...") instead of an unknown-tool error.
+
+The MCP SDK takes about a second to import. It is loaded in a worker thread the first
+time some agent's servers start (``_link_module``): a service whose agents have no MCP
+servers never loads it, and neither the start of one that does nor its event loop (every
+other agent and session) waits for it. Until then the servers show as ``starting``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from corral.specs import McpServerSpec
 from corral.tools.base import AnyArguments, JsonSchemaTool, Tool, ToolContext
+from corral.tools.mcp_status import STOPPED, McpState, McpStatus, McpTimings, McpToolInfo
 
-# Imported eagerly although the SDK takes ~1 s to import: at first use it would block the
-# event loop, and with it every other agent and session.
-from corral.tools.mcp_link import McpLink, McpState, McpStatus, McpTimings, McpToolInfo
+if TYPE_CHECKING:
+    from corral.tools.mcp_link import McpLink
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,15 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 # How long aclose() waits for the servers to shut down by themselves (a stdio server gets
 # its stdin closed, then a SIGTERM after 2 s, a SIGKILL after 2 s more) before cancelling.
 CLOSE_TIMEOUT_S = 8.0
+LINK_MODULE = "corral.tools.mcp_link"
+
+
+async def _link_module() -> ModuleType:
+    """``mcp_link`` and the SDK behind it, imported off the event loop the first time."""
+    loaded = sys.modules.get(LINK_MODULE)
+    if loaded is not None:
+        return loaded
+    return await asyncio.to_thread(importlib.import_module, LINK_MODULE)
 
 
 @dataclass(frozen=True)
@@ -56,13 +73,18 @@ class McpSupervisor:
     ):
         self.agent = agent
         self._on_change = on_change
-        timings = timings or McpTimings()
-        self._links = {spec.name: McpLink(agent, spec, self._tools_changed, timings) for spec in specs}
+        self._specs = tuple(specs)
+        self._timings = timings or McpTimings()
+        # One link per server, made by run() once the SDK is loaded; until then (or if it was
+        # stopped first, or the SDK failed to load) statuses() describes the servers itself.
+        self._links: dict[str, McpLink] = {}
+        self._stopped = False
+        self._load_error: str | None = None
         self._tools: dict[str, Tool] = {}
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        states = ", ".join(f"{link.name}={link.state.value}" for link in self._links.values())
+        states = ", ".join(f"{status.name}={status.state.value}" for status in self.statuses())
         return f"<McpSupervisor {self.agent}: {states}>"
 
     def start(self, spawn: Spawn) -> None:
@@ -71,6 +93,16 @@ class McpSupervisor:
 
     async def run(self) -> None:
         """Own one task per server; returns once every server has stopped (``stop_nowait()``)."""
+        try:
+            module = await _link_module()
+        except Exception as exc:  # a broken install: these servers stay down, the agent and the service go on
+            log.exception("the MCP SDK failed to load; the MCP servers of agent %s stay down", self.agent)
+            self._load_error = f"the MCP SDK failed to load: {type(exc).__name__}: {exc}"
+            return
+        if self._stopped:
+            return
+        self._links = {spec.name: module.McpLink(self.agent, spec, self._tools_changed, self._timings)
+                       for spec in self._specs}
         async with asyncio.TaskGroup() as group:
             for link in self._links.values():
                 group.create_task(self._run_link(link), name=f"mcp:{self.agent}:{link.name}")
@@ -89,10 +121,17 @@ class McpSupervisor:
         return dict(self._tools)
 
     def statuses(self) -> list[McpStatus]:
-        return [link.status() for link in self._links.values()]
+        return [self._links[spec.name].status() if spec.name in self._links else self._unlinked(spec.name)
+                for spec in self._specs]
+
+    def _unlinked(self, name: str) -> McpStatus:
+        if self._stopped or self._load_error is not None:
+            return McpStatus(name, McpState.DOWN, STOPPED if self._stopped else self._load_error, (), 0)
+        return McpStatus(name, McpState.STARTING, None, (), 0)
 
     def stop_nowait(self) -> None:
         """Tell every server to stop; ``aclose()`` waits for them."""
+        self._stopped = True
         for link in self._links.values():
             link.stop_nowait()
 

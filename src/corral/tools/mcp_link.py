@@ -19,8 +19,6 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
@@ -37,60 +35,22 @@ from pydantic import ValidationError
 
 from corral.errors import ToolError
 from corral.specs import McpServerSpec
+from corral.tools.mcp_status import STOPPED, McpState, McpStatus, McpTimings, McpToolInfo
 
 log = logging.getLogger(__name__)
 
 # The SDK imports jsonschema at the first call of a tool with an output schema: import it
-# here, at start-up, rather than block the event loop (every agent and session) then.
+# with this module, which loads in a worker thread (``mcp._link_module``), rather than block
+# the event loop (every agent and session) then.
 importlib.import_module("jsonschema")
 
 CLIENT_INFO = mcp_types.Implementation(name="corral", version="1")
 MAX_TOOL_PAGES = 100  # a server whose tools/list never stops paginating cannot hang the link
-STOPPED = "stopped (its agent was deleted or replaced, or the service is stopping)"
 CLOSED = "the server closed the connection"
 
 
 class _LinkError(Exception):
     """A failure the link describes itself; its message is shown as is."""
-
-
-class McpState(StrEnum):
-    """A server's state; ``starting`` covers a restart too (``error`` then keeps the last failure)."""
-
-    STARTING = "starting"
-    UP = "up"
-    DOWN = "down"
-
-
-@dataclass(frozen=True)
-class McpStatus:
-    """What ``GET /v1/agents/{name}`` shows of one server: ``error`` is the last failure."""
-
-    name: str
-    state: McpState
-    error: str | None
-    tools: tuple[str, ...]
-    restarts: int
-
-
-@dataclass(frozen=True)
-class McpTimings:
-    """How patient the supervisor is; a parameter so tests and operators can change it."""
-
-    start_s: float = 30.0  # spawn/connect, handshake and the first tools/list
-    backoff_min_s: float = 0.5
-    backoff_max_s: float = 30.0
-    healthy_s: float = 10.0  # up at least this long: the next failure restarts after backoff_min_s again
-    refresh_s: float = 30.0  # re-list tools: catches a changed list, and an HTTP server that went away
-
-
-@dataclass(frozen=True)
-class McpToolInfo:
-    """One tool as the server listed it (``name`` is the server's own, without the prefix)."""
-
-    name: str
-    description: str
-    schema: dict[str, Any]
 
 
 class McpLink:
