@@ -1,7 +1,9 @@
 """The scheduler: jobs that wake agents on a cron expression, an interval, or at a moment.
 
 One loop sleeps until the earliest due job and wakes at once when a job is added or removed
-(an event, not a polling interval); stopping it is cancelling its task. A fire enqueues an
+(an event, not a polling interval); stopping it is cancelling its task. It reads the time and
+sleeps through one ``Clock``: the system's in service, a hand-driven one in tests, which moves
+time on and wakes the loop at once instead of making a test wait for real. A fire enqueues an
 input with origin ``scheduler`` (a background-class run) under the idempotency key
 ``job:<id>:<due time>``, then records the fire and the job's next due time in one write. A
 crash between the two repeats the same enqueue after the restart, which the key turns into
@@ -13,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy.exc import IntegrityError
@@ -34,9 +35,39 @@ from corral.types import Misfire, Overlap, new_id
 log = logging.getLogger(__name__)
 
 SCHEDULE = TypeAdapter(Schedule)
-# The longest the loop sleeps in one go: a wall-clock jump is noticed within this.
+# The longest the system clock sleeps in one go: a wall-clock jump is noticed within this.
 MAX_SLEEP_S = 300.0
-Clock = Callable[[], datetime]
+
+
+class Clock(Protocol):
+    """The scheduler's time: what time it is, and a sleep until a time that a change cuts short."""
+
+    def now(self) -> datetime: ...
+
+    async def sleep_until(self, deadline: datetime | None, wake: asyncio.Event) -> None:
+        """Return once ``deadline`` has come (``None``: no deadline) or ``wake`` is set; at once
+        if either is so already. It may return early (the caller looks at the time again), and
+        cancelling it ends it at once."""
+        ...
+
+
+class SystemClock:
+    """Wall-clock time (UTC), and a sleep on the event loop's timer."""
+
+    def now(self) -> datetime:
+        return utcnow()
+
+    async def sleep_until(self, deadline: datetime | None, wake: asyncio.Event) -> None:
+        delay = MAX_SLEEP_S if deadline is None else min((deadline - self.now()).total_seconds(), MAX_SLEEP_S)
+        if delay <= 0 or wake.is_set():
+            return
+        # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await wake.wait()
+
+
+SYSTEM_CLOCK = SystemClock()
 
 
 @dataclass(frozen=True)
@@ -68,7 +99,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, kernel: Kernel, *, misfire_grace_s: float = 60.0, clock: Clock = utcnow):
+    def __init__(self, kernel: Kernel, *, misfire_grace_s: float = 60.0, clock: Clock = SYSTEM_CLOCK):
         self.kernel = kernel
         self.misfire_grace_s = misfire_grace_s
         self.clock = clock
@@ -90,26 +121,19 @@ class Scheduler:
         self._jobs = {row.id: Job.from_row(row) for row in await self.kernel.store.read(repo.all_jobs)}
         while not self.kernel.stopping.is_set():
             self._changed.clear()  # before looking: a change made while firing wakes the next wait
-            now = self.clock()
+            now = self.clock.now()
             for job in sorted(self._due(now), key=lambda j: j.next_fire_at or now):
                 try:
                     await self._fire_due(job, now)
                 except ShuttingDown:
                     return  # the fire stays due in the store: the next start makes it
-
-            delay = self._seconds_to_next(self.clock())
-            if delay is None or delay > 0:
-                # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(delay or MAX_SLEEP_S, MAX_SLEEP_S)):
-                        await self._changed.wait()
+            await self.clock.sleep_until(self._next_due(), self._changed)
 
     def _due(self, now: datetime) -> list[Job]:
         return [job for job in self._jobs.values() if job.next_fire_at is not None and job.next_fire_at <= now]
 
-    def _seconds_to_next(self, now: datetime) -> float | None:
-        upcoming = [job.next_fire_at for job in self._jobs.values() if job.next_fire_at is not None]
-        return max(0.0, (min(upcoming) - now).total_seconds()) if upcoming else None
+    def _next_due(self) -> datetime | None:
+        return min((job.next_fire_at for job in self._jobs.values() if job.next_fire_at is not None), default=None)
 
     async def _fire_due(self, job: Job, now: datetime) -> None:
         due = job.next_fire_at
@@ -131,7 +155,7 @@ class Scheduler:
                 await self._record(job, due, following, "failed", None, None)
                 return
             self.fires += 1
-            self.kernel.metrics.scheduler_lag.observe(max(0.0, (self.clock() - due).total_seconds()))
+            self.kernel.metrics.scheduler_lag.observe(max(0.0, (self.clock.now() - due).total_seconds()))
             await self._record(job, due, following, "fired", session_id, run_id)
 
     def _still_active(self, run_id: str | None) -> bool:
@@ -183,7 +207,7 @@ class Scheduler:
                   session_id: str | None = None, overlap: Overlap = Overlap.SKIP,
                   misfire: Misfire = Misfire.RUN_ONCE) -> Job:
         """Store a job and wake the loop; the caller has checked the agent and the session."""
-        now = self.clock()
+        now = self.clock.now()
         first = next_fire(schedule, now, now)
         if first is None:
             raise InvalidInput("the schedule never fires: `at` is in the past")
@@ -230,7 +254,7 @@ def schedule_tool(scheduler: Scheduler) -> Tool:
             raise ToolError("give exactly one of in_s, at, every_s or cron")
         spec: dict[str, Any]
         if args.in_s is not None:
-            spec = {"at": scheduler.clock() + timedelta(seconds=args.in_s)}
+            spec = {"at": scheduler.clock.now() + timedelta(seconds=args.in_s)}
         elif args.cron is not None:
             spec = {"cron": args.cron, "tz": args.tz}
         else:
