@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from corral import __version__
 from corral.errors import CorralError
 from corral.types import Mode
 
 app = typer.Typer(help="Corral: host many LLM agents and conversations at once.", no_args_is_help=True)
-err = Console(stderr=True)
 
 # The client commands share these; the token has no shown default so it never reaches a terminal.
 Url = Annotated[str, typer.Option(envvar="CORRAL_URL", help="the Corral server")]
@@ -38,7 +37,11 @@ def serve(
     database_url: Annotated[str | None, typer.Option(help="e.g. postgresql+asyncpg://host/db")] = None,
 ) -> None:
     """Start the service (SQLite and the demo model unless configured otherwise)."""
-    # Imported here: settings pull in the kernel and pydantic, which the client commands never need.
+    # What the server imports (here, not at the top: the client commands need none of it) is
+    # some 200,000 objects that live as long as the process; while they load, the cyclic
+    # collector would walk them over and over (a sixth of the start-up). It stays off until
+    # the server has started, when tune_garbage_collection freezes them and turns it back on.
+    gc.disable()
     from pydantic import ValidationError
 
     from corral.cli.serve import serve as run_server
@@ -48,7 +51,9 @@ def serve(
         settings = load_settings(config, host=host, port=port, data_dir=data_dir, database_url=database_url)
         run_server(settings)
     except (CorralError, ValidationError, FileNotFoundError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
 
 

@@ -84,6 +84,7 @@ def tune_garbage_collection() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+    gc.enable()  # `corral serve` turns it off while the server loads
 
 
 def check_exposure(settings: Settings) -> None:

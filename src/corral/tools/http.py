@@ -5,16 +5,21 @@ the cloud metadata address —, multicast, reserved and unspecified ones are ref
 ``http_allow`` names them), and the request then goes to the vetted address itself (with
 the name in the Host header and TLS SNI), so a DNS answer cannot change between the check
 and the connection. Redirects are followed by hand, each hop vetted the same way.
+
+httpx (with what it imports) takes a tenth of a second or more to load, which every start
+of the service would pay for a tool most agents never call: it is loaded at the first fetch
+instead, in a worker thread, so that neither the start nor the event loop waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import ipaddress
 import socket
+import sys
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import ToolError
@@ -23,7 +28,7 @@ from corral.tools.config import ToolSettings
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-TIMEOUTS = httpx.Timeout(None, connect=5.0)
+CONNECT_TIMEOUT_S = 5.0
 
 
 class FetchArgs(BaseModel):
@@ -83,10 +88,19 @@ async def vetted_addresses(host: str, port: int, allowance: Allowance) -> list[A
     return addresses
 
 
+async def _load_httpx() -> None:
+    """Import httpx off the event loop, the first time; after it, ``import httpx`` is a lookup."""
+    if "httpx" not in sys.modules:
+        await asyncio.to_thread(importlib.import_module, "httpx")
+
+
 def http_fetch_tool(settings: ToolSettings) -> Tool:
     allowance = Allowance(settings.http_allow)
 
     async def fetch(args: FetchArgs, context: ToolContext) -> str:
+        await _load_httpx()
+        import httpx
+
         url = args.url
         try:
             async with asyncio.timeout(settings.http_timeout_s):
@@ -106,6 +120,8 @@ def http_fetch_tool(settings: ToolSettings) -> Tool:
 
 async def _one_hop(url: str, allowance: Allowance, limit: int) -> tuple[str, str | None]:
     """One request: the response as the model reads it, or the Location of a redirect."""
+    import httpx  # loaded by fetch()
+
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ToolError(f"only http and https URLs can be fetched, not {url!r}")
@@ -130,9 +146,12 @@ async def _one_hop(url: str, allowance: Allowance, limit: int) -> tuple[str, str
 async def _request(direct: str, host: str, headers: dict[str, str], limit: int) -> tuple[str, str | None]:
     # A client per request: a pooled connection opened for one host name is never reused for
     # another. trust_env=False: no proxy from the server's environment, no ~/.netrc credentials.
-    # The call's own deadline bounds the whole; TIMEOUTS only gives up on a silent address early.
+    # The call's own deadline bounds the whole; the connect timeout only gives up on a silent address early.
+    import httpx  # loaded by fetch()
+
+    timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)
     async with (
-        httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=TIMEOUTS) as client,
+        httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=timeout) as client,
         client.stream("GET", direct, headers=headers, extensions={"sni_hostname": host}) as response,
     ):
         if response.status_code in REDIRECTS and "location" in response.headers:
