@@ -66,6 +66,20 @@ class StoreUnavailable(CorralError):
         self.retry_after = retry_after
 
 
+class StoreRejected(CorralError):
+    """The store refused the data itself (a value its column cannot hold): the same write will
+    fail again, so a transition that keeps failing this way is recorded in a simpler form."""
+
+    code = "store_rejected"
+
+
+class RunWriteFailed(CorralError):
+    """A write of the run's own progress (a step, a tool result, a steer) failed; the run fails
+    rather than go on with a history that lacks it."""
+
+    code = "run_write_failed"
+
+
 class StoreConflict(Conflict):
     """A write broke a uniqueness rule of the store (a name or key taken meanwhile, perhaps by
     another process); the store translates its driver's error into this one."""

@@ -115,10 +115,15 @@ class GatedStore:
         self.reading = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def read(self, fn: Any, *args: Any) -> Any:
+    async def conversation(self, session_id: str) -> Any:
         self.reading.set()
         await self.gate.wait()
-        return await self.store.read(fn, *args)
+        return await self.store.conversation(session_id)
+
+    async def messages_after(self, session_id: str, after_id: int) -> Any:
+        self.reading.set()
+        await self.gate.wait()
+        return await self.store.messages_after(session_id, after_id)
 
 
 async def test_a_read_that_overlaps_a_forget_keeps_nothing(kernel: Kernel) -> None:

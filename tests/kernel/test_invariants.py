@@ -98,14 +98,17 @@ async def settle(kernel: Kernel, session_id: str) -> list[dict[str, Any]]:
 
 
 async def wait_finished(kernel: Kernel, run_ids: Iterable[str]) -> None:
-    """Wait for runs to end *without* observing them, then for their last write to commit."""
+    """Wait for runs to end *without* observing them, and for their ends to be recorded."""
     for run_id in run_ids:
         handle = kernel.run_handle(run_id)
         if handle is not None:
             await handle.finished.wait()
-    # The writer commits in submission order: a no-op unit submitted now commits after
-    # every run's final write, which was submitted in the same step as `finished` was set.
-    await kernel.store.write(None)
+            await handle.recorded.wait()
+
+
+async def wait_finished_row(kernel: Kernel, run_id: str) -> dict[str, Any]:
+    await wait_finished(kernel, [run_id])
+    return await get_run_row(kernel, run_id)
 
 
 async def make_agent(kernel: Kernel, name: str, *, approvals: dict[str, Approval] | None = None,
@@ -688,8 +691,10 @@ async def test_invariant_11_terminal_state_message_and_event_commit_together(
                 assert run["status"] == "completed" and run["ended_at"] is not None
                 assert [m["content"] for m in finals] == [run["output"]] == [event.data["output"]]
 
-        # All or nothing: the database refuses the final message, so neither the status
-        # nor the terminal event may be committed.
+        # All or nothing: the database refuses the final message, so neither the status nor
+        # the terminal event of that end may be committed. The end is repaired instead (the
+        # store rejects it for good, so it is recorded in its simpler form: failed, without the
+        # output), and nothing of the refused form is left behind.
         trigger = ("CREATE TRIGGER refuse_final BEFORE INSERT ON messages "
                    "WHEN NEW.role = 'assistant' AND NEW.content LIKE '%doomed%' "
                    "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
@@ -697,21 +702,15 @@ async def test_invariant_11_terminal_state_message_and_event_commit_together(
         doomed = await kernel.submit(session, "doomed reply")
         await wait_finished(kernel, [doomed.run_id])
         run = await get_run_row(kernel, doomed.run_id)
-        assert run["status"] == "running" and run["ended_at"] is None and run["output"] is None
+        assert run["status"] == "failed" and run["ended_at"] is not None and run["output"] is None
+        assert run["error"]["code"] == "store_rejected"
         assert not [m for m in await session_messages(kernel, session)
                     if m["run_id"] == doomed.run_id and m["role"] == "assistant"]
-        assert not [e for e in await session_log(kernel, session) if e.run_id == doomed.run_id and e.is_terminal]
-
-        # Nothing half-written is left for a restart to trip over: the run is interrupted
-        # and its input runs again.
+        terminal = [e for e in await session_log(kernel, session) if e.run_id == doomed.run_id and e.is_terminal]
+        assert [e.type for e in terminal] == ["run.failed"]
         await kernel.store.raw_write(lambda conn: conn.execute(sa.text("DROP TRIGGER refuse_final")))
-        await harness.stop()
-        kernel = await harness.start()
-        runs = {r["id"]: r for r in await settle(kernel, session)}
-        assert runs[doomed.run_id]["status"] == "interrupted"
-        inputs = {row["id"]: row for row in await session_inputs(kernel, session)}
-        again = runs[inputs[doomed.input_id]["run_id"]]
-        assert again["status"] == "completed" and again["output"] == "echo: doomed reply"
+        after = await kernel.submit(session, "and then")
+        assert (await wait_finished_row(kernel, after.run_id))["output"] == "echo: and then"
         log = await session_log(kernel, session)
         assert [e.seq for e in log] == list(range(1, len(log) + 1))
 
@@ -911,8 +910,8 @@ async def test_invariant_15_concurrent_creations_yield_exactly_one(kernel: Kerne
         assert count == 1
 
         # Agents: 50 creations of one name, plus 10 from a second manager over the store.
-        other_manager = AgentManager(kernel.store, default_registry(), kernel._spawn,  # noqa: SLF001
-                                     kernel.config.workspace_root)
+        other_manager = AgentManager(kernel.store, default_registry(), kernel.supervisor.spawn,
+                                     kernel.config.workspace_root, kernel.backends)
         spec = AgentSpec(name="twin", provider_options={"latency_ms": 1})
         outcomes = await asyncio.gather(
             *(kernel.agents.create(spec) for _ in range(50)),

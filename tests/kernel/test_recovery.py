@@ -1,7 +1,7 @@
 """Start-up recovery (invariants 3 and 12): a crash leaves no run `running` and loses no input.
 
 A crash is simulated by writing the store exactly as the kernel would have left it
-(rows shaped like ``runs.queued_run_row``, ``_accept_unit`` and ``_begin``), then starting
+(rows shaped like what the store makes of ``Intake``'s and ``Driver``'s writes), then starting
 a kernel on it.
 """
 

@@ -1,4 +1,4 @@
-"""A run accepted on an idle session begins in its accepting commit (``Kernel._starts_at_once``):
+"""A run accepted on an idle session begins in its accepting commit (``Intake._starts_at_once``):
 one group commit less on a turn's way. Runs that must wait (a starting agent, a busy session,
 collect mode) still begin in a commit of their own; a refused acceptance leaves nothing."""
 
@@ -9,6 +9,7 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 
+from corral.errors import StoreConflict
 from corral.kernel import Kernel
 from corral.specs import AgentSpec
 from corral.store import repo
@@ -52,7 +53,7 @@ async def test_a_refused_acceptance_leaves_nothing_and_the_session_goes_on(kerne
         trigger = ("CREATE TRIGGER refuse_input BEFORE INSERT ON inputs WHEN NEW.content = 'refused' "
                    "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
         await kernel.store.raw_write(lambda conn: conn.execute(sa.text(trigger)))
-        with pytest.raises(sa.exc.IntegrityError):
+        with pytest.raises(StoreConflict):  # the driver's error, in the kernel's terms
             await kernel.submit(session, "refused")
         # Neither the run nor its events were written, and the lane is free again.
         runs = await select_all(kernel.store, sa.select(t.runs).where(t.runs.c.session_id == session))

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 
 from corral.kernel import Kernel
+from corral.kernel.conversations import StoredMessage
 from corral.loop.compaction import choose_cut, estimate_tokens
-from corral.loop.messages import StoredMessage
 from corral.providers.base import ChatMessage
 from corral.specs import AgentSpec
 from corral.store import repo

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,14 +30,14 @@ from acp.schema import (
 
 from corral.drivers.acp_process import CANCELLED, AcpProcess
 from corral.errors import AgentUnavailable, ExternalAgentError
+from corral.events import NewEvent
 from corral.kernel.agents import AgentRuntime
+from corral.kernel.ports import Finished, Outcome, RunContext, Stopped
 from corral.kernel.runs import RunHandle
-from corral.loop.runner import Finished, Outcome, SteerInput, Stopped, record_steers
+from corral.loop.runner import RunWrites, steer_writes
 from corral.providers.base import ToolCall
-from corral.store import NewEvent, Store
 from corral.types import ApprovalStatus, EventType
 
-Ask = Callable[[str, ToolCall], Awaitable[ApprovalStatus | None]]
 # Which option answers a decision, in order of preference.
 ALLOW_KINDS = ("allow_once", "allow_always")
 REJECT_KINDS = ("reject_once", "reject_always")
@@ -46,21 +45,37 @@ REJECT_KINDS = ("reject_once", "reject_always")
 
 @dataclass
 class AcpTurn:
-    store: Store
-    agent: AgentRuntime
-    handle: RunHandle
-    # The run's input texts; None when the run resumes (after approvals, or a restart).
-    prompt: list[str] | None
-    take_steers: Callable[[], list[SteerInput]]
-    ask: Ask
+    context: RunContext
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
     _parts: list[str] = field(default_factory=list)
     _tools: dict[str, str] = field(default_factory=dict)
     _asked: set[str] = field(default_factory=set)
+    writes: RunWrites = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writes = RunWrites(self.context.store)
+
+    @property
+    def agent(self) -> AgentRuntime:
+        return self.context.agent
+
+    @property
+    def handle(self) -> RunHandle:
+        return self.context.handle
+
+    @property
+    def prompt(self) -> list[str] | None:
+        """The run's input texts; None when the run resumes (after approvals, or a restart)."""
+        return self.context.prompt
 
     async def run(self) -> Outcome:
+        outcome = await self._run()
+        await self.writes.settle()
+        return outcome
+
+    async def _run(self) -> Outcome:
         process = self.agent.acp
-        if process is None:
+        if not isinstance(process, AcpProcess):
             raise AgentUnavailable(f"agent {self.agent.name!r} is gone (deleted or restarting)")
         if self.prompt is None:
             # The program's half of this turn died with the process that served it.
@@ -76,10 +91,11 @@ class AcpTurn:
                 if self.handle.soft_cancel_requested:
                     # Steers stay untaken, so they are re-queued as the next run rather than lost.
                     return Finished("".join(self._parts))
-                steers = self.take_steers()  # arrived during the prompt: they become the next one
+                steers = self.context.take_steers()  # arrived during the prompt: they become the next one
                 if not steers:
                     return Finished("".join(self._parts))
-                record_steers(self.store, self.handle, steers)
+                await self.writes.settle()
+                self.writes.record(steer_writes(self.handle, steers))
                 text = "\n\n".join(steer.content for steer in steers)
         finally:
             if process.sinks.get(acp_session) is self:
@@ -154,7 +170,8 @@ class AcpTurn:
             call_id = f"{tool_call.tool_call_id[:56]}#{again}"
         self._asked.add(call_id)
         name = (tool_call.title or self._tools.get(tool_call.tool_call_id) or tool_call.kind or "tool")[:128]
-        decision = await self.ask(self.handle.run_id, ToolCall(call_id, name, _arguments(tool_call.raw_input)))
+        call = ToolCall(call_id, name, _arguments(tool_call.raw_input))
+        decision = await self.context.ask_approval(self.handle.run_id, call)
         if decision is None:
             return CANCELLED
         kinds = ALLOW_KINDS if decision is ApprovalStatus.APPROVED else REJECT_KINDS
@@ -166,7 +183,7 @@ class AcpTurn:
         return CANCELLED  # the agent offered no option that says what the human said
 
     def _emit(self, type_: EventType, data: dict[str, Any]) -> None:
-        self.store.writer.emit([NewEvent(self.handle.session_id, type_, self.handle.run_id, data)])
+        self.context.store.emit([NewEvent(self.handle.session_id, type_, self.handle.run_id, data)])
 
 
 def _arguments(raw: Any) -> dict[str, Any]:

@@ -9,30 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy.exc import IntegrityError
+from typing import TYPE_CHECKING, Any
 
 from corral.clock import utcnow
-from corral.drivers.acp_process import AcpProcess
-from corral.errors import AgentUnavailable, Conflict, NotFound
+from corral.errors import AgentUnavailable, Conflict, NotFound, StoreConflict
+from corral.kernel.ports import Backends, ExternalAgent, KernelStore, McpServers, Spawn
 from corral.kernel.slots import PrioritySlot
-from corral.providers.base import Provider
-from corral.providers.registry import create_provider, validate_agent
 from corral.specs import AgentSpec
-from corral.store import Store, ops, repo
-from corral.store import tables as t
-from corral.tools.base import Tool, ToolRegistry
-from corral.tools.mcp import McpSupervisor, McpTool
 from corral.types import AgentState
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from corral.providers.base import Provider
+    from corral.tools.base import Tool, ToolRegistry
 
-Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -49,9 +42,11 @@ class AgentRuntime:
     start_task: asyncio.Task[None] | None = None
     created_at: Any = field(default_factory=utcnow)
     # The agent's MCP servers, started with the agent; their tools are merged into `tools`.
-    mcp: McpSupervisor | None = None
+    mcp: McpServers | None = None
+    # The names in `tools` that came from the MCP servers (replaced when they list anew).
+    mcp_tool_names: frozenset[str] = frozenset()
     # An external agent's program (driver "acp"), in place of a provider.
-    acp: AcpProcess | None = None
+    acp: ExternalAgent | None = None
 
     @property
     def name(self) -> str:
@@ -62,11 +57,13 @@ class AgentRuntime:
 
 
 class AgentManager:
-    def __init__(self, store: Store, tools: ToolRegistry, spawn: Spawn, workspace_root: Path):
+    def __init__(self, store: KernelStore, tools: ToolRegistry, spawn: Spawn, workspace_root: Path,
+                 backends: Backends):
         self._store = store
         self._tools = tools
         self._spawn = spawn
         self._workspace_root = workspace_root
+        self._backends = backends
         self._agents: dict[str, AgentRuntime] = {}
         self._generations = count(1)
 
@@ -93,7 +90,7 @@ class AgentManager:
 
     async def load(self) -> None:
         """Start every agent recorded in the store (at service start)."""
-        rows = await self._store.read(repo.all_agents)
+        rows = await self._store.all_agents()
         for row in rows:
             spec = AgentSpec.model_validate(row.config)
             if spec.name not in self._agents:
@@ -101,15 +98,15 @@ class AgentManager:
 
     async def create(self, spec: AgentSpec) -> AgentRuntime:
         """Register and persist the agent, then start it in the background; returns at once."""
-        validate_agent(spec)
+        self._backends.validate(spec)
         tools = self._tools.select(spec.tools)
         if spec.name in self._agents:
             raise Conflict(f"an agent named {spec.name!r} already exists")
         agent = self._reserve(spec, tools=tools, start=False)
         try:
             row = {"name": spec.name, "config": spec.model_dump(mode="json"), "created_at": agent.created_at}
-            await self._store.write([ops.Insert(t.agents, [row])])
-        except IntegrityError as exc:
+            await self._store.create_agent(row)
+        except StoreConflict as exc:
             self._drop(agent)
             raise Conflict(f"an agent named {spec.name!r} already exists") from exc
         except BaseException:
@@ -123,7 +120,7 @@ class AgentManager:
         agent = self.get(name)
         self._drop(agent)
         try:
-            await self._store.write(lambda conn: repo.delete_agent(conn, name))
+            await self._store.delete_agent(name)
         finally:
             await self._close(agent)
 
@@ -188,8 +185,10 @@ class AgentManager:
         step that is iterating the old one is not disturbed)."""
         if self._agents.get(agent.name) is not agent or agent.mcp is None:
             return  # a stale generation's servers never touch the current agent
-        kept = {name: tool for name, tool in agent.tools.items() if not isinstance(tool, McpTool)}
-        agent.tools = kept | agent.mcp.tools()
+        listed = agent.mcp.tools()
+        kept = {name: tool for name, tool in agent.tools.items() if name not in agent.mcp_tool_names}
+        agent.tools = kept | listed
+        agent.mcp_tool_names = frozenset(listed)
 
     def _reserve(
         self, spec: AgentSpec, *, tools: dict[str, Tool] | None = None, start: bool = True, created_at: Any = None
@@ -210,45 +209,40 @@ class AgentManager:
     def _launch(self, agent: AgentRuntime) -> None:
         agent.start_task = self._spawn(self._start(agent), f"agent-start:{agent.name}:{agent.generation}")
         if agent.spec.mcp_servers:  # in the background too: the agent is ready when its provider is
-            agent.mcp = McpSupervisor(agent.name, agent.spec.mcp_servers, lambda: self._mcp_tools_changed(agent))
+            agent.mcp = self._backends.mcp(agent.name, agent.spec.mcp_servers, lambda: self._mcp_tools_changed(agent))
             agent.mcp.start(self._spawn)
 
     async def _start(self, agent: AgentRuntime) -> None:
-        backend: Provider | AcpProcess | None = None
+        provider: Provider | None = None
+        process: ExternalAgent | None = None
         try:
-            backend = self._backend(agent)
-            await backend.start()
+            spec = agent.spec
+            if spec.acp is not None:  # an external agent's program, in place of a model provider
+                process = self._backends.external_agent(spec, self._workspace_root / spec.name,
+                                                        lambda exited: self._acp_exited(agent, exited))
+                await process.start()
+            else:
+                provider = self._backends.provider(spec)
+                await provider.start()
         except asyncio.CancelledError:
-            if backend is not None:
-                await asyncio.shield(backend.aclose())
+            await asyncio.shield(_close(provider, process))
             raise
         except Exception as exc:
             log.warning("agent %s failed to start: %s", agent.name, exc)
-            if backend is not None:
-                await backend.aclose()
+            await _close(provider, process)
             self._fail(agent, exc)
             await self._close_mcp(agent)  # a failed agent runs nothing: its servers would only idle
             return
         if self._agents.get(agent.name) is not agent:
-            await backend.aclose()  # stale generation: a newer agent owns the name
+            await _close(provider, process)  # stale generation: a newer agent owns the name
             return
-        if isinstance(backend, AcpProcess):
-            agent.acp = backend
-        else:
-            agent.provider = backend
-            agent.slot = PrioritySlot(backend.max_concurrent_calls)
+        agent.acp, agent.provider = process, provider
+        if provider is not None:
+            agent.slot = PrioritySlot(provider.max_concurrent_calls)
         agent.state = AgentState.READY
         agent.settled.set()
 
-    def _backend(self, agent: AgentRuntime) -> Provider | AcpProcess:
-        """What the agent's start brings up: a model provider, or an external agent's program."""
-        spec = agent.spec
-        if spec.acp is not None:
-            return AcpProcess(spec.name, spec.acp, self._workspace_root / spec.name,
-                              lambda process: self._acp_exited(agent, process))
-        return create_provider(spec)
-
-    def _acp_exited(self, agent: AgentRuntime, process: AcpProcess) -> None:
+    def _acp_exited(self, agent: AgentRuntime, process: ExternalAgent) -> None:
         """The program of a ready ACP agent is gone. Killed (a hard cancel): start it again, at
         once, so the next run waits for the new one. Exited on its own: the agent fails with the
         reason, rather than restart in a loop."""
@@ -281,3 +275,10 @@ class AgentManager:
         agent.state = AgentState.FAILED
         agent.error = agent.error or reason
         agent.settled.set()
+
+
+async def _close(provider: Provider | None, process: ExternalAgent | None) -> None:
+    if provider is not None:
+        await provider.aclose()
+    if process is not None:
+        await process.aclose()

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from corral.loop.messages import StoredMessage
+from corral.kernel.ports import KernelStore
 from corral.lru import Lru
-from corral.store import Store, repo
+from corral.providers.base import ChatMessage, ToolCall
 
 
 @dataclass
@@ -39,6 +39,39 @@ class _Conversation:
         return int(self.compaction.through_message_id) if self.compaction is not None else 0
 
 
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A stored message as the step loop reads it: its id, its run and its model form.
+
+    Every run rebuilds its context from the whole conversation; converted once, when first
+    read (``kernel.conversations`` keeps these between runs), a message costs a run nothing
+    more than a look.
+    """
+
+    id: int
+    run_id: str
+    chat: ChatMessage  # the role, content and tool calls, in the form the model takes
+
+    @classmethod
+    def from_row(cls, row: Any) -> StoredMessage:
+        calls = tuple(ToolCall.from_json(c) for c in (row.tool_calls or ()))
+        return cls(row.id, row.run_id, ChatMessage(row.role, row.content, calls, row.tool_call_id))
+
+    @property
+    def role(self) -> str:
+        return self.chat.role
+
+    @property
+    def content(self) -> str:
+        return self.chat.content
+
+    @property
+    def is_step(self) -> bool:
+        """An assistant message that called tools: one step of its run."""
+        return self.role == "assistant" and bool(self.chat.tool_calls)
+
+
+
 def _stored(rows: Sequence[Any]) -> list[StoredMessage]:
     return [StoredMessage.from_row(row) for row in rows]
 
@@ -46,7 +79,7 @@ def _stored(rows: Sequence[Any]) -> list[StoredMessage]:
 class Conversations:
     """The latest compaction and live messages of recently active sessions."""
 
-    def __init__(self, store: Store, capacity: int = 1000):
+    def __init__(self, store: KernelStore, capacity: int = 1000):
         self._store = store
         self._entries: Lru[str, _Conversation] = Lru(capacity)
         self._forgotten = 0  # counts forget() calls: a read that overlapped one keeps nothing
@@ -66,12 +99,11 @@ class Conversations:
         known = self._entries.get(session_id)
         if known is None:
             self.misses += 1
-            compaction, rows = await self._store.read(repo.conversation, session_id)
+            compaction, rows = await self._store.conversation(session_id)
             entry = _Conversation(compaction, _stored(rows))
         else:
             self.hits += 1
-            fresh = await self._store.read(repo.session_messages, session_id, include_rolled_back=False,
-                                           after_id=known.last_id)
+            fresh = await self._store.messages_after(session_id, known.last_id)
             entry = _Conversation(known.compaction, known.rows + _stored(fresh))
         if self._forgotten == epoch:  # nothing was forgotten while we read (else keep nothing)
             self._entries.put(session_id, entry)

@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from corral.store import Event, Store, repo
+from corral.events import Event
+from corral.kernel.ports import KernelStore
 from corral.types import EventType
 
 PAGE = 500
@@ -155,7 +156,7 @@ class EventHub:
 
     async def observe(
         self,
-        store: Store,
+        store: KernelStore,
         session_id: str,
         *,
         after: int = 0,
@@ -169,7 +170,7 @@ class EventHub:
 
     async def observe_batches(
         self,
-        store: Store,
+        store: KernelStore,
         session_id: str,
         *,
         after: int = 0,
@@ -189,7 +190,7 @@ class EventHub:
         try:
             while True:
                 while True:
-                    page = await store.read(repo.events_after, session_id, last, run_id=run_id, limit=PAGE)
+                    page = await store.events_after(session_id, last, run_id=run_id, limit=PAGE)
                     if page:
                         last = page[-1].seq
                         batch, ended = _cut_at_terminal(list(page), run_id)

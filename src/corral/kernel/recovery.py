@@ -14,10 +14,10 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from corral.clock import utcnow
+from corral.events import NewEvent
 from corral.kernel.lane import Slot
-from corral.kernel.runs import RunHandle, queued_run_row
-from corral.store import NewEvent, ops, repo
-from corral.store import tables as t
+from corral.kernel.runs import RunHandle, new_run
+from corral.records import InputMove, RunChange, Writes
 from corral.types import EventType, ExecPolicy, InputStatus, RunStatus, new_id
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ INTERRUPTED_ERROR = {"code": "interrupted", "message": "the server stopped while
 
 
 async def recover(kernel: Kernel) -> None:
-    runs, inputs, approvals = await kernel.store.read(repo.unfinished_work)
+    runs, inputs, approvals = await kernel.store.unfinished_work()
     inputs_by_run: dict[str, list[Any]] = defaultdict(list)
     for row in inputs:
         inputs_by_run[row.run_id].append(row)
@@ -62,7 +62,7 @@ async def _recover_session(
             slot = await _interrupt(kernel, session_id, run, rows)
             if slot is not None:
                 queued.append(slot)
-                kernel._register(runtime, RunHandle(slot.run_id, session_id, slot))
+                kernel.register(runtime, RunHandle(slot.run_id, session_id, slot))
             continue
         slot = Slot(run.id, run.position, [r.id for r in rows if r.status == InputStatus.PENDING.value],
                     ExecPolicy(run.policy), collect=run.collect)
@@ -74,15 +74,15 @@ async def _recover_session(
             active = slot
             waiting_handle = RunHandle(run.id, session_id, slot, status=RunStatus.WAITING,
                                        pending_approvals=set(pending_by_run.get(run.id, ())))
-            kernel._register(runtime, waiting_handle)
+            kernel.register(runtime, waiting_handle)
         else:
             queued.append(slot)
-            kernel._register(runtime, RunHandle(run.id, session_id, slot))
+            kernel.register(runtime, RunHandle(run.id, session_id, slot))
     to_start = runtime.lane.restore(active, queued)
     if to_start is not None:
-        kernel._start(runtime.handles[to_start.run_id])
+        kernel.driver.start(runtime.handles[to_start.run_id])
     if waiting_handle is not None and not waiting_handle.pending_approvals:
-        kernel._start(waiting_handle, resume=True)  # decided just before the stop
+        kernel.driver.start(waiting_handle, resume=True)  # decided just before the stop
 
 
 async def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any]) -> Slot | None:
@@ -93,19 +93,17 @@ async def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any])
     if input_ids:
         requeue = Slot(new_id("run"), run.position - 0.5, input_ids, ExecPolicy(run.policy), urgent=True)
 
-    unit: list[ops.Op] = [
-        ops.UpdateRun(run.id, status=RunStatus.INTERRUPTED.value, error=INTERRUPTED_ERROR, ended_at=now),
-        ops.RollBack(run.id),
-    ]
+    writes = Writes(
+        run_changes=[RunChange(run.id, status=RunStatus.INTERRUPTED, error=INTERRUPTED_ERROR, ended_at=now)],
+        roll_backs=[run.id],
+        events=[NewEvent(session_id, EventType.RUN_INTERRUPTED, run.id,
+                         {"status": RunStatus.INTERRUPTED.value, "error": INTERRUPTED_ERROR})],
+    )
     if requeue is not None:
-        unit.append(ops.Insert(t.runs, [queued_run_row(session_id, requeue, now)]))
-        unit.append(ops.MoveInputs(input_ids, InputStatus.PENDING.value, requeue.run_id))
-
-    events = [NewEvent(session_id, EventType.RUN_INTERRUPTED, run.id,
-                       {"status": RunStatus.INTERRUPTED.value, "error": INTERRUPTED_ERROR})]
-    if requeue is not None:
-        events.append(NewEvent(session_id, EventType.INPUT_REQUEUED, requeue.run_id,
-                               {"input_ids": input_ids, "from_run_id": run.id, "run_id": requeue.run_id}))
-        events.append(NewEvent(session_id, EventType.RUN_QUEUED, requeue.run_id, {"input_ids": input_ids}))
-    await kernel.store.write(unit, events)
+        writes.runs.append(new_run(session_id, requeue, now))
+        writes.input_moves.append(InputMove(input_ids, InputStatus.PENDING, requeue.run_id))
+        writes.events.append(NewEvent(session_id, EventType.INPUT_REQUEUED, requeue.run_id,
+                                      {"input_ids": input_ids, "from_run_id": run.id, "run_id": requeue.run_id}))
+        writes.events.append(NewEvent(session_id, EventType.RUN_QUEUED, requeue.run_id, {"input_ids": input_ids}))
+    await kernel.store.end_run(writes)
     return requeue

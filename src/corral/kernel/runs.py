@@ -10,6 +10,7 @@ from typing import Any
 
 from corral.errors import InvalidTransition
 from corral.kernel.lane import Slot
+from corral.records import NewRun
 from corral.types import ApprovalStatus, CancelMode, RunStatus
 
 S = RunStatus
@@ -61,8 +62,11 @@ class RunHandle:
     status: RunStatus = RunStatus.QUEUED
     # Resolves once the run's accepting write committed: nothing runs before that.
     accepted: asyncio.Future[object] | None = None
-    # The run's prompt, when it began in its accepting write (``Kernel._starts_at_once``).
+    # The run's prompt, when it began in its accepting write (``Intake.starts_at_once``).
     prompt: list[str] | None = None
+    # Its move to ``running`` as the store has it: resolves once committed (after repairs, if
+    # its write failed), to True; to False if the store refused it for good (the run fails).
+    begun: asyncio.Future[bool] | None = None
     task: asyncio.Task[None] | None = None
     cancel_mode: CancelMode | None = None
     cancel_reason: str | None = None
@@ -80,7 +84,10 @@ class RunHandle:
     # Set at the first cancel request, for a driver that must act on it at once rather
     # than at its next step boundary (an ACP agent is told with ``session/cancel``).
     cancel_signal: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the run has ended in memory; ``recorded`` once that end is committed (after
+    # repairs, if its write failed; or given up at shutdown, left to start-up recovery).
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    recorded: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __repr__(self) -> str:
         cancel = f" cancel={self.cancel_mode.value}" if self.cancel_mode else ""
@@ -105,9 +112,6 @@ class RunHandle:
         return self.cancel_reason == CancelReason.SHUTDOWN
 
 
-def queued_run_row(session_id: str, slot: Slot, now: datetime) -> dict[str, Any]:
-    """The stored row of a run that has just been queued for ``slot``."""
-    return {
-        "id": slot.run_id, "session_id": session_id, "status": RunStatus.QUEUED.value, "position": slot.position,
-        "policy": slot.policy.value, "collect": slot.collect, "created_at": now,
-    }
+def new_run(session_id: str, slot: Slot, now: datetime) -> NewRun:
+    """The record of a run that has just been queued for ``slot``."""
+    return NewRun(slot.run_id, session_id, slot.position, slot.policy, slot.collect, now)

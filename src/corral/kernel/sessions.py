@@ -1,21 +1,27 @@
-"""Sessions: their rows, their in-memory runtime, and single-flight creation and loading."""
+"""Sessions: their rows, their in-memory runtime, and single-flight creation and loading.
+
+The table of runtimes is bounded: beyond ``live_sessions`` the least recently used idle
+session is forgotten (its lane is empty and nothing of it is in flight, so the store
+holds all of it) and loaded again on its next use.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
-
 from corral.clock import utcnow
-from corral.errors import NotFound
+from corral.errors import NotFound, StoreConflict
 from corral.kernel.lane import Lane
+from corral.kernel.ports import KernelStore
 from corral.kernel.runs import RunHandle
+from corral.lru import Lru
 from corral.principals import LOCAL
-from corral.store import Store, ops, repo
-from corral.store import tables as t
+from corral.records import NewMessage
 from corral.types import Disposition, new_id
 
 
@@ -45,28 +51,76 @@ class SessionRuntime:
     contents: dict[str, str] = field(default_factory=dict)
     # Unfinished runs of this session, queued or active.
     handles: dict[str, RunHandle] = field(default_factory=dict)
-    idempotency: dict[str, Accepted] = field(default_factory=dict)
+    # Recent Idempotency-Keys; an older key is found in the store (``input_by_key``).
+    idempotency: Lru[str, Accepted] = field(default_factory=lambda: Lru(1000))
+    # Run ends submitted but not yet committed. While any is, the lane's next run is held
+    # (``held``), not started: its start must commit after the end it follows, and if that
+    # end's write fails the session must not be handed on (the repair rule, kernel/ending.py).
+    unsettled: int = 0
+    held: RunHandle | None = None
+    # Transitions whose write failed and is being retried: while any is, new inputs are
+    # refused with ``StoreUnavailable`` (503, Retry-After) instead of piling up behind it.
+    repairing: int = 0
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} {self.lane!r}>"
+        state = f" repairing={self.repairing}" if self.repairing else ""
+        return f"<Session {self.id} {self.lane!r}{state}>"
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of the session is in memory only: forgetting it loses nothing."""
+        return (not self.lane.busy and not self.handles and not self.contents and not self.unsettled
+                and not self.repairing and self.held is None)
 
 
 class SessionTable:
     """Creates sessions (one per key, however many ask at once) and loads their runtimes."""
 
-    def __init__(self, store: Store, max_pending: int, on_created: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, store: KernelStore, max_pending: int, on_created: Callable[[dict[str, Any]], None] | None = None,
+                 *, capacity: int = 10_000, keys_per_session: int = 1000):
         self._store = store
         self._max_pending = max_pending
         self._on_created = on_created
-        self._live: dict[str, SessionRuntime] = {}
+        self.capacity = capacity
+        self._keys_per_session = keys_per_session
+        # Most recently used last; ``_admit`` evicts idle sessions from the front.
+        self._live: OrderedDict[str, SessionRuntime] = OrderedDict()
+        self.evictions = 0
         self._loading: dict[str, asyncio.Future[SessionRuntime]] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
 
     def __repr__(self) -> str:
-        return f"<SessionTable live={len(self._live)}>"
+        return f"<SessionTable live={len(self._live)}/{self.capacity} evicted={self.evictions}>"
+
+    def __len__(self) -> int:
+        return len(self._live)
 
     def live(self, session_id: str) -> SessionRuntime | None:
         return self._live.get(session_id)
+
+    def _runtime(self, session_id: str, agent: str, owner: str, last_seq: int, top: float = 0.0,
+                 completed: int = 0) -> SessionRuntime:
+        return SessionRuntime(session_id, agent, owner, Lane(max_pending=self._max_pending, top_position=top),
+                              last_seq, completed_runs=completed, idempotency=Lru(self._keys_per_session))
+
+    def _admit(self, runtime: SessionRuntime) -> SessionRuntime:
+        """Keep ``runtime`` (or the one already kept for its id) as the most recently used, and
+        forget the least recently used idle sessions beyond capacity. A busy session is never
+        forgotten, so the table may stay over capacity while more than that many are busy."""
+        kept = self._live.setdefault(runtime.id, runtime)
+        self._live.move_to_end(runtime.id)
+        excess = len(self._live) - self.capacity
+        if excess > 0:
+            # Look at a bounded number of the oldest entries, so a table full of busy sessions
+            # costs each admission a little, not a scan of the whole table.
+            for candidate in list(islice(self._live.values(), excess + 16)):
+                if excess <= 0:
+                    break
+                if candidate is not kept and candidate.idle:
+                    del self._live[candidate.id]
+                    self.evictions += 1
+                    excess -= 1
+        return kept
 
     def all_live(self) -> list[SessionRuntime]:
         return list(self._live.values())
@@ -106,13 +160,13 @@ class SessionTable:
     async def _get_or_insert(
         self, agent: str, key: str, metadata: dict[str, Any], owner: str, history: Sequence[tuple[str, str]]
     ) -> tuple[dict[str, Any], bool]:
-        existing = await self._store.read(repo.get_session_by_key, owner, key)
+        existing = await self._store.session_by_key(owner, key)
         if existing is not None:
             return dict(existing._mapping), False
         try:
             return await self._insert(agent, key, metadata, owner, history), True
-        except IntegrityError:
-            existing = await self._store.read(repo.get_session_by_key, owner, key)  # another process won the race
+        except StoreConflict:
+            existing = await self._store.session_by_key(owner, key)  # another process won the race
             if existing is None:
                 raise
             return dict(existing._mapping), False
@@ -123,16 +177,10 @@ class SessionTable:
         session_id, now = new_id("ses"), utcnow()
         row = {"id": session_id, "agent": agent, "owner": owner, "key": key, "metadata": metadata, "created_at": now,
                "title": None, "summary": None}
-        unit: list[ops.Op] = [ops.Insert(t.sessions, [row])]
-        if history:
-            # Messages no run produced: they carry the empty run id, so no rollback ever touches them.
-            unit.append(ops.Insert(t.messages, [
-                {"session_id": session_id, "run_id": "", "input_id": None, "role": role, "content": content,
-                 "tool_calls": None, "tool_call_id": None, "rolled_back": False, "created_at": now}
-                for role, content in history
-            ]))
-        await self._store.write(unit)
-        self._live[session_id] = SessionRuntime(session_id, agent, owner, Lane(max_pending=self._max_pending), 0)
+        # Messages no run produced: they carry the empty run id, so no rollback ever touches them.
+        messages = [NewMessage(session_id, "", role, content, created_at=now) for role, content in history]
+        await self._store.create_session(row, messages)
+        self._admit(self._runtime(session_id, agent, owner, 0))
         if self._on_created is not None:
             self._on_created(row)
         return row
@@ -141,6 +189,7 @@ class SessionTable:
         """The session's runtime, loaded once however many callers ask at the same time."""
         runtime = self._live.get(session_id)
         if runtime is not None:
+            self._live.move_to_end(session_id)
             return runtime
         pending = self._loading.get(session_id)
         if pending is not None:
@@ -148,12 +197,10 @@ class SessionTable:
         future: asyncio.Future[SessionRuntime] = asyncio.get_running_loop().create_future()
         self._loading[session_id] = future
         try:
-            row, (last_seq, top), completed = await self._store.read(repo.session_state, session_id)
+            row, (last_seq, top), completed = await self._store.session_state(session_id)
             if row is None:
                 raise NotFound(f"no session {session_id!r}")
-            lane = Lane(max_pending=self._max_pending, top_position=top)
-            loaded = SessionRuntime(session_id, row.agent, row.owner, lane, last_seq, completed_runs=completed)
-            runtime = self._live.setdefault(session_id, loaded)
+            runtime = self._admit(self._runtime(session_id, row.agent, row.owner, last_seq, top, completed))
             future.set_result(runtime)
             return runtime
         except BaseException as exc:

@@ -13,7 +13,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from corral.loop.messages import StoredMessage, build_context
+from corral.kernel.conversations import StoredMessage
+from corral.loop.messages import build_context
 from corral.providers.base import ChatMessage
 
 SUMMARY_INSTRUCTIONS = (

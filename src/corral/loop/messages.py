@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from corral.clock import utcnow
+from corral.kernel.conversations import StoredMessage
 from corral.providers.base import ChatMessage, ToolCall
 
 
@@ -33,38 +33,6 @@ def message_row(
         "rolled_back": False,
         "created_at": now or utcnow(),
     }
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """A stored message as the step loop reads it: its id, its run and its model form.
-
-    Every run rebuilds its context from the whole conversation; converted once, when first
-    read (``kernel.conversations`` keeps these between runs), a message costs a run nothing
-    more than a look.
-    """
-
-    id: int
-    run_id: str
-    chat: ChatMessage  # the role, content and tool calls, in the form the model takes
-
-    @classmethod
-    def from_row(cls, row: Any) -> StoredMessage:
-        calls = tuple(ToolCall.from_json(c) for c in (row.tool_calls or ()))
-        return cls(row.id, row.run_id, ChatMessage(row.role, row.content, calls, row.tool_call_id))
-
-    @property
-    def role(self) -> str:
-        return self.chat.role
-
-    @property
-    def content(self) -> str:
-        return self.chat.content
-
-    @property
-    def is_step(self) -> bool:
-        """An assistant message that called tools: one step of its run."""
-        return self.role == "assistant" and bool(self.chat.tool_calls)
 
 
 NO_RESULT = "error: no result: the run ended (cancelled, failed or interrupted) before this call finished"

@@ -6,6 +6,11 @@ concurrently. The loop reads and appends state through the store so that a run
 parked for an approval can be resumed from the store alone, even after a restart.
 State transitions belong to the kernel: the loop returns an outcome and the kernel
 records it.
+
+What a step records (its tool calls, their results, the steers it took) is written
+without waiting, but never forgotten: before each model call and before the outcome,
+the loop waits for those writes, and one that failed fails the run
+(``RunWriteFailed``) rather than let it go on with a history that lacks it.
 """
 
 from __future__ import annotations
@@ -13,21 +18,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from corral import tracing
 from corral.clock import utcnow
-from corral.errors import AgentUnavailable, StepLimitExceeded, ToolError
+from corral.errors import AgentUnavailable, CorralError, RunWriteFailed, StepLimitExceeded, ToolError
+from corral.events import NewEvent
 from corral.kernel.agents import AgentRuntime
-from corral.kernel.conversations import Conversations
+from corral.kernel.conversations import Conversations, StoredMessage
+from corral.kernel.ports import Finished, KernelStore, Outcome, Parked, RunContext, SteerInput, Stopped
 from corral.kernel.runs import RunHandle
 from corral.loop.compaction import choose_cut, estimate_tokens, summary_message, summary_request
-from corral.loop.messages import StoredMessage, build_context, message_row, steps_taken, unresolved_calls
-from corral.metrics import Metrics
+from corral.loop.messages import build_context, steps_taken, unresolved_calls
 from corral.providers.base import (
     ChatMessage,
     ModelRequest,
@@ -38,40 +43,11 @@ from corral.providers.base import (
     Usage,
     reply_text,
 )
-from corral.store import NewEvent, Store, ops, repo
-from corral.store import tables as t
+from corral.records import InputMove, NewCompaction, NewMessage, Writes
 from corral.tools.base import ToolContext
 from corral.types import Approval, ApprovalStatus, EventType, ExecPolicy, InputStatus
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SteerInput:
-    input_id: str
-    content: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    text: str
-
-
-@dataclass(frozen=True)
-class Stopped:
-    """A soft cancel was honoured at a boundary; ``partial`` is the text so far."""
-
-    partial: str
-
-
-@dataclass(frozen=True)
-class Parked:
-    """The step needs decisions on these calls; the run should wait, holding nothing."""
-
-    calls: list[ToolCall]
-
-
-Outcome = Finished | Stopped | Parked
 
 
 class _SoftStop(Exception):
@@ -79,18 +55,55 @@ class _SoftStop(Exception):
         self.partial = partial
 
 
+class RunWrites:
+    """The writes a run made without waiting, until each is known to have committed."""
+
+    def __init__(self, store: KernelStore):
+        self._store = store
+        self._pending: list[asyncio.Future[Any]] = []
+
+    def record(self, writes: Writes) -> None:
+        self._pending.append(self._store.record(writes))
+
+    async def settle(self) -> None:
+        """Wait for every write made so far; raise ``RunWriteFailed`` if one of them failed."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                await asyncio.shield(future)
+            except CorralError as exc:
+                raise RunWriteFailed(f"a write of this run failed, so its history would be incomplete: {exc}"
+                                     ) from exc
+
+
 @dataclass
 class StepLoop:
-    store: Store
-    conversations: Conversations
-    agent: AgentRuntime
-    handle: RunHandle
-    policy: ExecPolicy
-    take_steers: Callable[[], list[SteerInput]]
-    tool_slot: asyncio.Semaphore
-    workspace: Path
-    metrics: Metrics
+    context: RunContext
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+    writes: RunWrites = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writes = RunWrites(self.context.store)
+
+    @property
+    def store(self) -> KernelStore:
+        return self.context.store
+
+    @property
+    def agent(self) -> AgentRuntime:
+        return self.context.agent
+
+    @property
+    def handle(self) -> RunHandle:
+        return self.context.handle
+
+    @property
+    def conversations(self) -> Conversations:
+        return self.context.conversations
+
+    @property
+    def policy(self) -> ExecPolicy:
+        return self.handle.slot.policy
 
     @property
     def run_id(self) -> str:
@@ -102,9 +115,11 @@ class StepLoop:
 
     async def run(self) -> Outcome:
         try:
-            return await self._run()
+            outcome: Outcome = await self._run()
         except _SoftStop as stop:
-            return Stopped(stop.partial)
+            outcome = Stopped(stop.partial)
+        await self.writes.settle()
+        return outcome
 
     async def _run(self) -> Outcome:
         compaction, rows = await self.conversations.read(self.session_id)
@@ -115,7 +130,7 @@ class StepLoop:
             summary, rows = await self._compact_if_needed(summary, rows)
         context = self._fixed(summary) + build_context(rows, self.run_id)
         if pending:  # resuming after approvals (or a restart while waiting)
-            approvals = await self.store.read(repo.approvals_of_run, self.run_id)
+            approvals = await self.store.approvals_of_run(self.run_id)
             decided = {a.call_id: ApprovalStatus(a.status) for a in approvals}
             parked = await self._run_calls(pending, context, decided)
             if parked:
@@ -128,6 +143,7 @@ class StepLoop:
             self._steer(context)
             if steps >= self.agent.spec.max_steps:
                 raise StepLimitExceeded(f"the run used all {self.agent.spec.max_steps} steps of its agent")
+            await self.writes.settle()  # the model never sees a step whose record failed
             text, calls = await self._call_model(context)
             if not calls:
                 return Finished(text)
@@ -139,10 +155,11 @@ class StepLoop:
                 return Parked(parked)
 
     def _record_step(self, text: str, calls: list[ToolCall]) -> None:
-        row = message_row(self.session_id, self.run_id, "assistant", text, tool_calls=calls)
+        tool_calls = [c.as_json() for c in calls]
+        message = NewMessage(self.session_id, self.run_id, "assistant", text, tool_calls=tool_calls)
         event = self._event(EventType.MESSAGE_COMPLETED, {"role": "assistant", "content": text,
-                                                          "tool_calls": [c.as_json() for c in calls]})
-        self.store.submit([ops.Insert(t.messages, [row])], [event]).add_done_callback(_raise_later)
+                                                          "tool_calls": tool_calls})
+        self.writes.record(Writes(messages=[message], events=[event]))
 
     def _fixed(self, summary: str | None) -> list[ChatMessage]:
         """What precedes the conversation: the agent's system prompt and the compaction summary."""
@@ -166,13 +183,12 @@ class StepLoop:
         new_summary = await self._summarise(summary_request(summary, rows[: cut.index]))
         kept = rows[cut.index :]
         after = estimate_tokens(self._fixed(new_summary) + build_context(kept, self.run_id))
-        row = {"session_id": self.session_id, "run_id": self.run_id, "through_message_id": cut.through_message_id,
-               "summary": new_summary, "created_at": utcnow()}
+        compaction = NewCompaction(self.session_id, self.run_id, cut.through_message_id, new_summary, utcnow())
         event = self._event(EventType.CONTEXT_COMPACTED, {
             "through_message_id": cut.through_message_id, "messages_summarised": cut.index,
             "tokens_before": before, "tokens_after": after})
         self.conversations.forget(self.session_id)
-        await self.store.write([ops.Insert(t.compactions, [row])], [event])
+        await self.store.record(Writes(compactions=[compaction], events=[event]))
         return new_summary, kept
 
     async def _summarise(self, messages: list[ChatMessage]) -> str:
@@ -183,10 +199,10 @@ class StepLoop:
         return text.strip()
 
     def _steer(self, context: list[ChatMessage]) -> None:
-        steers = self.take_steers()
+        steers = self.context.take_steers()
         if not steers:
             return
-        record_steers(self.store, self.handle, steers)
+        self.writes.record(steer_writes(self.handle, steers))
         context.extend(ChatMessage("user", s.content) for s in steers)
 
     async def _call_model(self, context: list[ChatMessage]) -> tuple[str, list[ToolCall]]:
@@ -198,19 +214,19 @@ class StepLoop:
         async with self._model_slot(), tracing.model_call(provider.name, self.agent.spec.model, benign=(_SoftStop,)):
             began = time.perf_counter()
             priority = "background" if self.handle.background else "interactive"
-            self.metrics.provider_slot_wait.labels(priority).observe(began - asked)
+            self.context.metrics.provider_slot_wait.labels(priority).observe(began - asked)
             async with aclosing(provider.stream(ModelRequest(list(context), specs))) as stream:
                 async for part in stream:
                     if isinstance(part, TextDelta):
                         parts.append(part.text)
-                        self.store.writer.emit([self._event(EventType.MESSAGE_DELTA, {"text": part.text})])
+                        self.store.emit([self._event(EventType.MESSAGE_DELTA, {"text": part.text})])
                         if self.handle.soft_cancel_requested:
                             raise _SoftStop("".join(parts))
                     elif isinstance(part, ToolCallsPart):
                         calls.extend(part.calls)
                     elif isinstance(part, Usage):
                         self._count(part)
-            self.metrics.model_call.labels(provider.name).observe(time.perf_counter() - began)
+            self.context.metrics.model_call.labels(provider.name).observe(time.perf_counter() - began)
         return "".join(parts), calls
 
     def _model_slot(self) -> AbstractAsyncContextManager[None]:
@@ -272,22 +288,22 @@ class StepLoop:
     @tracing.tool_call
     async def _run_one(self, call: ToolCall) -> str:
         tool = self.agent.tools.get(call.name)  # MCP tools come and go with their servers' listings
-        self.store.writer.emit([self._event(EventType.TOOL_STARTED, {"call_id": call.id, "tool": call.name,
-                                                                    "arguments": call.arguments})])
-        context = ToolContext(self.run_id, self.session_id, self.agent.name, self.workspace)
+        self.store.emit([self._event(EventType.TOOL_STARTED, {"call_id": call.id, "tool": call.name,
+                                                             "arguments": call.arguments})])
+        context = ToolContext(self.run_id, self.session_id, self.agent.name, self.context.workspace)
         is_error = False
         try:
             if tool is None:
                 raise ToolError(f"unknown tool {call.name!r} (no longer listed by its MCP server)")
             began = time.perf_counter()
             if tool.spawns_process:
-                async with self.tool_slot:
-                    self.metrics.tool_slot_wait.observe(time.perf_counter() - began)
+                async with self.context.tool_slot:
+                    self.context.metrics.tool_slot_wait.observe(time.perf_counter() - began)
                     began = time.perf_counter()
                     text = await tool.call(call.arguments, context)
             else:
                 text = await tool.call(call.arguments, context)
-            self.metrics.tool_call.labels(call.name).observe(time.perf_counter() - began)
+            self.context.metrics.tool_call.labels(call.name).observe(time.perf_counter() - began)
         except ToolError as exc:
             tracing.record_error(exc)
             text, is_error = f"error: {exc}", True
@@ -299,31 +315,25 @@ class StepLoop:
         return text
 
     def _record_result(self, call: ToolCall, text: str, *, is_error: bool) -> None:
-        row = message_row(self.session_id, self.run_id, "tool", text, tool_call_id=call.id)
+        message = NewMessage(self.session_id, self.run_id, "tool", text, tool_call_id=call.id)
         event = self._event(EventType.TOOL_COMPLETED, {"call_id": call.id, "tool": call.name,
                                                        "result": text, "is_error": is_error})
-        self.store.submit([ops.Insert(t.messages, [row])], [event]).add_done_callback(_raise_later)
+        self.writes.record(Writes(messages=[message], events=[event]))
 
     def _event(self, type_: EventType, data: dict[str, Any]) -> NewEvent:
         return NewEvent(self.session_id, type_, self.run_id, data)
 
 
-def record_steers(store: Store, handle: RunHandle, steers: list[SteerInput]) -> None:
-    """Record steering messages as part of the run.
+def steer_writes(handle: RunHandle, steers: list[SteerInput]) -> Writes:
+    """What taking steering messages into a run records.
 
     The steer's message and its input's `consumed` commit together: a restart neither
     delivers it twice nor forgets it.
     """
     sid, run_id = handle.session_id, handle.run_id
-    rows = [message_row(sid, run_id, "user", s.content, input_id=s.input_id) for s in steers]
-    events = [NewEvent(sid, EventType.RUN_STEERED, run_id, {"input_id": s.input_id, "content": s.content})
-              for s in steers]
-    unit: list[ops.Op] = [ops.Insert(t.messages, rows),
-                          ops.MoveInputs([s.input_id for s in steers], InputStatus.CONSUMED.value)]
-    store.submit(unit, events).add_done_callback(_raise_later)
-
-
-def _raise_later(future: asyncio.Future[Any]) -> None:
-    """Surface a failed background write in the log (the run's final write will fail too)."""
-    if not future.cancelled() and future.exception() is not None:
-        log.error("a run write failed", exc_info=future.exception())
+    return Writes(
+        messages=[NewMessage(sid, run_id, "user", s.content, input_id=s.input_id) for s in steers],
+        input_moves=[InputMove([s.input_id for s in steers], InputStatus.CONSUMED)],
+        events=[NewEvent(sid, EventType.RUN_STEERED, run_id, {"input_id": s.input_id, "content": s.content})
+                for s in steers],
+    )

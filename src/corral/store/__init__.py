@@ -1,6 +1,6 @@
 """Persistence behind one interface: SQLite by default, Postgres for many nodes."""
 
-from corral.store.events import Event, NewEvent
+from corral.events import Event, NewEvent
 from corral.store.store import Store
 
 __all__ = ["Event", "NewEvent", "Store"]

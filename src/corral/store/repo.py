@@ -14,8 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from corral.events import Event
 from corral.store import tables as t
-from corral.store.events import Event
 from corral.types import ACTIVE_STATUSES, ApprovalStatus, RunStatus
 
 Row = sa.Row[Any]

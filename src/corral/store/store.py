@@ -11,24 +11,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from importlib import resources
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from alembic import command
-from alembic.config import Config
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
+from corral.errors import CorralError, StoreConflict, StoreRejected, StoreUnavailable
+from corral.events import Event, NewEvent
+from corral.records import NewMessage, Writes
+from corral.store import ops, repo
+from corral.store import tables as t
 from corral.store.engine import Dialect, Lane, dialect_for
-from corral.store.events import Event, NewEvent
+from corral.store.migrations import SCRIPT_LOCATION, at_head
+from corral.store.plan import message_row, ops_of
 from corral.store.writer import CommitHook, Unit, Writer
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 def _alembic_config(connection: Connection) -> Config:
+    from alembic.config import Config  # only when some migration is due: it takes a while to import
+
     config = Config()
-    config.set_main_option("script_location", str(resources.files("corral.store") / "migrations"))
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
     config.attributes["connection"] = connection
     return config
 
@@ -64,11 +73,14 @@ class Store:
             hook(events)
 
     async def migrate(self) -> None:
-        """Bring the schema to the newest revision (idempotent)."""
+        """Bring the schema to the newest revision (idempotent; alembic loads only if one is due)."""
 
         def upgrade(conn: Connection) -> None:
             with self.dialect.migrating(conn):
-                command.upgrade(_alembic_config(conn), "head")
+                if not at_head(conn):
+                    from alembic import command
+
+                    command.upgrade(_alembic_config(conn), "head")
                 conn.commit()
 
         await self._write_lane.run(upgrade)
@@ -102,3 +114,99 @@ class Store:
     async def aclose(self) -> None:
         await self._write_lane.aclose()
         await self._read_lane.aclose()
+
+    # --- what the kernel records: named operations over plain records ----------------------
+    # Each returns the unit's future at once (FIFO with every other write); a failure is a
+    # ``StoreConflict`` or ``StoreUnavailable``, never a driver's exception, so the kernel can
+    # repair its transition without knowing SQL. Separate names for separate transitions, so
+    # a caller (or a test store that fails on cue) can tell an acceptance from a run's end.
+
+    def accept(self, writes: Writes) -> asyncio.Future[Any]:
+        """An accepted input (with its new run, and the run's start when it begins at once)."""
+        return self._submit(writes)
+
+    def begin_run(self, writes: Writes) -> asyncio.Future[Any]:
+        """A queued run's move to ``running``, its inputs consumed as user messages."""
+        return self._submit(writes)
+
+    def end_run(self, writes: Writes) -> asyncio.Future[Any]:
+        """A run's end: status, final message and terminal event together (invariant 11)."""
+        return self._submit(writes)
+
+    def record(self, writes: Writes) -> asyncio.Future[Any]:
+        """Anything else a run records on its way: steps, tool results, steers, approvals."""
+        return self._submit(writes)
+
+    def emit(self, events: list[NewEvent]) -> None:
+        """Events nobody waits for (deltas, ``tool.started``): a failure is logged, not raised."""
+        self.writer.emit(events)
+
+    def _submit(self, writes: Writes) -> asyncio.Future[Any]:
+        return self.writer.submit(ops_of(writes), writes.events, translate=store_error)
+
+    async def create_session(self, row: dict[str, Any], history: list[NewMessage]) -> None:
+        unit: list[ops.Op] = [ops.Insert(t.sessions, [row])]
+        if history:
+            unit.append(ops.Insert(t.messages, [message_row(m) for m in history]))
+        await self.writer.submit(unit, translate=store_error)
+
+    async def create_agent(self, row: dict[str, Any]) -> None:
+        await self.writer.submit([ops.Insert(t.agents, [row])], translate=store_error)
+
+    async def delete_agent(self, name: str) -> None:
+        await self.writer.submit(lambda conn: repo.delete_agent(conn, name), translate=store_error)
+
+    # --- what the kernel reads -------------------------------------------------------------
+
+    async def session_state(self, session_id: str) -> tuple[Any, tuple[int, float], int]:
+        return await self.read(repo.session_state, session_id)
+
+    async def session_by_key(self, owner: str, key: str) -> Any:
+        return await self.read(repo.get_session_by_key, owner, key)
+
+    async def run_row(self, run_id: str) -> Any:
+        return await self.read(repo.get_run, run_id)
+
+    async def input_by_key(self, session_id: str, key: str) -> Any:
+        return await self.read(repo.input_by_idempotency_key, session_id, key)
+
+    async def unfinished_work(self) -> tuple[list[Any], Any, Any]:
+        return await self.read(repo.unfinished_work)
+
+    async def all_agents(self) -> Any:
+        return await self.read(repo.all_agents)
+
+    async def approvals_of_run(self, run_id: str) -> Any:
+        return await self.read(repo.approvals_of_run, run_id)
+
+    async def events_after(self, session_id: str, after: int, *, run_id: str | None = None,
+                           limit: int = 1000) -> list[Event]:
+        return await self.read(repo.events_after, session_id, after, run_id=run_id, limit=limit)
+
+    async def conversation(self, session_id: str) -> tuple[Any, Any]:
+        return await self.read(repo.conversation, session_id)
+
+    async def messages_after(self, session_id: str, after_id: int) -> Any:
+        return await self.read(repo.session_messages, session_id, include_rolled_back=False, after_id=after_id)
+
+
+def store_error(exc: Exception) -> Exception:
+    """A driver's failure in the kernel's terms: a broken uniqueness rule is a conflict, a value
+    the database cannot hold is rejected data (both permanent for that write); anything else
+    (unreachable, locked, a full disk) is a store that cannot write just now."""
+    if isinstance(exc, CorralError):
+        return exc
+    if isinstance(exc, sa_exc.IntegrityError):
+        error: Exception = StoreConflict(f"the store refused a duplicate: {_first_line(exc)}")
+    elif isinstance(exc, sa_exc.DataError | sa_exc.ProgrammingError) or (
+            isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError)):
+        error = StoreRejected(f"the store refused a value: {_first_line(exc)}")
+    else:
+        error = StoreUnavailable(f"the store could not write: {_first_line(exc)}")
+    error.__cause__ = exc
+    return error
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -32,16 +32,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from corral.errors import ShuttingDown
+from corral.events import Event, NewEvent
 from corral.store import ops as o
 from corral.store import tables as t
 from corral.store.engine import Lane
-from corral.store.events import Event, NewEvent
 
 log = logging.getLogger(__name__)
 
 WriteFn = o.WriteFn
 Unit = WriteFn | Sequence[o.Op] | None
 CommitHook = Callable[[list[Event]], None]
+
+
+# Turns a driver's exception into the one the unit's submitter expects (see ``Store``).
+Translate = Callable[[Exception], Exception]
 
 
 @dataclass(slots=True)
@@ -51,6 +55,7 @@ class _Unit:
     future: asyncio.Future[Any]
     committed: list[Event] = field(default_factory=list)
     result: Any = None
+    translate: Translate | None = None
 
 
 def _as_ops(unit: Unit, holder: list[_Unit]) -> list[o.Op]:
@@ -92,16 +97,19 @@ class Writer:
     def __repr__(self) -> str:
         return f"<Writer pending={len(self._pending)} batches={self.batches} units={self.units}>"
 
-    def submit(self, unit: Unit, events: list[NewEvent] | None = None) -> asyncio.Future[Any]:
+    def submit(
+        self, unit: Unit, events: list[NewEvent] | None = None, *, translate: Translate | None = None
+    ) -> asyncio.Future[Any]:
         """Queue a unit (operations, or a function of the connection) with its events.
 
-        The future resolves once committed: to the function's result, or None.
+        The future resolves once committed: to the function's result, or None. If the unit
+        fails, the future holds the driver's exception, or ``translate(exception)``.
         """
         if self._closing:
             raise ShuttingDown("the store is closed for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         holder: list[_Unit] = []
-        entry = _Unit(_as_ops(unit, holder), list(events or ()), future)
+        entry = _Unit(_as_ops(unit, holder), list(events or ()), future, translate=translate)
         holder.append(entry)
         self._pending.append(entry)
         self._wakeup.set()
@@ -190,7 +198,7 @@ class Writer:
     @staticmethod
     def _failed(unit: _Unit, error: Exception) -> None:
         if not unit.future.done():
-            unit.future.set_exception(error)
+            unit.future.set_exception(unit.translate(error) if unit.translate is not None else error)
 
     def _fail_pending(self, error: Exception) -> None:
         while self._pending:

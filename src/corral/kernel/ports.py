@@ -1,0 +1,193 @@
+"""What the kernel needs from the layers around it, as protocols it owns.
+
+The kernel decides who runs when; it does not know how a run talks to a model, how a
+program is spawned or how rows are laid out. Those come in through these ports:
+
+- a :class:`Runner` drives one run (the step loop over a model, or an external ACP
+  agent) and returns an :data:`Outcome`; the kernel records it;
+- :class:`Backends` bring up what an agent needs (a provider, an external program, MCP
+  servers) and build a run's runner; ``corral.wiring`` assembles the real ones;
+- :class:`KernelStore` is the store as the kernel uses it: named operations over
+  plain records (``corral.records``), never tables or SQL.
+
+Loop and drivers import these types (and the run and agent types) from the kernel and
+nothing else of it, so no import cycle runs between the layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from corral.events import Event, NewEvent
+from corral.records import Writes
+
+if TYPE_CHECKING:
+    from corral.kernel.agents import AgentRuntime
+    from corral.kernel.conversations import Conversations
+    from corral.kernel.runs import RunHandle
+    from corral.metrics import Metrics
+    from corral.providers.base import Provider, ToolCall
+    from corral.specs import AgentSpec
+    from corral.tools.base import Tool
+    from corral.types import ApprovalStatus
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+# --- a run's outcome, as a runner reports it -----------------------------------------
+
+
+@dataclass(frozen=True)
+class SteerInput:
+    input_id: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A soft cancel was honoured at a boundary; ``partial`` is the text so far."""
+
+    partial: str
+
+
+@dataclass(frozen=True)
+class Parked:
+    """The step needs decisions on these calls; the run should wait, holding nothing."""
+
+    calls: list[ToolCall]
+
+
+Outcome = Finished | Stopped | Parked
+
+
+class Runner(Protocol):
+    """Drives one run from where it stands to an outcome.
+
+    It may record steps through ``RunContext.store.record`` but never changes the run's
+    state: the kernel does that with the outcome. ``usage`` is read after ``run``.
+    """
+
+    usage: dict[str, int]
+
+    async def run(self) -> Outcome: ...
+
+
+AskApproval = Callable[[str, "ToolCall"], Awaitable["ApprovalStatus | None"]]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a runner may use, handed over by the kernel for one run."""
+
+    store: KernelStore
+    conversations: Conversations
+    agent: AgentRuntime
+    handle: RunHandle
+    # The run's input texts; None when it resumes (after approvals, or a restart).
+    prompt: list[str] | None
+    take_steers: Callable[[], list[SteerInput]]
+    ask_approval: AskApproval
+    tool_slot: asyncio.Semaphore
+    workspace: Path
+    metrics: Metrics
+
+
+# --- what an agent's start brings up ----------------------------------------------
+
+
+class ExternalAgent(Protocol):
+    """An external agent's program (driver ``acp``), in place of a provider."""
+
+    @property
+    def killed(self) -> bool: ...
+
+    @property
+    def exit_code(self) -> int | None: ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class McpServers(Protocol):
+    """An agent's MCP servers, started with the agent; their tools join the agent's."""
+
+    def start(self, spawn: Spawn) -> None: ...
+
+    def tools(self) -> dict[str, Tool]: ...
+
+    def statuses(self) -> list[Any]:
+        """Each server's state, for the agent's view."""
+        ...
+
+    def stop_nowait(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Backends:
+    """The factories the kernel starts agents and runs with (``corral.wiring.default_backends``)."""
+
+    runner: Callable[[RunContext], Runner]
+    # Refuses a spec its provider cannot serve (``InvalidInput``), before anything is stored.
+    validate: Callable[[AgentSpec], None]
+    provider: Callable[[AgentSpec], Provider]
+    # (spec, workspace, on_exit): the program of an ACP agent, not yet started.
+    external_agent: Callable[[AgentSpec, Path, Callable[[Any], None]], ExternalAgent]
+    # (agent name, server configs, on_tools_changed): the agent's MCP servers, not yet started.
+    mcp: Callable[[str, Any, Callable[[], None]], McpServers]
+
+
+# --- the store, as the kernel uses it ----------------------------------------------
+
+
+class KernelStore(Protocol):
+    """Named store operations. Writes return at once with the unit's future (FIFO with
+    every other write); it fails with ``StoreUnavailable`` or ``StoreConflict``."""
+
+    def accept(self, writes: Writes) -> asyncio.Future[Any]: ...
+
+    def begin_run(self, writes: Writes) -> asyncio.Future[Any]: ...
+
+    def end_run(self, writes: Writes) -> asyncio.Future[Any]: ...
+
+    def record(self, writes: Writes) -> asyncio.Future[Any]: ...
+
+    def emit(self, events: list[NewEvent]) -> None: ...
+
+    async def create_session(self, row: dict[str, Any], history: list[Any]) -> None: ...
+
+    async def create_agent(self, row: dict[str, Any]) -> None: ...
+
+    async def delete_agent(self, name: str) -> None: ...
+
+    async def session_state(self, session_id: str) -> tuple[Any, tuple[int, float], int]: ...
+
+    async def session_by_key(self, owner: str, key: str) -> Any: ...
+
+    async def run_row(self, run_id: str) -> Any: ...
+
+    async def input_by_key(self, session_id: str, key: str) -> Any: ...
+
+    async def unfinished_work(self) -> tuple[list[Any], Any, Any]: ...
+
+    async def all_agents(self) -> Any: ...
+
+    async def approvals_of_run(self, run_id: str) -> Any: ...
+
+    async def events_after(self, session_id: str, after: int, *, run_id: str | None = None,
+                           limit: int = 1000) -> list[Event]: ...
+
+    async def conversation(self, session_id: str) -> tuple[Any, Any]: ...
+
+    async def messages_after(self, session_id: str, after_id: int) -> Any: ...

@@ -1,0 +1,176 @@
+"""The repair rule (kernel/repair.py): a transition whose write fails is finished, not forgotten.
+
+A store that fails on cue (the real SQLite store, with one named operation refusing its
+next N writes) is failed at each of the three transitions a message goes through:
+accepting it, beginning its run, ending its run. In each case the session answers
+503 with Retry-After while the write fails (never 500), nothing accepted is lost, the
+one-active-run rule holds in the database, and the session goes on once the store
+takes the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from corral.errors import StoreRejected, StoreUnavailable
+from corral.kernel import Kernel, KernelConfig
+from corral.records import Writes
+from corral.settings import default_agent
+from corral.store import Store
+from corral.store import tables as t
+from corral.types import Mode
+from tests.helpers import new_session, select_all, sqlite_url, wait_run
+
+LIMIT = 30
+
+
+class FlakyStore(Store):
+    """The real store, whose named operations can be told to fail their next N writes."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.failures: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.error: type[Exception] = StoreUnavailable
+        # Set at each refused write, so a test can act while the store is "down".
+        self.refusing = asyncio.Event()
+
+    def fail(self, operation: str, times: int = 1_000_000, error: type[Exception] = StoreUnavailable) -> None:
+        """Refuse the operation's next ``times`` writes (by default, until ``heal``)."""
+        self.failures[operation] = times
+        self.error = error
+
+    def heal(self, operation: str) -> None:
+        self.failures[operation] = 0
+
+    def _maybe_fail(self, operation: str, writes: Writes) -> asyncio.Future[Any]:
+        if self.failures.get(operation, 0) > 0:
+            self.failures[operation] -= 1
+            self.refused[operation] = self.refused.get(operation, 0) + 1
+            self.refusing.set()
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(self.error(f"injected: {operation} refused"))
+            return future
+        return getattr(super(), operation)(writes)  # type: ignore[no-any-return]
+
+    def accept(self, writes: Writes) -> asyncio.Future[Any]:
+        return self._maybe_fail("accept", writes)
+
+    def begin_run(self, writes: Writes) -> asyncio.Future[Any]:
+        return self._maybe_fail("begin_run", writes)
+
+    def end_run(self, writes: Writes) -> asyncio.Future[Any]:
+        return self._maybe_fail("end_run", writes)
+
+    def record(self, writes: Writes) -> asyncio.Future[Any]:
+        return self._maybe_fail("record", writes)
+
+
+@asynccontextmanager
+async def flaky_kernel(tmp_path: Path) -> AsyncIterator[tuple[Kernel, FlakyStore]]:
+    store = FlakyStore(sqlite_url(tmp_path))
+    # Retries at once and then every few ms: the test waits on events, the backoff just stays short.
+    config = KernelConfig(write_retry_min_s=0.005, write_retry_max_s=0.02, shutdown_grace_s=1.0)
+    kernel = Kernel(store, config, initial_agents=(default_agent(),))
+    async with kernel.running():
+        await kernel.agents.wait_ready("assistant")
+        yield kernel, store
+
+
+async def active_runs_in_store(kernel: Kernel, session: str) -> list[str]:
+    rows = await select_all(kernel.store, sa.select(t.runs.c.id).where(
+        t.runs.c.session_id == session, t.runs.c.status.in_(["running", "waiting"])))
+    return [row.id for row in rows]
+
+
+async def test_a_failed_acceptance_answers_503_and_leaves_nothing(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), flaky_kernel(tmp_path) as (kernel, store):
+        session = await new_session(kernel)
+        store.fail("accept", times=2)
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable) as refused:
+                await kernel.submit(session, "hello")
+            assert refused.value.retry_after > 0
+        assert await select_all(kernel.store, sa.select(t.inputs).where(t.inputs.c.session_id == session)) == []
+        assert kernel.session_view(session)["active_run_id"] is None  # the lane was given back
+        accepted = await kernel.submit(session, "hello", mode=Mode.REJECT)  # 'reject' proves it idle
+        assert (await wait_run(kernel, accepted.run_id))["output"] == "echo: hello"
+
+
+async def test_a_failed_begin_is_written_again_and_the_run_goes_on(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), flaky_kernel(tmp_path) as (kernel, store):
+        session = await new_session(kernel)
+        first = await kernel.submit(session, "/sleep 0.2")  # begins in its accepting write
+        store.fail("begin_run")
+        second = await kernel.submit(session, "second")  # queued: begins on its own write, which fails
+        await store.refusing.wait()
+        with pytest.raises(StoreUnavailable):  # the session is held while its start is repaired
+            await kernel.submit(session, "third")
+        assert (await wait_run(kernel, first.run_id))["status"] == "completed"
+        assert await active_runs_in_store(kernel, session) == []  # in the store, still queued
+        store.heal("begin_run")
+        assert (await wait_run(kernel, second.run_id))["output"] == "echo: second"
+        assert store.refused["begin_run"] >= 1
+        third = await kernel.submit(session, "third")
+        assert (await wait_run(kernel, third.run_id))["output"] == "echo: third"
+
+
+async def test_a_failed_end_holds_the_session_until_it_is_written(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), flaky_kernel(tmp_path) as (kernel, store):
+        session = await new_session(kernel)
+        store.fail("end_run")
+        first = await kernel.submit(session, "/sleep 0.1")
+        queued = await kernel.submit(session, "queued behind it")
+        await store.refusing.wait()
+        # The end is not recorded yet: the run is still active in the store, and the next run
+        # must not start (the one-active-run index would refuse it) nor new input pile up.
+        assert await active_runs_in_store(kernel, session) == [first.run_id]
+        with pytest.raises(StoreUnavailable) as refused:
+            await kernel.submit(session, "while the store is down")
+        assert refused.value.retry_after > 0
+        store.heal("end_run")  # the store is back: the same end is written, nothing of it lost
+        ended = await wait_run(kernel, first.run_id)
+        assert ended["status"] == "completed" and ended["output"] == "echo: /sleep 0.1"
+        assert (await wait_run(kernel, queued.run_id))["output"] == "echo: queued behind it"
+        assert store.refused["end_run"] >= 1
+        runs = await select_all(kernel.store, sa.select(t.runs).where(t.runs.c.session_id == session)
+                                .order_by(t.runs.c.started_at))
+        assert [r.id for r in runs] == [first.run_id, queued.run_id]
+        assert runs[0].ended_at <= runs[1].started_at  # never two active at once
+        after = await kernel.submit(session, "after", mode=Mode.REJECT)
+        assert (await wait_run(kernel, after.run_id))["output"] == "echo: after"
+
+
+async def test_an_end_the_store_rejects_for_good_is_recorded_as_failed(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), flaky_kernel(tmp_path) as (kernel, store):
+        session = await new_session(kernel)
+        store.fail("end_run", times=kernel.config.write_attempts, error=StoreRejected)
+        run = await kernel.submit(session, "hello")
+        ended = await wait_run(kernel, run.run_id)
+        assert ended["status"] == "failed" and ended["output"] is None
+        assert ended["error"]["code"] == "store_rejected"
+        # Its input was consumed, not lost: the user message is in the history, and the session goes on.
+        messages = await select_all(kernel.store, sa.select(t.messages).where(t.messages.c.session_id == session))
+        assert [(m.role, m.content) for m in messages] == [("user", "hello")]
+        after = await kernel.submit(session, "again", mode=Mode.REJECT)
+        assert (await wait_run(kernel, after.run_id))["output"] == "echo: again"
+
+
+async def test_a_failed_step_write_fails_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), flaky_kernel(tmp_path) as (kernel, store):
+        session = await new_session(kernel)
+        store.fail("record", times=1)  # the step's tool call (and so its result) is never recorded
+        run = await kernel.submit(session, '/tool echo {"text": "x"}')
+        ended = await wait_run(kernel, run.run_id)
+        assert ended["status"] == "failed"
+        assert ended["error"]["code"] == "run_write_failed"
+        assert "history would be incomplete" in ended["error"]["message"]
+        after = await kernel.submit(session, "after", mode=Mode.REJECT)
+        assert (await wait_run(kernel, after.run_id))["output"] == "echo: after"
