@@ -14,6 +14,7 @@ from corral.services.reflector import Reflector, ReflectorConfig, install_reflec
 from corral.settings import Settings, default_agent
 from corral.specs import AgentSpec
 from corral.store import Store, repo
+from corral.types import RunStatus
 from tests.helpers import client, http_server, new_session, sqlite_url, wait_run
 
 LIMIT = 30
@@ -138,3 +139,122 @@ async def test_a_summary_is_asked_of_the_compacted_conversation(tmp_path: Path) 
         row = await kernel.store.read(repo.get_session, session)
         latest = f"turn 5: {words}"[:80]  # the demo quotes the latest message's first 80 characters
         assert row is not None and row.summary == f"{kept} user messages; the latest: {latest}"
+
+
+# --- the pending table's overflow policy ------------------------------------------------------
+
+
+class HeldHook:
+    """A hook that records what it was given and holds its slot until released."""
+
+    def __init__(self) -> None:
+        self.seen: list[RunEnd] = []
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, ended: RunEnd) -> None:
+        self.seen.append(ended)
+        self.entered.set()
+        await self.release.wait()
+
+
+def ended(session: str, turn: int) -> RunEnd:
+    return RunEnd(session, f"run_{session}_{turn}", RunStatus.COMPLETED, "ok", None, continued=False,
+                  completed_runs=turn)
+
+
+@asynccontextmanager
+async def reflector_running(kernel: Kernel, hook: HeldHook, **config: int) -> AsyncIterator[Reflector]:
+    """A reflector with one slot and ``hook``, its loop a task of the test's; ends are fed to it by hand."""
+    reflector = Reflector(kernel, ReflectorConfig(max_concurrent=1, **config), hooks=[hook])
+    task = asyncio.create_task(reflector.run())
+    try:
+        yield reflector
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+async def test_ends_of_a_session_already_pending_merge_into_its_place(kernel: Kernel) -> None:
+    hook = HeldHook()
+    async with asyncio.timeout(LIMIT), reflector_running(kernel, hook) as reflector:
+        reflector._on_run_end(ended("ses_a", 1))
+        await hook.entered.wait()  # the only slot is busy with it
+        for turn in (2, 3, 4):
+            reflector._on_run_end(ended("ses_a", turn))
+        reflector._on_run_end(ended("ses_b", 1))
+        reflector._on_run_end(RunEnd("ses_c", "run_c", RunStatus.FAILED, None, None, continued=False))  # not a turn
+        assert reflector.statistics() == {"pending": 2, "done": 0, "failed": 0, "merged": 2, "dropped": 0}
+        hook.release.set()
+        await reflector.wait_reflected(5)  # three done, two merged
+        assert [e.run_id for e in hook.seen] == ["run_ses_a_1", "run_ses_a_4", "run_ses_b_1"]  # a kept its place
+        assert reflector.statistics() == {"pending": 0, "done": 3, "failed": 0, "merged": 2, "dropped": 0}
+
+
+async def test_a_merge_keeps_the_end_that_is_due_a_summary(kernel: Kernel) -> None:
+    hook = HeldHook()
+    async with asyncio.timeout(LIMIT), reflector_running(kernel, hook, summary_every=2) as reflector:
+        reflector._on_run_end(ended("ses_busy", 1))
+        await hook.entered.wait()
+        reflector._on_run_end(ended("ses_a", 1))
+        reflector._on_run_end(ended("ses_a", 2))  # due a summary: replaces turn 1
+        reflector._on_run_end(ended("ses_a", 3))  # not due: merged, the due one stays
+        reflector._on_run_end(ended("ses_b", 2))
+        reflector._on_run_end(ended("ses_b", 3))
+        reflector._on_run_end(ended("ses_b", 4))  # due again: the newer due end replaces the older
+        hook.release.set()
+        await reflector.wait_reflected(7)
+        assert [(e.session_id, e.completed_runs) for e in hook.seen] == [("ses_busy", 1), ("ses_a", 2), ("ses_b", 4)]
+        assert reflector.merged == 4
+
+
+async def test_beyond_max_pending_the_oldest_session_is_dropped_and_counted(kernel: Kernel) -> None:
+    hook = HeldHook()
+    async with asyncio.timeout(LIMIT), reflector_running(kernel, hook, max_pending=3) as reflector:
+        reflector._on_run_end(ended("ses_0", 1))
+        await hook.entered.wait()
+        for n in range(1, 6):
+            reflector._on_run_end(ended(f"ses_{n}", 1))
+        assert reflector.statistics()["pending"] == 3 and reflector.dropped == 2
+        reflector._on_run_end(ended("ses_4", 2))  # pending: merged, not a new session (nothing dropped)
+        assert reflector.statistics() == {"pending": 3, "done": 0, "failed": 0, "merged": 1, "dropped": 2}
+        hook.release.set()
+        await reflector.wait_reflected(7)  # four done, two dropped, one merged
+        assert [e.run_id for e in hook.seen] == ["run_ses_0_1", "run_ses_3_1", "run_ses_4_2", "run_ses_5_1"]
+
+
+async def test_a_flood_of_ends_stays_within_the_bound_and_starts_no_task_per_end(kernel: Kernel) -> None:
+    hook = HeldHook()
+    async with asyncio.timeout(LIMIT), reflector_running(kernel, hook, max_pending=100) as reflector:
+        reflector._on_run_end(ended("ses_first", 1))
+        await hook.entered.wait()
+        tasks_before = len(asyncio.all_tasks())
+        for n in range(10_000):
+            reflector._on_run_end(ended(f"ses_{n % 5_000}", 1 + n // 5_000))
+        assert reflector.statistics() == {"pending": 100, "done": 0, "failed": 0, "merged": 0, "dropped": 9_900}
+        assert len(asyncio.all_tasks()) == tasks_before  # the backlog is entries, not tasks
+        hook.release.set()
+        await reflector.wait_reflected(10_001)
+        assert len(hook.seen) == 101
+        assert [e.session_id for e in hook.seen[1:]] == [f"ses_{n}" for n in range(4_900, 5_000)]  # the newest
+
+
+async def test_a_stopped_loop_gives_its_slot_back(kernel: Kernel) -> None:
+    """Cancelled while it holds a slot and waits for an end (the service stopping or being
+    restarted), the loop returns the slot: the next loop can still reflect."""
+    hook = HeldHook()
+    hook.release.set()
+    reflector = Reflector(kernel, ReflectorConfig(max_concurrent=1), hooks=[hook])
+    async with asyncio.timeout(LIMIT):
+        for attempt in range(3):
+            task = asyncio.create_task(reflector.run())
+            await asyncio.sleep(0)  # one loop turn: it takes the slot and waits for an end
+            task.cancel()
+            await asyncio.wait([task])
+            assert task.cancelled(), attempt
+        task = asyncio.create_task(reflector.run())
+        reflector._on_run_end(ended("ses_a", 1))
+        await reflector.wait_reflected(1)
+        assert reflector.done == 1
+        task.cancel()
+        await asyncio.wait([task])

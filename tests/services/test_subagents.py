@@ -12,12 +12,13 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from corral.kernel import Kernel, KernelConfig
-from corral.services.subagents import SubagentLimits, Subagents, install_subagents
+from corral.kernel.runs import RunEnd
+from corral.services.subagents import Link, SubagentLimits, Subagents, install_subagents
 from corral.settings import default_agent
 from corral.specs import AgentSpec
 from corral.store import Store, repo
 from corral.store import tables as t
-from corral.types import CancelMode
+from corral.types import CancelMode, RunStatus
 from tests.helpers import get_run, new_session, run_events, select_all, sqlite_url, wait_event, wait_run
 
 LIMIT = 30
@@ -206,3 +207,71 @@ async def test_a_parent_waiting_across_a_graceful_restart_keeps_waiting(tmp_path
             events = await run_events(kernel, accepted.run_id)
             assert [e.type for e in events].count("subagent.spawned") == 1
             assert "run.interrupted" not in [e.type for e in events]
+
+
+# --- ends waiting to be handled: merged by key, never dropped -------------------------------------
+
+
+def end_of(session: str, run: str, status: RunStatus = RunStatus.COMPLETED, continued: bool = False) -> RunEnd:
+    return RunEnd(session, run, status, "ok", None, continued=continued)
+
+
+async def test_pending_ends_merge_by_key_are_never_dropped_and_stay_within_the_open_links(kernel: Kernel) -> None:
+    service = Subagents(kernel)  # its loop not running: the ends stay pending, to be looked at
+    service._open = {f"ses_child{i}": Link("ses_parent", "run_parent", 1) for i in range(3)}
+    for n in range(1_000):
+        for i in range(3):
+            service._on_run_end(end_of(f"ses_child{i}", f"run_child{i}_{n}"))
+        service._on_run_end(end_of("ses_parent", "run_parent", RunStatus.CANCELLED))  # cascades to the three
+        service._on_run_end(end_of("ses_parent", f"run_other{n}", RunStatus.CANCELLED))  # no children: nothing
+        service._on_run_end(end_of("ses_stranger", f"run_stranger{n}"))  # not a child: nothing
+        service._on_run_end(end_of("ses_child0", f"run_requeued{n}", RunStatus.INTERRUPTED, continued=True))
+    # Four thousand ends about open links, and four entries: one per child, one for the parent run.
+    assert service.statistics() == {"open": 3, "pending": 4, "announced": 0, "merged": 3_996}
+    handled = [await service._next_pending() for _ in range(4)]
+    assert [(e.session_id, e.run_id) for e in handled] == [  # in arrival order, each with its first end
+        ("ses_child0", "run_child0_0"), ("ses_child1", "run_child1_0"), ("ses_child2", "run_child2_0"),
+        ("ses_parent", "run_parent")]
+    assert service.statistics()["pending"] == 0
+
+
+async def test_children_ending_while_the_service_is_busy_are_each_announced_once(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), with_subagents(sqlite_url(tmp_path)) as (kernel, service):
+        await service.caught_up.wait()
+        boss = await new_session(kernel, "boss")
+        # Hold the service inside its first announce, so the other children's ends pile up.
+        taken: list[str] = []
+        entered, gate = asyncio.Event(), asyncio.Event()
+        announce = service._announce
+
+        async def held_announce(ended: RunEnd) -> None:
+            taken.append(ended.session_id)
+            entered.set()
+            await gate.wait()
+            await announce(ended)
+
+        service._announce = held_announce  # type: ignore[method-assign]
+        ends: dict[str, RunEnd] = {}
+        all_ended = asyncio.Event()
+
+        def note(ended: RunEnd) -> None:  # called after the service's own listener
+            if ended.session_id != boss:
+                ends[ended.session_id] = ended
+                if len(ends) == 4:
+                    all_ended.set()
+
+        kernel.on_run_end(note)
+        await kernel.submit(boss, spawn_lines("one", "two", "three", "four"))
+        await entered.wait()
+        await all_ended.wait()
+        assert service.statistics() == {"open": 4, "pending": 3, "announced": 0, "merged": 0}
+        for child, ended in ends.items():  # a repeated notice of an end still pending merges into it
+            if child not in taken:
+                service._on_run_end(ended)
+        assert service.statistics() == {"open": 4, "pending": 3, "announced": 0, "merged": 3}
+        gate.set()
+        async with service._settled:
+            await service._settled.wait_for(lambda: service.announced == 4)
+        reports = await announces(kernel, boss)
+        assert sorted(reports) == sorted(f"[subagent {child} completed] {end.output}" for child, end in ends.items())
+        assert service.statistics() == {"open": 0, "pending": 0, "announced": 4, "merged": 3}

@@ -9,6 +9,10 @@ parent run in ``waiting`` (holding no slot) until its children have reported.
 Exactly once, across crashes: the announce is sent under the idempotency key
 ``announce:<child>``, and the link is marked announced only afterwards; a restart announces
 every link not yet marked, and the key turns a repeat into a no-op.
+
+Ends to handle wait in a table keyed by what they are about (a child, or a cancelled parent
+run), so it never holds more than two entries per open link; nothing in it is ever dropped
+(see ``Subagents._on_run_end``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ class Subagents:
         self.limits = limits or SubagentLimits()
         # Children whose end has not been announced yet (all of them, whatever their parent).
         self._open: dict[str, Link] = {}
-        self._ended: asyncio.Queue[RunEnd] = asyncio.Queue()
+        # Ends still to handle, oldest first, keyed by the child they report ("child", id) or
+        # the parent run whose cancel cascades ("cancel", id); see _on_run_end.
+        self._pending: dict[tuple[str, str], RunEnd] = {}
+        self._arrived = asyncio.Event()
+        self.merged = 0  # ends folded into a pending one with the same key
         # Children cancelled because their parent run was: their end is recorded, not announced
         # (the person who stopped the parent does not want a new run started in its name).
         self._cascaded: set[str] = set()
@@ -55,16 +63,46 @@ class Subagents:
         self.caught_up = asyncio.Event()
 
     def __repr__(self) -> str:
-        return f"<Subagents open={len(self._open)} announced={self.announced}>"
+        return f"<Subagents open={len(self._open)} pending={len(self._pending)} announced={self.announced}>"
+
+    def statistics(self) -> dict[str, int]:
+        """Links open, ends pending, reports announced and ends merged since start."""
+        return {"open": len(self._open), "pending": len(self._pending), "announced": self.announced,
+                "merged": self.merged}
 
     # --- the service ---------------------------------------------------------------------
 
     def _on_run_end(self, ended: RunEnd) -> None:
+        """Note an end to handle. The overflow policy: nothing is dropped, and nothing needs to be.
+
+        A report must never be lost, and this listener is synchronous (it cannot wait for room),
+        so instead of a queue with a size the ends wait in a table keyed by what they are about:
+        a child's end by the child, a parent run's cancel by the run. Only an end about an open
+        link gets in, so the table holds at most two entries per open link (its child, its
+        parent run), and open links are what ``max_total`` bounds at spawn: refusing a spawn is
+        the backpressure. A second end with a key already pending merges into the first (counted
+        in ``merged``): a child is announced once, with its first end, as it always was, and a
+        parent run's children are cancelled once.
+        """
+        key: tuple[str, str]
         if ended.session_id in self._open and not ended.continued:
-            self._ended.put_nowait(ended)
+            key = ("child", ended.session_id)
         elif (ended.status is RunStatus.CANCELLED and self.limits.cascade_cancel
               and any(link.parent_run_id == ended.run_id for link in self._open.values())):
-            self._ended.put_nowait(ended)  # a parent run cancelled: its children go with it
+            key = ("cancel", ended.run_id)  # a parent run cancelled: its children go with it
+        else:
+            return
+        if key in self._pending:
+            self.merged += 1
+            return
+        self._pending[key] = ended
+        self._arrived.set()
+
+    async def _next_pending(self) -> RunEnd:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._pending.pop(next(iter(self._pending)))
 
     async def run(self) -> None:
         """Announce what ended while the service was down, then each child's end as it comes."""
@@ -78,7 +116,7 @@ class Subagents:
                                             last.error, continued=False))
         self.caught_up.set()
         while True:
-            ended = await self._ended.get()
+            ended = await self._next_pending()
             try:
                 if ended.session_id in self._open:
                     await self._announce(ended)
