@@ -128,7 +128,7 @@ async def test_reports_survive_a_restart_exactly_once(tmp_path: Path) -> None:
             events = await run_events(kernel, spawned.run_id)
             (child,) = [e.data["child_session_id"] for e in events if e.type == "subagent.spawned"]
             service._on_run_end = lambda ended: None  # type: ignore[method-assign]  # the announce never happens
-            kernel._run_end_listeners.clear()
+            kernel.run_end_listeners.clear()
             latest = await kernel.store.read(repo.latest_run, child)
             assert latest is not None
             await wait_run(kernel, latest.id)
