@@ -127,9 +127,11 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def uvicorn_server(settings: Settings) -> AsyncIterator[tuple[str, Kernel, uvicorn.Server]]:
+async def uvicorn_server(
+    settings: Settings, store: Store | None = None
+) -> AsyncIterator[tuple[str, Kernel, uvicorn.Server]]:
     """A real uvicorn server on a loopback port, in this event loop; yields (base URL, kernel, server)."""
-    app = create_app(settings)
+    app = create_app(settings, store=store)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -27,11 +27,14 @@ from corral.tools import default_registry
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
+    """The app; ``store`` replaces the one the settings name (a test's store that fails on cue)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.resolved_database_url(), sqlite_synchronous=settings.sqlite_synchronous)
+        nonlocal store
+        store = store or Store(settings.resolved_database_url(), sqlite_synchronous=settings.sqlite_synchronous)
         kernel = Kernel(store, settings.kernel_config(), initial_agents=settings.initial_agents(),
                         tools=default_registry(settings.tools))
         scheduler = install_scheduler(kernel, misfire_grace_s=settings.misfire_grace_s)
