@@ -39,8 +39,8 @@ def serve(
     """Start the service (SQLite and the demo model unless configured otherwise)."""
     # What the server imports (here, not at the top: the client commands need none of it) is
     # some 200,000 objects that live as long as the process; while they load, the cyclic
-    # collector would walk them over and over (a sixth of the start-up). It stays off until
-    # the server has started, when tune_garbage_collection freezes them and turns it back on.
+    # collector would walk them over and over. It is off until they are loaded
+    # (cli/serve.py, freeze_loaded_modules).
     gc.disable()
     from pydantic import ValidationError
 

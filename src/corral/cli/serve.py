@@ -84,7 +84,21 @@ def tune_garbage_collection() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
-    gc.enable()  # `corral serve` turns it off while the server loads
+
+
+def freeze_loaded_modules() -> None:
+    """Collect, freeze and turn the cyclic collector back on once the server's code is loaded.
+
+    ``corral serve`` turns the collector off before it imports the server: the imports create
+    most of the objects that live as long as the process, and full collections walked them
+    over and over while they loaded (a sixth of the start-up). One collection here frees the
+    little garbage the imports left; frozen, the rest is not walked again, not even by
+    ``tune_garbage_collection`` once the server has started, and the kernel and the store
+    start with the collector on, as they always did.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.enable()
 
 
 def check_exposure(settings: Settings) -> None:
@@ -100,6 +114,7 @@ def serve(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     tracing.configure(settings.otel)
     app = create_app(settings)
+    freeze_loaded_modules()
     config = uvicorn.Config(
         app,
         host=settings.host,
