@@ -137,3 +137,17 @@ asyncio.run(main())
 """
     assert "alembic" in loaded_by(migrate), "a new database is migrated by alembic"
     assert among(loaded_by(migrate), ("alembic",)) == [], "at the newest revision, nothing is due"
+
+
+def test_serve_loads_the_server_with_the_collector_off_and_turns_it_back_on() -> None:
+    # What `corral serve` does (cli/main.py, then cli/serve.py once the app is built).
+    probe = """
+import gc
+gc.disable()
+from corral.cli.serve import freeze_loaded_modules
+import corral.api
+freeze_loaded_modules()
+assert gc.isenabled()
+assert gc.get_freeze_count() > 50_000, gc.get_freeze_count()  # what the imports made, never walked again
+"""
+    loaded_by(probe)
