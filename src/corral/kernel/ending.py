@@ -8,8 +8,9 @@ store must still record: status, final message and terminal event in one unit
 next run whose start committed before the end it follows would break the one-active-run
 index, and an end that fails must not be handed on (``kernel/repair.py``).
 
-The write and what follows it (starting the held run, telling the run-end listeners)
-run in a task of their own, so a hard cancel of the run's task cannot cut them short.
+The write is submitted in the transition's step; what follows its commit (starting the
+held run, telling the run-end listeners) runs from the write's own callback, and a repair
+in a task of its own, so a hard cancel of the run's task can cut neither short.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def cancel_error(handle: RunHandle) -> dict[str, Any]:
 class Ending:
     def __init__(self, kernel: Kernel):
         self._k = kernel
-        # End writes in flight (with their repairs): shutdown waits for them, bounded.
-        self.closing: set[asyncio.Task[None]] = set()
+        # Ends whose write failed and is being repaired: shutdown waits for them, bounded.
+        self.repairing: set[asyncio.Task[None]] = set()
 
     async def end(self, handle: RunHandle, status: RunStatus, *, text: str | None = None,
                   error: dict[str, Any] | None = None, usage: dict[str, int] | None = None) -> None:
@@ -80,10 +81,10 @@ class Ending:
         closing = self.decide(runtime, handle, status, text=text, error=error, usage=usage)
         if closing is None:
             return
-        first = self._k.store.end_run(closing.writes)  # in the transition's step: FIFO after its run's writes
-        task = self._k.supervisor.spawn(self._commit(closing, first), f"end:{handle.run_id}")
-        self.closing.add(task)
-        task.add_done_callback(self.closing.discard)
+        # Submitted in the transition's step (FIFO after its run's writes). On the happy path its
+        # outcome is handled by a callback, with no task of its own; a failure starts the repair.
+        first = self._k.store.end_run(closing.writes)
+        first.add_done_callback(lambda done: self._first_written(closing, done))
         await closing.committed.wait()
 
     def crashed(self, handle: RunHandle, exc: Exception) -> None:
@@ -137,18 +138,42 @@ class Ending:
         return Closing(runtime, handle, status, text or None, error, writes, simpler, continued=requeue is not None,
                        completed_runs=runtime.completed_runs)
 
-    async def _commit(self, closing: Closing, first: asyncio.Future[Any]) -> None:
-        runtime, handle = closing.runtime, closing.handle
+    def _first_written(self, closing: Closing, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._settle(closing, closing.writes)
+            return
+        task = self._k.supervisor.spawn(self._repair(closing, done), f"repair-end:{closing.handle.run_id}")
+        self.repairing.add(task)
+        task.add_done_callback(self.repairing.discard)
+
+    async def _repair(self, closing: Closing, failed: asyncio.Future[Any]) -> None:
+        """The end's first write failed: write it (or its simpler form) until it commits."""
         try:
-            done = await write_until_committed(self._k.store.end_run, closing.writes, runtime, self._k.config,
-                                               what=f"the end of run {handle.run_id}", simpler=closing.simpler,
-                                               first=first)
-        finally:
-            runtime.unsettled -= 1
-            closing.committed.set()
-            handle.recorded.set()
+            committed = await write_until_committed(
+                self._k.store.end_run, closing.writes, closing.runtime, self._k.config,
+                what=f"the end of run {closing.handle.run_id}", simpler=closing.simpler, first=failed)
+        except BaseException:
+            self._give_up(closing)  # cancelled at shutdown: the run stays active in the store for recovery
+            raise
+        if committed is None:  # not even the simpler form was taken (it always is, unless the store is broken)
+            self._give_up(closing)
+            return
+        self._settle(closing, committed)
+
+    @staticmethod
+    def _give_up(closing: Closing) -> None:
+        closing.runtime.unsettled -= 1
+        closing.committed.set()
+        closing.handle.recorded.set()
+
+    def _settle(self, closing: Closing, committed: Writes) -> None:
+        """The end is recorded: hand the session on and tell the listeners."""
+        runtime, handle = closing.runtime, closing.handle
+        runtime.unsettled -= 1
+        closing.committed.set()
+        handle.recorded.set()
         status, output, error = closing.status, closing.output, closing.error
-        if done is closing.simpler:
+        if committed is closing.simpler:
             status, output, error = RunStatus.FAILED, None, closing.simpler.run_changes[0].error
         self.start_held(runtime)
         ended = RunEnd(handle.session_id, handle.run_id, status, output, error, continued=closing.continued,

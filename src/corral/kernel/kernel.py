@@ -161,8 +161,8 @@ class Kernel:
             if not handle.finished.is_set():
                 self.control.hard_cancel(handle)
         await wait_all([h.finished for h in moving], 5.0)
-        if self.ending.closing:
-            _, late = await asyncio.wait(list(self.ending.closing), timeout=SETTLE_AT_SHUTDOWN_S)
+        if self.ending.repairing:
+            _, late = await asyncio.wait(list(self.ending.repairing), timeout=SETTLE_AT_SHUTDOWN_S)
             for task in late:
                 task.cancel()  # left `running` in the store: the next start recovers them
         await self.agents.aclose()
