@@ -19,10 +19,7 @@ from corral.logs import LogFormat, bind_run, configure_logging
 from corral.settings import default_agent
 from corral.specs import AgentSpec
 from corral.tools import Tool, ToolContext, default_registry
-from tests.api.test_sse import new_session as new_http_session
-from tests.api.test_sse import post
-from tests.helpers import KernelHarness, client, new_session, sqlite_url, wait_run
-from tests.test_process import corral_serve
+from tests.helpers import KernelHarness, client, corral_serve, new_http_session, new_session, post, sqlite_url, wait_run
 
 LIMIT = 30
 tool_log = logging.getLogger("tests.explode")

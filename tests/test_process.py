@@ -3,86 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.api.test_sse import Frame, new_session, post, sse_frames
-from tests.helpers import client, free_port
-
-CORRAL = Path(sys.executable).with_name("corral")
-STARTUP_DEADLINE_S = 30.0
-
-
-@dataclass
-class Server:
-    proc: asyncio.subprocess.Process
-    base: str
-    output: list[str] = field(default_factory=list)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.output[-60:])
-
-
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    return {**env, "CORRAL_LOG_LEVEL": "warning", **extra}
-
-
-async def _drain(stream: asyncio.StreamReader, into: list[str]) -> None:
-    async for line in stream:
-        into.append(line.decode(errors="replace"))
-
-
-@asynccontextmanager
-async def corral_serve(data_dir: Path, **env: str) -> AsyncIterator[Server]:
-    """``corral serve`` on a free port, ready (``/healthz`` answers); always killed at the end."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        str(CORRAL), "serve", "--port", str(port), "--data-dir", str(data_dir),
-        env=_env(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    assert proc.stdout is not None
-    server = Server(proc, f"http://127.0.0.1:{port}")
-    drain = asyncio.create_task(_drain(proc.stdout, server.output))
-    try:
-        await _wait_healthy(server)
-        yield server
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        await drain
-
-
-async def _wait_healthy(server: Server) -> None:
-    """Poll the external process until it answers, within a bounded deadline."""
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    async with httpx.AsyncClient(base_url=server.base, timeout=2.0) as http:
-        while True:
-            assert server.proc.returncode is None, f"corral serve exited during start-up:\n{server.log}"
-            with suppress(httpx.TransportError):
-                if (await http.get("/healthz")).status_code == 200:
-                    return
-            assert time.monotonic() < deadline, f"corral serve not healthy after {STARTUP_DEADLINE_S} s:\n{server.log}"
-            await asyncio.sleep(0.05)
-
-
-async def until_event(frames: AsyncIterator[Frame], type_: str, run_id: str | None = None) -> Frame:
-    async for frame in frames:
-        if frame.event == type_ and (run_id is None or frame.json["run_id"] == run_id):
-            return frame
-    raise AssertionError(f"stream ended before {type_}")
+from tests.helpers import (
+    CORRAL,
+    Frame,
+    clean_env,
+    client,
+    corral_serve,
+    free_port,
+    new_http_session,
+    post,
+    sse_frames,
+    until_event,
+)
 
 
 @dataclass
@@ -138,7 +79,7 @@ async def test_crash_recovery_after_kill_9(tmp_path: Path) -> None:
     accepted: dict[str, list[dict[str, Any]]] = {}  # session -> every 202 body (with its content)
     async with asyncio.timeout(120):
         async with corral_serve(data) as server, client(server.base) as http:
-            sessions = [await new_session(http) for _ in range(3)]
+            sessions = [await new_http_session(http) for _ in range(3)]
             for index, sid in enumerate(sessions):
                 accepted[sid] = []
                 for content in (f"/steps 3 500 s{index}-1", f"plain s{index}-2", f"/steps 3 500 s{index}-3",
@@ -215,13 +156,13 @@ async def test_sigterm_stops_within_bounds_records_interrupted_and_requeues(tmp_
     data = tmp_path / "data"
     async with asyncio.timeout(90):
         async with corral_serve(data, CORRAL_SHUTDOWN_GRACE_S="1") as server, client(server.base) as http:
-            sid = await new_session(http)
+            sid = await new_http_session(http)
             long = await post(http, sid, '/tool wait {"ms": 2500}')
             queued = await post(http, sid, "after the restart")
             last_seen = 0
             async with http.stream("GET", f"/v1/sessions/{sid}/events") as response:
                 frames = sse_frames(response)
-                last_seen = (await until_event(frames, "tool.started", long["run_id"])).seq
+                last_seen = (await until_event(frames, "tool.started", run_id=long["run_id"])).seq
                 reader, writer = await _start_half_sent_post(server.base, sid, b'{"content": "too late"}')
                 began = time.monotonic()
                 server.proc.send_signal(signal.SIGTERM)
@@ -274,7 +215,7 @@ async def test_an_observer_that_stopped_reading_does_not_hold_up_the_shutdown(tm
     """Its stream ends at SIGTERM, but its connection cannot flush: it must not hold uvicorn's drain."""
     async with asyncio.timeout(60):
         async with corral_serve(tmp_path / "data") as server, client(server.base) as http:
-            sid = await new_session(http)
+            sid = await new_http_session(http)
             url = httpx.URL(server.base)
             assert url.port is not None
             sock = socket.socket()
@@ -305,7 +246,7 @@ async def test_serve_refuses_a_public_bind_without_a_token(tmp_path: Path) -> No
     async with asyncio.timeout(30):
         proc = await asyncio.create_subprocess_exec(
             str(CORRAL), "serve", "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(tmp_path),
-            env=_env({}), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=clean_env(CORRAL_LOG_LEVEL="warning"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         try:
             _, stderr = await proc.communicate()
@@ -325,7 +266,7 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path) -> None:
         async with corral_serve(tmp_path, CORRAL_API_TOKEN=admin, CORRAL_PRINCIPALS=principals,
                                 CORRAL_LOG_LEVEL="debug") as server:
             async with client(server.base, headers={"Authorization": f"Bearer {alice}"}) as http:
-                sid = await new_session(http)
+                sid = await new_http_session(http)
                 accepted = await post(http, sid, "/fail")
                 async with http.stream("GET", f"/v1/runs/{accepted['run_id']}/events") as response:
                     assert [f async for f in sse_frames(response)][-1].event == "run.failed"

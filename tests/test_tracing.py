@@ -14,11 +14,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from corral import tracing
-from tests.api.test_sse import new_session as new_http_session
-from tests.api.test_sse import post
-from tests.helpers import client, new_session, wait_run
+from tests.helpers import client, corral_serve, new_http_session, new_session, post, wait_run
 from tests.test_logs import kernel_with_bomber
-from tests.test_process import corral_serve
 
 LIMIT = 30
 

@@ -16,9 +16,7 @@ from pydantic import ValidationError
 from corral.errors import InvalidInput
 from corral.principals import Principal, TokenTable
 from corral.settings import PrincipalToken, Settings, load_settings
-from tests.api.test_http import assert_error
-from tests.api.test_sse import post, read_run, sse_frames
-from tests.helpers import client, http_server
+from tests.helpers import assert_error, client, http_server, post, read_run, sse_frames
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789ab"

@@ -16,33 +16,26 @@ from corral.api import create_app
 from corral.cli.serve import check_exposure
 from corral.errors import InvalidInput
 from corral.settings import Settings
-from tests.api.test_sse import TERMINAL_EVENTS, Frame, create_agent, new_session, post, read_run, sse_frames
-from tests.helpers import client, http_server
+from tests.helpers import (
+    TERMINAL_EVENTS,
+    assert_error,
+    client,
+    create_agent,
+    http_server,
+    new_http_session,
+    post,
+    read_run,
+    sse_frames,
+    until_event,
+)
 
 LONG_WAIT = '/tool wait {"ms": 60000}'
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert isinstance(error["code"], str) and isinstance(error["message"], str) and error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    return dict(error)
 
 
 def iso(value: str) -> datetime:
     parsed = datetime.fromisoformat(value)
     assert parsed.utcoffset() is not None, f"not an aware timestamp: {value}"
     return parsed
-
-
-async def until_event(frames: AsyncIterator[Frame], *types: str) -> Frame:
-    async for frame in frames:
-        if frame.event in types:
-            return frame
-    raise AssertionError(f"stream ended before any of {types}")
 
 
 async def hard_cancel(http: httpx.AsyncClient, run_id: str) -> None:
@@ -86,7 +79,7 @@ async def test_agents_crud(settings: Settings) -> None:
         assert_error(await http.post("/v1/agents", json={"name": "slow", "provider": "demo"}), 409, "conflict")
 
         # A message for a starting agent waits in its lane and runs once the agent is ready.
-        sid = await new_session(http, "slow")
+        sid = await new_http_session(http, "slow")
         accepted = await post(http, sid, "hello")
         assert (await read_run(http, accepted["run_id"]))[-1].json["output"] == "echo: hello"
         assert (await http.get("/v1/agents/slow")).json()["state"] == "ready"
@@ -207,7 +200,7 @@ async def test_concurrent_creations_of_one_session_key_yield_one_session(setting
 
 async def test_post_message_accepts_with_202_and_names_the_run(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         response = await http.post(f"/v1/sessions/{sid}/messages", json={"content": LONG_WAIT})
         assert response.status_code == 202
         first = response.json()
@@ -231,7 +224,7 @@ async def test_post_message_accepts_with_202_and_names_the_run(settings: Setting
 
 async def test_post_message_errors(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         url = f"/v1/sessions/{sid}/messages"
         assert_error(await http.post("/v1/sessions/ses_nope/messages", json={"content": "x"}), 404, "not_found")
         assert_error(await http.post(url, json={"content": "x", "mode": "shout"}), 422, "invalid_input")
@@ -252,7 +245,7 @@ async def test_post_message_errors(settings: Settings) -> None:
 async def test_bodies_over_the_limit_are_413_by_header_and_while_streaming(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, max_body_bytes=2048, shutdown_grace_s=1.0)
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         url = f"/v1/sessions/{sid}/messages"
         response = await http.post(url, json={"content": "x" * 3000})
         assert "content-length" in response.request.headers
@@ -276,7 +269,7 @@ async def test_bodies_over_the_limit_are_413_by_header_and_while_streaming(tmp_p
 
 async def test_reject_on_a_busy_session_is_409_and_stores_nothing(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         busy = await post(http, sid, LONG_WAIT)
         response = await http.post(f"/v1/sessions/{sid}/messages", json={"content": "no", "mode": "reject"})
         assert_error(response, 409, "session_busy")
@@ -292,7 +285,7 @@ async def test_reject_on_a_busy_session_is_409_and_stores_nothing(settings: Sett
 async def test_429_when_the_session_has_max_pending_inputs(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, max_pending_inputs=2, shutdown_grace_s=1.0)
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         busy = await post(http, sid, LONG_WAIT)
         waiting = [await post(http, sid, f"q{i}") for i in range(2)]
         assert [w["disposition"] for w in waiting] == ["queued", "queued"]
@@ -300,7 +293,7 @@ async def test_429_when_the_session_has_max_pending_inputs(tmp_path: Path) -> No
             response = await http.post(f"/v1/sessions/{sid}/messages", json={"content": "more", "mode": mode})
             assert_error(response, 429, "too_many_pending")
         assert len(await runs_of(http, sid)) == 3
-        other = await new_session(http)  # the limit is per session
+        other = await new_http_session(http)  # the limit is per session
         assert (await post(http, other, "elsewhere"))["disposition"] == "started"
 
         await hard_cancel(http, busy["run_id"])
@@ -310,7 +303,7 @@ async def test_429_when_the_session_has_max_pending_inputs(tmp_path: Path) -> No
 
 async def test_idempotency_key_repeat_returns_the_same_ids_and_stores_one_input(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         url = f"/v1/sessions/{sid}/messages"
         first = await http.post(url, json={"content": "once"}, headers={"Idempotency-Key": "k1"})
         repeat = await http.post(url, json={"content": "once"}, headers={"Idempotency-Key": "k1"})
@@ -343,7 +336,7 @@ async def test_idempotency_key_repeat_returns_the_same_ids_and_stores_one_input(
 
 async def test_runs_list_filter_paginate_and_get(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        s1, s2 = await new_session(http), await new_session(http)
+        s1, s2 = await new_http_session(http), await new_http_session(http)
         order: list[str] = []
         for sid, content in ((s1, "a"), (s2, "b"), (s1, "c"), (s1, '/tool echo {"text": "d"}'), (s2, "/fail")):
             order.append((await post(http, sid, content))["run_id"])
@@ -382,7 +375,7 @@ async def test_runs_list_filter_paginate_and_get(settings: Settings) -> None:
 
 async def test_cancel_soft_hard_queued_and_ended(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
 
         # Soft: stops at the next step boundary.
         soft = await post(http, sid, "/steps 50 50")
@@ -427,7 +420,7 @@ async def test_cancel_soft_hard_queued_and_ended(settings: Settings) -> None:
 async def test_approvals(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
         await create_agent(http, "careful", policy={"approvals": {"echo": "ask"}})
-        sid = await new_session(http, "careful")
+        sid = await new_http_session(http, "careful")
         for decision, output in (
             ("approve", "tool results: hi"),
             ("deny", "tool results: error: the call to echo was denied by a human"),
@@ -495,7 +488,7 @@ async def test_healthz_openapi_and_unknown_routes(settings: Settings) -> None:
 async def test_out_of_range_numbers_are_client_errors_not_crashes(settings: Settings) -> None:
     huge = str(2**63)  # one past what the store's 64-bit integers hold
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         accepted = await post(http, sid, "x")
         await read_run(http, accepted["run_id"])
         for path in ("/v1/runs", "/v1/sessions"):
@@ -535,7 +528,7 @@ async def test_api_token(tmp_path: Path) -> None:
                 assert_error(await anonymous.get("/v1/agents", headers={"Authorization": wrong}), 401)
         async with client(base, headers={"Authorization": "Bearer s3cret"}) as http:
             assert (await http.get("/v1/agents")).status_code == 200
-            sid = await new_session(http)
+            sid = await new_http_session(http)
             accepted = await post(http, sid, "authorised")
             assert (await read_run(http, accepted["run_id"]))[-1].json["output"] == "echo: authorised"
             assert (await http.get("/healthz")).status_code == 200
@@ -555,7 +548,7 @@ def test_check_exposure_refuses_to_bind_beyond_loopback_without_a_token(tmp_path
 async def test_a_session_tells_its_last_event_seq(settings: Settings) -> None:
     """A client that wants only what is new follows from here (``?after=last_event_seq``)."""
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         assert (await http.get(f"/v1/sessions/{sid}")).json()["last_event_seq"] == 0
         accepted = await post(http, sid, "hello")
         frames = await read_run(http, accepted["run_id"])

@@ -8,8 +8,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.settings import Settings
-from tests.api.test_sse import new_session, post, read_run
-from tests.helpers import client, http_server
+from tests.helpers import client, http_server, new_http_session, post, read_run
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -22,7 +21,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def test_metrics_follow_the_traffic(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         for content in ("hello", '/tool wait {"ms": 1}', "/fail"):
             await read_run(http, (await post(http, sid, content))["run_id"])
         blocker = await post(http, sid, "/sleep 30")

@@ -11,8 +11,7 @@ import openai
 import pytest
 
 from corral.settings import Settings
-from tests.api.test_sse import create_agent, sse_frames
-from tests.helpers import client, http_server
+from tests.helpers import client, create_agent, http_server, sse_frames
 
 LIMIT = 30
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -14,137 +12,30 @@ import httpx
 
 from corral.kernel import Kernel
 from corral.settings import Settings
-from tests.helpers import TERMINAL, client, http_server, wait_run
-
-TERMINAL_EVENTS = {f"run.{status}" for status in TERMINAL}
-
-
-# --- a small SSE parser -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One dispatched SSE event: ``id:``, ``event:`` and the joined ``data:`` lines."""
-
-    id: str | None
-    event: str
-    data: str
-
-    @property
-    def seq(self) -> int:
-        assert self.id is not None, f"frame without id: {self}"
-        return int(self.id)
-
-    @property
-    def json(self) -> dict[str, Any]:
-        value = json.loads(self.data)
-        assert isinstance(value, dict)
-        return value
-
-
-async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[Frame]:
-    """Parse ``text/event-stream`` lines per the WHATWG rules (comments, field names, one optional space)."""
-    event_id: str | None = None
-    event_type = ""
-    data: list[str] = []
-    async for line in lines:
-        if line == "":
-            if data:
-                yield Frame(event_id, event_type or "message", "\n".join(data))
-            event_type, data = "", []  # the id persists, as the spec's "last event ID buffer"
-            continue
-        if line.startswith(":"):
-            continue  # a comment (sse-starlette's keep-alive ping)
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
-            value = value[1:]
-        if name == "id":
-            event_id = value
-        elif name == "event":
-            event_type = value
-        elif name == "data":
-            data.append(value)
-
-
-async def sse_frames(response: httpx.Response) -> AsyncIterator[Frame]:
-    assert response.status_code == 200, response.status_code
-    assert response.headers["content-type"].startswith("text/event-stream")
-    async for frame in parse_sse(response.aiter_lines()):
-        yield frame
-
-
-async def raw_sse_lines(reader: asyncio.StreamReader) -> AsyncIterator[str]:
-    """The lines of an SSE response read off a raw socket (HTTP/1.1, chunked)."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
-    assert head.startswith("http/1.1 200"), head
-    assert "transfer-encoding: chunked" in head, head
-    pending = ""
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            return
-        pending += (await reader.readexactly(size + 2))[:-2].decode()
-        *lines, pending = pending.split("\r\n")
-        for line in lines:
-            yield line
-
-
-def check_frame(frame: Frame) -> None:
-    """The envelope every frame carries: ``id`` = seq, ``event`` = type, data with the envelope fields."""
-    body = frame.json
-    assert body["seq"] == frame.seq
-    assert body["type"] == frame.event
-    assert {"run_id", "session_id", "ts"} <= body.keys()
-    assert datetime.fromisoformat(body["ts"]).utcoffset() is not None
-
-
-async def read_run(http: httpx.AsyncClient, run_id: str, **kwargs: Any) -> list[Frame]:
-    """Every frame of a run stream; the stream ends on its own after the terminal event."""
-    async with http.stream("GET", f"/v1/runs/{run_id}/events", **kwargs) as response:
-        return [frame async for frame in sse_frames(response)]
-
-
-async def read_session_until(
-    http: httpx.AsyncClient, session_id: str, last_seq: int, **kwargs: Any
-) -> list[Frame]:
-    """A session stream (which never ends by itself) read up to and including ``last_seq``."""
-    frames: list[Frame] = []
-    async with http.stream("GET", f"/v1/sessions/{session_id}/events", **kwargs) as response:
-        async for frame in sse_frames(response):
-            frames.append(frame)
-            if frame.seq >= last_seq:
-                break
-    return frames
-
-
-def assert_contiguous(frames: list[Frame], first: int) -> None:
-    assert [f.seq for f in frames] == list(range(first, first + len(frames)))
-
-
-async def new_session(http: httpx.AsyncClient, agent: str = "assistant") -> str:
-    response = await http.post("/v1/sessions", json={"agent": agent})
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
-async def post(http: httpx.AsyncClient, session_id: str, content: str, **extra: Any) -> dict[str, Any]:
-    response = await http.post(f"/v1/sessions/{session_id}/messages", json={"content": content, **extra})
-    assert response.status_code == 202, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-async def create_agent(http: httpx.AsyncClient, name: str, **spec: Any) -> None:
-    response = await http.post("/v1/agents", json={"name": name, "provider": "demo", **spec})
-    assert response.status_code == 201, response.text
-
+from tests.helpers import (
+    TERMINAL_EVENTS,
+    Frame,
+    assert_contiguous,
+    check_frame,
+    client,
+    create_agent,
+    http_server,
+    new_http_session,
+    parse_sse,
+    post,
+    raw_sse_lines,
+    read_run,
+    read_session_until,
+    sse_frames,
+    wait_run,
+)
 
 # --- replay -----------------------------------------------------------------------------
 
 
 async def test_late_observer_gets_every_event_from_seq_1(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         first = await post(http, sid, '/tool echo {"text": "one"}')
         second = await post(http, sid, "two")
         await wait_run(kernel, second["run_id"])  # both done, and nobody watched over HTTP
@@ -175,7 +66,7 @@ async def test_run_stream_of_an_ended_run_ends_after_replay_even_when_resumed_pa
     settings: Settings,
 ) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         accepted = await post(http, sid, "done")
         await wait_run(kernel, accepted["run_id"])
         frames = await read_run(http, accepted["run_id"])
@@ -189,7 +80,7 @@ async def test_run_stream_of_an_ended_run_ends_after_replay_even_when_resumed_pa
 
 async def test_resume_with_after_and_last_event_id_has_no_gap_and_no_duplicate(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         accepted = await post(http, sid, '/tool echo {"text": "a"}\n/tool echo {"text": "b"}')
         await wait_run(kernel, accepted["run_id"])
         full = await read_run(http, accepted["run_id"])
@@ -211,7 +102,7 @@ async def test_resume_from_the_middle_of_a_live_run(tmp_path: Any) -> None:
     settings = Settings(data_dir=tmp_path, shutdown_grace_s=1.0)
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
         await create_agent(http, "ticker", provider_options={"token_ms": 1})
-        sid = await new_session(http, "ticker")
+        sid = await new_http_session(http, "ticker")
         accepted = await post(http, sid, " ".join(f"w{i}" for i in range(400)))
         seen: list[Frame] = []
         resumed: asyncio.Task[list[Frame]] | None = None
@@ -230,7 +121,7 @@ async def test_resume_from_the_middle_of_a_live_run(tmp_path: Any) -> None:
 
 async def test_bad_last_event_id_is_400(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         accepted = await post(http, sid, "x")
         for path in (f"/v1/sessions/{sid}/events", f"/v1/runs/{accepted['run_id']}/events"):
             for bad in ("abc", "-1", "1.5"):
@@ -252,7 +143,7 @@ async def test_bad_last_event_id_is_400(settings: Settings) -> None:
 
 async def test_two_observers_on_a_session_receive_identical_sequences(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         got: list[list[Frame]] = [[], []]
         both_attached = asyncio.Event()
         attached = 0
@@ -307,10 +198,10 @@ async def test_an_observer_that_never_reads_does_not_slow_the_run(tmp_path: Any)
     filler = " ".join(["x" * 9000] * 20)  # few events but ~0.5 MB of frames each
     async with asyncio.timeout(60), http_server(settings) as (base, kernel), client(base) as http:
         await create_agent(http, "streamer", provider_options={"token_ms": 1})
-        baseline_sid = await new_session(http, "streamer")
+        baseline_sid = await new_http_session(http, "streamer")
         baseline = await _timed_run(http, baseline_sid, words)
 
-        sid = await new_session(http, "streamer")
+        sid = await new_http_session(http, "streamer")
         # The stalled observer: a tiny receive window and a reader that never reads. Its stream is jammed
         # once the fillers' frames exceed every buffer on the way (socket buffers are at most 4 MB here).
         sock = socket.socket()
@@ -357,7 +248,7 @@ def _lagged_subscriptions(kernel: Kernel, session_id: str) -> int:
 
 async def test_on_disconnect_cancel_cancels_the_run_when_the_client_goes_away(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         async with http.stream("GET", f"/v1/sessions/{sid}/events") as watch:
             frames = sse_frames(watch)
             accepted = await post(http, sid, "/steps 100 50")
@@ -381,7 +272,7 @@ async def test_on_disconnect_cancel_cancels_the_run_when_the_client_goes_away(se
 
 async def test_plain_disconnect_leaves_the_run_alone(settings: Settings) -> None:
     async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
-        sid = await new_session(http)
+        sid = await new_http_session(http)
         async with http.stream("GET", f"/v1/sessions/{sid}/events") as watch:
             frames = sse_frames(watch)
             accepted = await post(http, sid, "/steps 3 50")

@@ -6,9 +6,7 @@ The server is a subprocess on a free port; readiness is its own "startup complet
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import free_port
+from tests.helpers import CORRAL, STARTUP_DEADLINE_S, clean_env, free_port
 
-CORRAL = Path(sys.executable).with_name("corral")
-STARTUP_DEADLINE_S = 30.0
 READY_LINE = "Application startup complete"
 
 
@@ -41,12 +37,6 @@ class Server:
     def http(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.base, headers=headers, timeout=10.0)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without its CORRAL_* settings, which would leak into the processes."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    return {**env, **extra}
 
 
 @contextmanager

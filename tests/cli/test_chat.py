@@ -16,7 +16,8 @@ from typing import Any
 import pexpect
 import pytest
 
-from tests.cli import CORRAL, Server, clean_env, corral_serve, kill
+from tests.cli import Server, corral_serve, kill
+from tests.helpers import CORRAL, clean_env
 
 EXPECT_S = 10.0
 

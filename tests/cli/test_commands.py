@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.cli import CORRAL, Server, clean_env, corral_serve
-from tests.helpers import free_port
+from tests.cli import Server, corral_serve
+from tests.helpers import CORRAL, clean_env, free_port
 
 TOKEN = "s3cret-token-for-tests"
 COMMAND_TIMEOUT_S = 20

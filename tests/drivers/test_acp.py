@@ -23,21 +23,25 @@ from corral.settings import Settings
 from corral.specs import AgentSpec
 from corral.store import Store, repo
 from corral.types import AgentState, CancelMode, Decision, Mode
-from tests.api.test_sse import new_session as http_session
-from tests.api.test_sse import post, read_run, sse_frames
 from tests.helpers import (
     KernelHarness,
+    agent_session,
+    alive,
     client,
+    corral_serve,
     get_run,
     http_server,
+    new_http_session,
     new_session,
+    post,
+    read_run,
     run_events,
     sqlite_url,
+    sse_frames,
     until,
     wait_event,
     wait_run,
 )
-from tests.test_process import corral_serve
 
 AGENT_PROGRAM = str(Path(__file__).with_name("acp_agent.py"))
 
@@ -62,22 +66,10 @@ def pids_of(kernel: Kernel, agent: str) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir()) if folder.exists() else []
 
 
-def alive(pid: int) -> bool:
-    """Running, or exited but never reaped (a zombie is a leak too)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    # Our own pid could be reused by an unrelated process only after it was reaped; the
-    # command line tells ours apart.
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if "State:\tZ" not in status else b"acp_agent.py"
-    return b"acp_agent.py" in cmdline
-
-
-async def ready_session(kernel: Kernel, spec: AgentSpec) -> str:
-    await kernel.agents.create(spec)
-    await kernel.agents.wait_ready(spec.name)
-    return await new_session(kernel, spec.name)
+def agent_alive(pid: int) -> bool:
+    """A process of the test's ACP program is running, or exited but was never reaped (a zombie
+    is a leak too); its command line tells it apart from a process that got its pid later."""
+    return alive(pid, command="acp_agent.py", zombies=True)
 
 
 async def test_creating_a_slow_agent_returns_at_once_and_it_becomes_ready(kernel: Kernel) -> None:
@@ -88,12 +80,12 @@ async def test_creating_a_slow_agent_returns_at_once_and_it_becomes_ready(kernel
         assert agent.state is AgentState.STARTING
         ready = await kernel.agents.wait_ready("coder")
         assert ready.state is AgentState.READY
-        assert [pid for pid in pids_of(kernel, "coder") if alive(pid)] == [ready.acp.child.pid]  # type: ignore[union-attr]
+        assert [pid for pid in pids_of(kernel, "coder") if agent_alive(pid)] == [ready.acp.child.pid]  # type: ignore[union-attr]
 
 
 async def test_a_prompt_streams_its_answer_as_events(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         accepted = await kernel.submit(session, "slow 5")
         events = await run_events(kernel, accepted.run_id)
         types = [e.type for e in events]
@@ -106,7 +98,7 @@ async def test_a_prompt_streams_its_answer_as_events(kernel: Kernel) -> None:
 
 async def test_a_message_steered_in_during_a_prompt_is_the_next_prompt_of_the_run(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         accepted = await kernel.submit(session, "slow 6")
         await wait_event(kernel, session, "message.delta", run_id=accepted.run_id)
         steer = await kernel.submit(session, "count", mode=Mode.STEER)
@@ -119,7 +111,7 @@ async def test_a_message_steered_in_during_a_prompt_is_the_next_prompt_of_the_ru
 
 async def test_each_corral_session_is_its_own_acp_session(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        first = await ready_session(kernel, acp_spec())
+        first = await agent_session(kernel, acp_spec())
         second = await new_session(kernel, "coder")
         outputs = []
         for session in (first, first, second):
@@ -130,7 +122,7 @@ async def test_each_corral_session_is_its_own_acp_session(kernel: Kernel) -> Non
 
 async def test_tool_calls_become_tool_events(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         accepted = await kernel.submit(session, "tool")
         events = {e.type: e.data for e in await run_events(kernel, accepted.run_id)}
         assert events["tool.started"]["tool"] == "read notes.txt"
@@ -142,7 +134,7 @@ async def test_tool_calls_become_tool_events(kernel: Kernel) -> None:
 @pytest.mark.parametrize(("decision", "answer"), [(Decision.APPROVE, "allowed"), (Decision.DENY, "rejected")])
 async def test_a_permission_request_becomes_an_approval(kernel: Kernel, decision: Decision, answer: str) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         accepted = await kernel.submit(session, "ask write_file")
         request = await wait_event(kernel, session, "approval.requested", run_id=accepted.run_id)
         assert request.data == {"call_id": "call-1", "tool": "write_file", "arguments": {"path": "out.txt"}}
@@ -155,7 +147,7 @@ async def test_a_permission_request_becomes_an_approval(kernel: Kernel, decision
 
 async def test_cancelling_a_run_that_waits_for_approval_answers_cancelled(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         agent = kernel.agents.get("coder")
         accepted = await kernel.submit(session, "ask delete_everything")
         await wait_event(kernel, session, "run.waiting", run_id=accepted.run_id)
@@ -168,7 +160,7 @@ async def test_cancelling_a_run_that_waits_for_approval_answers_cancelled(kernel
 
 async def test_soft_cancel_sends_session_cancel_and_keeps_the_process(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         agent = kernel.agents.get("coder")
         accepted = await kernel.submit(session, "slow 400")
         await wait_event(kernel, session, "message.delta", run_id=accepted.run_id)
@@ -182,7 +174,7 @@ async def test_soft_cancel_sends_session_cancel_and_keeps_the_process(kernel: Ke
 
 async def test_soft_cancel_of_an_agent_that_ignores_it_kills_after_the_grace(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         [first_pid] = pids_of(kernel, "coder")
         accepted = await kernel.submit(session, "stubborn")
         await wait_event(kernel, session, "message.delta", run_id=accepted.run_id)
@@ -191,7 +183,7 @@ async def test_soft_cancel_of_an_agent_that_ignores_it_kills_after_the_grace(ker
         run = await wait_run(kernel, accepted.run_id)
         assert run["status"] == "cancelled" and run["output"] == "working "
         assert time.perf_counter() - began < 3.0
-        await until(lambda: not alive(first_pid))
+        await until(lambda: not agent_alive(first_pid))
         await kernel.agents.wait_ready("coder")  # killed on purpose: it starts again by itself
         again = await kernel.submit(session, "hello there")
         assert (await wait_run(kernel, again.run_id))["output"] == "hello there "
@@ -199,19 +191,19 @@ async def test_soft_cancel_of_an_agent_that_ignores_it_kills_after_the_grace(ker
 
 async def test_hard_cancel_kills_the_process_and_the_agent_restarts(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         generation = kernel.agents.get("coder").generation
         [first_pid] = pids_of(kernel, "coder")
         accepted = await kernel.submit(session, "slow 400")
         await wait_event(kernel, session, "message.delta", run_id=accepted.run_id)
         await kernel.cancel(accepted.run_id, CancelMode.HARD)
         assert (await wait_run(kernel, accepted.run_id))["status"] == "cancelled"
-        await until(lambda: not alive(first_pid))
+        await until(lambda: not agent_alive(first_pid))
         await until(lambda: kernel.agents.get("coder").generation > generation)
         await kernel.agents.wait_ready("coder")
         again = await kernel.submit(session, "hi")
         assert (await wait_run(kernel, again.run_id))["output"] == "hi "
-        assert [pid for pid in pids_of(kernel, "coder") if alive(pid)] != [first_pid]
+        assert [pid for pid in pids_of(kernel, "coder") if agent_alive(pid)] != [first_pid]
 
 
 async def test_stop_during_start_leaves_no_process_behind(kernel: Kernel) -> None:
@@ -220,7 +212,7 @@ async def test_stop_during_start_leaves_no_process_behind(kernel: Kernel) -> Non
         await until(lambda: pids_of(kernel, "coder"))  # the program is up, still in initialize
         assert kernel.agents.get("coder").state is AgentState.STARTING
         await kernel.agents.delete("coder")
-        assert not [pid for pid in pids_of(kernel, "coder") if alive(pid)]
+        assert not [pid for pid in pids_of(kernel, "coder") if agent_alive(pid)]
 
 
 async def test_start_stop_start_in_a_tight_loop_ends_with_one_live_process(kernel: Kernel) -> None:
@@ -235,7 +227,7 @@ async def test_start_stop_start_in_a_tight_loop_ends_with_one_live_process(kerne
         await asyncio.gather(*(kernel.agents.restart("coder") for _ in range(3)))
         agent = await kernel.agents.wait_ready("coder")
         assert agent.acp is not None and agent.acp.child is not None
-        assert [pid for pid in pids_of(kernel, "coder") if alive(pid)] == [agent.acp.child.pid]
+        assert [pid for pid in pids_of(kernel, "coder") if agent_alive(pid)] == [agent.acp.child.pid]
         session = await new_session(kernel, "coder")
         accepted = await kernel.submit(session, "still works")
         assert (await wait_run(kernel, accepted.run_id))["output"] == "still works "
@@ -254,12 +246,12 @@ async def test_a_failed_start_says_why(kernel: Kernel, spec: AgentSpec, error: s
         agent = await kernel.agents.create(spec)
         await agent.settled.wait()
         assert agent.state is AgentState.FAILED and error in (agent.error or "")
-        assert not [pid for pid in pids_of(kernel, "coder") if alive(pid)]
+        assert not [pid for pid in pids_of(kernel, "coder") if agent_alive(pid)]
 
 
 async def test_an_agent_that_exits_fails_its_run_and_can_be_restarted(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         accepted = await kernel.submit(session, "exit")
         run = await wait_run(kernel, accepted.run_id)
         assert run["status"] == "failed"
@@ -277,7 +269,7 @@ async def test_a_chatty_stderr_never_blocks_the_agent_and_reaches_the_log(
 ) -> None:
     caplog.set_level(logging.INFO, logger="corral.acp")
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         accepted = await kernel.submit(session, "chatty 500")  # 500 KB: several times a pipe's buffer
         assert (await wait_run(kernel, accepted.run_id))["output"] == "done talking"
         await until(lambda: any("line 499 " in r.getMessage() for r in caplog.records))
@@ -288,7 +280,7 @@ async def test_the_program_gets_its_env_but_not_the_servers(
 ) -> None:
     monkeypatch.setenv("CORRAL_API_TOKEN", "server-secret-token")
     async with asyncio.timeout(20):
-        session = await ready_session(kernel, acp_spec(GREETING="hej"))
+        session = await agent_session(kernel, acp_spec(GREETING="hej"))
         outputs = []
         for name in ("GREETING", "CORRAL_API_TOKEN"):
             accepted = await kernel.submit(session, f"env {name}")
@@ -315,7 +307,7 @@ async def test_an_acp_agent_over_http(settings: Settings) -> None:
         assert created.status_code == 201, created.text
         assert (created.json()["driver"], created.json()["state"]) == ("acp", "starting")
         await until_ready(http)
-        session = await http_session(http, "coder")
+        session = await new_http_session(http, "coder")
         run = await post(http, session, "echo these words")
         frames = await read_run(http, run["run_id"])
         deltas = [f.json["text"] for f in frames if f.event == "message.delta"]
@@ -354,11 +346,11 @@ async def test_a_graceful_restart_requeues_a_run_waiting_on_the_program(tmp_path
     try:
         async with asyncio.timeout(30):
             kernel = await harness.start()
-            session = await ready_session(kernel, acp_spec())
+            session = await agent_session(kernel, acp_spec())
             accepted = await kernel.submit(session, "ask write_file")
             await wait_event(kernel, session, "run.waiting", run_id=accepted.run_id)
             await harness.stop()
-            assert not [pid for pid in pids_of(kernel, "coder") if alive(pid)]
+            assert not [pid for pid in pids_of(kernel, "coder") if agent_alive(pid)]
             kernel = await harness.start()
             assert (await get_run(kernel, accepted.run_id))["status"] == "interrupted"
             requeued = await wait_event(kernel, session, "input.requeued")
@@ -379,7 +371,7 @@ async def test_after_kill_9_a_run_waiting_on_the_program_fails_when_decided(tmp_
             body = {"name": "coder", "driver": "acp", "acp": {"command": [sys.executable, AGENT_PROGRAM]}}
             assert (await http.post("/v1/agents", json=body)).status_code == 201
             await until_ready(http)
-            session = await http_session(http, "coder")
+            session = await new_http_session(http, "coder")
             run = await post(http, session, "ask write_file")
             async with http.stream("GET", f"/v1/runs/{run['run_id']}/events") as response:
                 async for frame in sse_frames(response):
@@ -388,7 +380,7 @@ async def test_after_kill_9_a_run_waiting_on_the_program_fails_when_decided(tmp_
             [first_pid] = (int(p.name) for p in (workspace / "pids").iterdir())
             server.proc.kill()
             await server.proc.wait()
-        await until(lambda: not alive(first_pid))  # the orphan saw EOF on its stdin and left
+        await until(lambda: not agent_alive(first_pid))  # the orphan saw EOF on its stdin and left
         async with corral_serve(tmp_path) as server, client(server.base) as http:
             assert (await http.get(f"/v1/runs/{run['run_id']}")).json()["status"] == "waiting"
             await until_ready(http)
@@ -408,7 +400,7 @@ async def test_an_external_agents_session_is_titled_from_its_first_words(tmp_pat
     kernel = Kernel(Store(sqlite_url(tmp_path)), config)
     reflector = install_reflector(kernel, ReflectorConfig(summary_every=1))
     async with asyncio.timeout(30), kernel.running():
-        session = await ready_session(kernel, acp_spec())
+        session = await agent_session(kernel, acp_spec())
         for turn, text in enumerate(("   ", "plan the release\nand then ship it")):
             assert (await wait_run(kernel, (await kernel.submit(session, text)).run_id))["status"] == "completed"
             await reflector.wait_reflected(turn + 1)

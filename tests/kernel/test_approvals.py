@@ -12,17 +12,9 @@ from corral.kernel import Kernel
 from corral.specs import AgentPolicy, AgentSpec
 from corral.store import Event, repo
 from corral.types import Approval, CancelMode, Decision, ExecPolicy, Mode
-from tests.helpers import KernelHarness, get_run, new_session, run_events, wait_event, wait_run
+from tests.helpers import GATED, KernelHarness, agent_session, get_run, new_session, run_events, wait_event, wait_run
 
-GATED = AgentSpec(name="gated", policy=AgentPolicy(approvals={"wait": Approval.ASK}))
 WAIT_1 = '/tool wait {"ms": 1}'
-
-
-async def agent_session(kernel: Kernel, spec: AgentSpec) -> str:
-    if not kernel.agents.exists(spec.name):
-        await kernel.agents.create(spec)
-    await kernel.agents.wait_ready(spec.name)
-    return await new_session(kernel, spec.name)
 
 
 async def parked_calls(kernel: Kernel, session: str, run_id: str, count: int = 1) -> list[Event]:

@@ -10,29 +10,24 @@ import sqlalchemy as sa
 
 from corral.errors import Conflict, NotFound
 from corral.kernel import Kernel
-from corral.specs import AgentPolicy, AgentSpec
-from corral.store import Event, repo
+from corral.specs import AgentSpec
+from corral.store import repo
 from corral.store import tables as t
-from corral.types import Approval, CancelMode, Decision, Disposition, Mode, RunStatus
-from tests.helpers import get_run, new_session, run_events, select_all, wait_event, wait_run
+from corral.types import CancelMode, Decision, Disposition, Mode, RunStatus
+from tests.helpers import (
+    GATED,
+    agent_session,
+    get_run,
+    new_session,
+    park,
+    run_events,
+    select_all,
+    session_events,
+    wait_event,
+    wait_run,
+)
 
-GATED = AgentSpec(name="gated", policy=AgentPolicy(approvals={"wait": Approval.ASK}))
 LONG_WAIT = '/tool wait {"ms": 30000}'
-
-
-async def agent_session(kernel: Kernel, spec: AgentSpec) -> str:
-    if not kernel.agents.exists(spec.name):
-        await kernel.agents.create(spec)
-    await kernel.agents.wait_ready(spec.name)
-    return await new_session(kernel, spec.name)
-
-
-async def park(kernel: Kernel, session: str) -> tuple[str, str]:
-    """Start a run that waits for an approval; returns (run id, call id)."""
-    accepted = await kernel.submit(session, '/tool wait {"ms": 1}')
-    requested = await wait_event(kernel, session, "approval.requested", run_id=accepted.run_id)
-    await wait_event(kernel, session, "run.waiting", run_id=accepted.run_id)
-    return accepted.run_id, requested.data["call_id"]
 
 
 async def time_hard_cancel(kernel: Kernel, run_id: str) -> float:
@@ -50,10 +45,6 @@ async def time_hard_cancel(kernel: Kernel, run_id: str) -> float:
     await handle.task  # the run's task ends too, after its final write
     assert loop.time() - began < 1.0
     return elapsed
-
-
-async def all_events(kernel: Kernel, session: str) -> list[Event]:
-    return await kernel.store.read(repo.events_after, session, 0)
 
 
 async def inputs_of(kernel: Kernel, run_id: str) -> list[Any]:
@@ -112,7 +103,7 @@ async def test_soft_cancel_of_a_queued_run(kernel: Kernel) -> None:
         assert [i.status for i in await inputs_of(kernel, doomed.run_id)] == ["cancelled"]
         await kernel.decide(blocker, call, Decision.APPROVE)
         assert (await wait_run(kernel, after.run_id))["output"] == "echo: runs anyway"
-        types = [e.type for e in await all_events(kernel, session) if e.run_id == doomed.run_id]
+        types = [e.type for e in await session_events(kernel, session) if e.run_id == doomed.run_id]
         assert types == ["run.queued", "run.cancelled"]
         with pytest.raises(Conflict):
             await kernel.cancel(doomed.run_id, CancelMode.SOFT)
@@ -184,7 +175,7 @@ async def test_cancel_of_a_parked_run(kernel: Kernel, mode: CancelMode) -> None:
         with pytest.raises(Conflict):
             await kernel.decide(parked, call, Decision.APPROVE)
         assert (await wait_run(kernel, queued.run_id))["status"] == "completed"
-        types = [e.type for e in await all_events(kernel, session) if e.run_id == parked]
+        types = [e.type for e in await session_events(kernel, session) if e.run_id == parked]
         assert "tool.started" not in types
         assert types[-1] == "run.cancelled"
 

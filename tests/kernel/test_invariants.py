@@ -42,10 +42,13 @@ from corral.types import (
 from tests.helpers import (
     TERMINAL,
     KernelHarness,
+    get_run,
     new_session,
+    ready_agent,
     run_events,
     select_all,
     select_scalar,
+    session_events,
     wait_event,
     wait_run,
 )
@@ -81,11 +84,6 @@ def stream_of(kernel: Kernel, session_id: str, *, after: int = 0, run_id: str | 
     return cast(AsyncGenerator[Event, None], kernel.hub.observe(kernel.store, session_id, after=after, run_id=run_id))
 
 
-async def session_log(kernel: Kernel, session_id: str) -> list[Event]:
-    """Every committed event of the session, read straight from the store."""
-    return await kernel.store.read(repo.events_after, session_id, 0, limit=1_000_000)
-
-
 async def settle(kernel: Kernel, session_id: str) -> list[dict[str, Any]]:
     """Wait (on terminal events) until no run of the session is unfinished; its runs."""
     while True:
@@ -108,14 +106,13 @@ async def wait_finished(kernel: Kernel, run_ids: Iterable[str]) -> None:
 
 async def wait_finished_row(kernel: Kernel, run_id: str) -> dict[str, Any]:
     await wait_finished(kernel, [run_id])
-    return await get_run_row(kernel, run_id)
+    return await get_run(kernel, run_id)
 
 
 async def make_agent(kernel: Kernel, name: str, *, approvals: dict[str, Approval] | None = None,
                      **options: Any) -> AgentRuntime:
     spec = AgentSpec(name=name, provider_options=options, policy=AgentPolicy(approvals=approvals or {}))
-    await kernel.agents.create(spec)
-    return await kernel.agents.wait_ready(name)
+    return await ready_agent(kernel, spec)
 
 
 class SignallingSemaphore(PrioritySlot):
@@ -172,7 +169,7 @@ async def test_invariant_01_one_active_run_per_session(kernel: Kernel) -> None:
         ))
         assert len({a.run_id for a in accepted}) > 10
         runs = await settle(kernel, session)
-        started = check_one_active_at_a_time(await session_log(kernel, session))
+        started = check_one_active_at_a_time(await session_events(kernel, session))
         assert len(started) >= 10
         assert {r["status"] for r in runs} <= {"completed", "cancelled"}
 
@@ -197,14 +194,8 @@ async def test_invariant_01_one_active_run_per_session(kernel: Kernel) -> None:
         call_id = (await wait_event(kernel, held, "approval.requested", run_id=parked.run_id)).data["call_id"]
         await kernel.decide(parked.run_id, call_id, Decision.APPROVE)
         assert (await wait_run(kernel, queued.run_id))["status"] == "completed"
-        assert (await get_status(kernel, parked.run_id)) == "completed"
-        check_one_active_at_a_time(await session_log(kernel, held))
-
-
-async def get_status(kernel: Kernel, run_id: str) -> str:
-    row = await kernel.store.read(repo.get_run, run_id)
-    assert row is not None
-    return str(row.status)
+        assert (await get_run(kernel, parked.run_id))["status"] == "completed"
+        check_one_active_at_a_time(await session_events(kernel, held))
 
 
 # --- invariant 2 ------------------------------------------------------------------------
@@ -237,7 +228,7 @@ async def test_invariant_02_runs_start_in_acceptance_order(harness: KernelHarnes
         request = await wait_event(kernel, session, "approval.requested", run_id=first.run_id)
         await kernel.decide(first.run_id, request.data["call_id"], Decision.APPROVE)
         await settle(kernel, session)
-        log = await session_log(kernel, session)
+        log = await session_events(kernel, session)
         assert check_one_active_at_a_time(log) == order
 
         # Across a restart: the interrupted run's inputs go first (they were accepted
@@ -254,7 +245,7 @@ async def test_invariant_02_runs_start_in_acceptance_order(harness: KernelHarnes
         assert all(statuses[b.run_id] == "completed" for b in behind)
         seqs = start_order_by_input_seq(runs, await session_inputs(kernel, session))
         assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
-        restarted = [e.run_id for e in await session_log(kernel, session) if e.type == "run.started"
+        restarted = [e.run_id for e in await session_events(kernel, session) if e.type == "run.started"
                      and e.seq > mark]
         assert restarted[0] == head.run_id
         assert restarted[-5:] == [b.run_id for b in behind]
@@ -280,7 +271,7 @@ async def test_fifty_concurrent_messages_one_session_no_overlap_in_order(kernel:
         assert [r["id"] for r in by_start] == acceptance_order
         for earlier, nxt in zip(by_start, by_start[1:], strict=False):
             assert earlier["started_at"] <= earlier["ended_at"] <= nxt["started_at"], (earlier, nxt)
-        assert check_one_active_at_a_time(await session_log(kernel, session)) == acceptance_order
+        assert check_one_active_at_a_time(await session_events(kernel, session)) == acceptance_order
 
 
 # --- invariant 3 ------------------------------------------------------------------------
@@ -374,7 +365,7 @@ async def test_invariant_03_accepted_inputs_survive_a_crash(harness: KernelHarne
         assert all(row["status"] == "consumed" for row in inputs.values())
         ordered = sorted((r for r in runs.values() if r["started_at"] is not None), key=lambda r: r["started_at"])
         assert [r["id"] for r in ordered] == ["run_crash_a", again["id"], "run_crash_b", "run_crash_c"]
-        log = await session_log(kernel, crashed)
+        log = await session_events(kernel, crashed)
         assert [e.seq for e in log] == list(range(1, len(log) + 1))
 
         # A stop with work in flight: every input accepted before it is executed after it.
@@ -402,8 +393,8 @@ async def test_invariant_04_unobserved_run_completes_and_replays_from_seq_1(kern
         assert kernel.hub.observer_count() == 0
         await wait_finished(kernel, [first.run_id, second.run_id])
         assert kernel.hub.observer_count() == 0  # nobody watched, and both ran to the end
-        assert (await get_run_row(kernel, first.run_id))["status"] == "completed"
-        assert (await get_run_row(kernel, second.run_id))["output"] == "echo: and then this"
+        assert (await get_run(kernel, first.run_id))["status"] == "completed"
+        assert (await get_run(kernel, second.run_id))["output"] == "echo: and then this"
 
         # A late observer gets the whole log: seq 1, 2, ... in order, then each run's tail.
         stop = asyncio.Event()
@@ -418,12 +409,6 @@ async def test_invariant_04_unobserved_run_completes_and_replays_from_seq_1(kern
             "run.queued", "run.started", "message.delta", "message.completed", "run.completed"]
         for run_id in (first.run_id, second.run_id):
             assert await run_events(kernel, run_id) == [e for e in log if e.run_id == run_id]
-
-
-async def get_run_row(kernel: Kernel, run_id: str) -> dict[str, Any]:
-    row = await kernel.store.read(repo.get_run, run_id)
-    assert row is not None
-    return dict(row._mapping)
 
 
 # --- invariant 5 ------------------------------------------------------------------------
@@ -471,14 +456,14 @@ async def test_invariant_05_resume_from_any_event_id_no_gap_no_duplicate(kernel:
                                       for hop in (1, 2, 3, 7)))
         gate.set()
         slowed = await slow
-        total = len(await session_log(kernel, session))
+        total = len(await session_events(kernel, session))
         assert total == 41 + 4  # queued, started, 41 deltas ("echo:" and 40 words), message, completed
         expected = list(range(1, total + 1))
         for seqs in live:
             assert seqs == expected
         assert slowed == expected
         assert kernel.hub.catch_ups >= 1  # the slow one fell back to the store, not to dropping
-        run = await get_run_row(kernel, accepted.run_id)
+        run = await get_run(kernel, accepted.run_id)
         assert run["output"] == "echo: " + long_text(40)
 
         # After the fact: from every position, exactly the rest of the log.
@@ -563,7 +548,7 @@ async def test_invariant_07_soft_cancel_at_boundary_hard_cancel_within_100ms(ker
                 await model_slot.taken.wait()  # the model call is in flight
             elapsed = await timed_hard_cancel(kernel, session, accepted.run_id)
             assert elapsed < 0.1, f"hard cancel of {content!r} took {elapsed * 1000:.0f} ms"
-            run = await get_run_row(kernel, accepted.run_id)
+            run = await get_run(kernel, accepted.run_id)
             assert run["status"] == "cancelled" and run["error"]["code"] == "cancelled"
 
         # Soft, mid-stream: stops at the next token boundary and keeps what was said.
@@ -573,7 +558,7 @@ async def test_invariant_07_soft_cancel_at_boundary_hard_cancel_within_100ms(ker
         await wait_event(kernel, session, "message.delta", run_id=accepted.run_id)
         assert await kernel.cancel(accepted.run_id, CancelMode.SOFT) is RunStatus.RUNNING
         events = await run_events(kernel, accepted.run_id)
-        run = await get_run_row(kernel, accepted.run_id)
+        run = await get_run(kernel, accepted.run_id)
         assert run["status"] == "cancelled" and events[-1].type == "run.cancelled"
         said = "".join(e.data["text"] for e in events if e.type == "message.delta")
         full = "echo: " + long_text(30)
@@ -617,7 +602,7 @@ async def test_invariant_08_approval_wait_holds_no_provider_slot(kernel: Kernel)
         done = await asyncio.gather(*(wait_run(kernel, a.run_id) for a in submitted))
         assert [r["output"] for r in done] == ["echo: hello 0", "echo: hello 1", "echo: hello 2"]
         for _session, run_id, _call in waiting_runs:
-            assert (await get_run_row(kernel, run_id))["status"] == "waiting"
+            assert (await get_run(kernel, run_id))["status"] == "waiting"
 
         # The decisions arrive: each parked run resumes and finishes.
         for _session, run_id, call_id in waiting_runs:
@@ -685,7 +670,7 @@ async def test_invariant_11_terminal_state_message_and_event_commit_together(
         accepted = await kernel.submit(session, "/steps 2 5")
         async for event in kernel.hub.observe(kernel.store, session, run_id=accepted.run_id):
             if event.is_terminal:
-                run = await get_run_row(kernel, accepted.run_id)
+                run = await get_run(kernel, accepted.run_id)
                 finals = [m for m in await session_messages(kernel, session)
                           if m["run_id"] == accepted.run_id and m["role"] == "assistant" and not m["tool_calls"]]
                 assert run["status"] == "completed" and run["ended_at"] is not None
@@ -701,17 +686,17 @@ async def test_invariant_11_terminal_state_message_and_event_commit_together(
         await kernel.store.raw_write(lambda conn: conn.execute(sa.text(trigger)))
         doomed = await kernel.submit(session, "doomed reply")
         await wait_finished(kernel, [doomed.run_id])
-        run = await get_run_row(kernel, doomed.run_id)
+        run = await get_run(kernel, doomed.run_id)
         assert run["status"] == "failed" and run["ended_at"] is not None and run["output"] is None
         assert run["error"]["code"] == "store_rejected"
         assert not [m for m in await session_messages(kernel, session)
                     if m["run_id"] == doomed.run_id and m["role"] == "assistant"]
-        terminal = [e for e in await session_log(kernel, session) if e.run_id == doomed.run_id and e.is_terminal]
+        terminal = [e for e in await session_events(kernel, session) if e.run_id == doomed.run_id and e.is_terminal]
         assert [e.type for e in terminal] == ["run.failed"]
         await kernel.store.raw_write(lambda conn: conn.execute(sa.text("DROP TRIGGER refuse_final")))
         after = await kernel.submit(session, "and then")
         assert (await wait_finished_row(kernel, after.run_id))["output"] == "echo: and then"
-        log = await session_log(kernel, session)
+        log = await session_events(kernel, session)
         assert [e.seq for e in log] == list(range(1, len(log) + 1))
 
 
@@ -754,7 +739,7 @@ async def test_invariant_12_no_run_left_running_after_restart(harness: KernelHar
             assert runs[again]["status"] == "completed" and runs[second.run_id]["status"] == "completed"
             assert runs[again]["started_at"] < runs[second.run_id]["started_at"]
         # The parked run held nothing and stays parked; its decision still arrives.
-        assert (await get_run_row(kernel, parked.run_id))["status"] == "waiting"
+        assert (await get_run(kernel, parked.run_id))["status"] == "waiting"
         await kernel.decide(parked.run_id, request.data["call_id"], Decision.APPROVE)
         assert (await wait_run(kernel, parked.run_id))["output"] == "tool results: waited 1 ms"
 
@@ -770,7 +755,7 @@ async def test_invariant_12_no_run_left_running_after_restart(harness: KernelHar
         assert runs["run_crash_a"]["error"]["code"] == "interrupted"
         assert len(runs) == 3  # nothing was re-queued
         assert runs["run_crash_b"]["status"] == runs["run_crash_c"]["status"] == "completed"
-        reported = [e for e in await session_log(kernel, crashed) if e.run_id == "run_crash_a"]
+        reported = [e for e in await session_events(kernel, crashed) if e.run_id == "run_crash_a"]
         assert reported[-1].type == "run.interrupted"
         assert not await select_all(kernel.store, sa.select(t.runs.c.id).where(t.runs.c.status == "running"))
 
@@ -794,8 +779,8 @@ async def test_invariant_13_control_messages_are_never_queued_or_dropped(kernel:
         queued = [await kernel.submit(session, f"queued {i}") for i in range(20)]
         await wait_event(kernel, session, "tool.started", run_id=head.run_id)
         assert await kernel.cancel(queued[10].run_id, CancelMode.HARD) is RunStatus.CANCELLED
-        assert (await get_run_row(kernel, queued[10].run_id))["status"] == "cancelled"
-        assert (await get_run_row(kernel, head.run_id))["status"] == "running"
+        assert (await get_run(kernel, queued[10].run_id))["status"] == "cancelled"
+        assert (await get_run(kernel, head.run_id))["status"] == "running"
 
         # An interrupt jumps the queue: it runs right after the active run, before the 19.
         urgent = await kernel.submit(session, "urgent", mode=Mode.INTERRUPT)

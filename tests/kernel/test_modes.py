@@ -17,43 +17,25 @@ import sqlalchemy as sa
 from corral.errors import SessionBusy, TooManyPending
 from corral.kernel import Kernel, KernelConfig
 from corral.settings import default_agent
-from corral.specs import AgentPolicy, AgentSpec
-from corral.store import Event, repo
+from corral.specs import AgentSpec
+from corral.store import repo
 from corral.store import tables as t
-from corral.types import Approval, Decision, Disposition, Mode
+from corral.types import Decision, Disposition, Mode
 from tests.helpers import (
+    GATED,
     KernelHarness,
+    agent_session,
     get_run,
     new_session,
+    park,
     run_events,
     select_all,
+    seq_of,
+    session_events,
     sqlite_url,
     wait_event,
     wait_run,
 )
-
-GATED = AgentSpec(name="gated", policy=AgentPolicy(approvals={"wait": Approval.ASK}))
-PARK = '/tool wait {"ms": 1}'
-
-
-async def gated_session(kernel: Kernel) -> str:
-    if not kernel.agents.exists(GATED.name):
-        await kernel.agents.create(GATED)
-    await kernel.agents.wait_ready(GATED.name)
-    return await new_session(kernel, GATED.name)
-
-
-async def park(kernel: Kernel, session: str) -> tuple[str, str]:
-    """Start a run that waits for an approval; returns (run id, call id)."""
-    accepted = await kernel.submit(session, PARK)
-    assert accepted.disposition is Disposition.STARTED
-    requested = await wait_event(kernel, session, "approval.requested", run_id=accepted.run_id)
-    await wait_event(kernel, session, "run.waiting", run_id=accepted.run_id)
-    return accepted.run_id, requested.data["call_id"]
-
-
-async def all_events(kernel: Kernel, session: str) -> list[Event]:
-    return await kernel.store.read(repo.events_after, session, 0)
 
 
 async def rows(kernel: Kernel, table: sa.Table, session: str) -> list[Any]:
@@ -64,16 +46,12 @@ async def messages(kernel: Kernel, session: str) -> list[Any]:
     return list(await kernel.store.read(repo.session_messages, session, include_rolled_back=True))
 
 
-def seq_of(events: list[Event], type_: str, run_id: str) -> int:
-    return next(e.seq for e in events if e.type == type_ and e.run_id == run_id)
-
-
 # --- queue -------------------------------------------------------------------------------
 
 
 async def test_queue_runs_in_arrival_order_one_at_a_time(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
-        session = await gated_session(kernel)
+        session = await agent_session(kernel, GATED)
         blocker, call = await park(kernel, session)
         queued = [await kernel.submit(session, f"message {n}") for n in range(4)]
         assert all(a.disposition is Disposition.QUEUED for a in queued)
@@ -85,7 +63,7 @@ async def test_queue_runs_in_arrival_order_one_at_a_time(kernel: Kernel) -> None
             run = await wait_run(kernel, accepted.run_id)
             assert run["status"] == "completed"
             assert run["output"] == f"echo: message {n}"
-        events = await all_events(kernel, session)
+        events = await session_events(kernel, session)
         order = [blocker] + [a.run_id for a in queued]
         starts = [seq_of(events, "run.started", r) for r in order]
         ends = [seq_of(events, "run.completed", r) for r in order]
@@ -100,7 +78,7 @@ async def test_queue_runs_in_arrival_order_one_at_a_time(kernel: Kernel) -> None
 
 async def test_collect_merges_waiting_messages_into_one_run(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
-        session = await gated_session(kernel)
+        session = await agent_session(kernel, GATED)
         blocker, call = await park(kernel, session)
         before = await kernel.submit(session, "queued first")
         burst = [await kernel.submit(session, f"part {n}", mode=Mode.COLLECT) for n in range(3)]
@@ -137,7 +115,7 @@ async def test_collect_debounce_waits_for_the_burst_to_settle(kernel: Kernel) ->
 
 async def test_collect_without_a_collect_tail_queues_a_new_run(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
-        session = await gated_session(kernel)
+        session = await agent_session(kernel, GATED)
         blocker, call = await park(kernel, session)
         a = await kernel.submit(session, "a", mode=Mode.COLLECT)
         b = await kernel.submit(session, "b")
@@ -168,7 +146,7 @@ async def test_steer_is_delivered_at_the_next_step_boundary(kernel: Kernel) -> N
         # Delivered before the next model call: between two tool steps, not after the last.
         tool_starts = [e.seq for e in events if e.type == "tool.started"]
         assert tool_starts[0] < steered[0].seq < tool_starts[-1]
-        assert not [e for e in await all_events(kernel, session) if e.type == "input.requeued"]
+        assert not [e for e in await session_events(kernel, session) if e.type == "input.requeued"]
         stored = [m for m in await messages(kernel, session) if m.input_id == steer.input_id]
         assert [(m.role, m.run_id, m.rolled_back) for m in stored] == [("user", active.run_id, False)]
 
@@ -195,7 +173,7 @@ async def test_steer_after_the_last_boundary_becomes_the_next_run(kernel: Kernel
         assert follow["status"] == "completed"
         assert follow["output"] == "echo: too late to steer"
         assert (await wait_run(kernel, queued.run_id))["output"] == "echo: queued before the steer"
-        events = await all_events(kernel, session)
+        events = await session_events(kernel, session)
         # Never lost, and the very next run: before the work that was already queued.
         assert seq_of(events, "run.started", follow_up) < seq_of(events, "run.started", queued.run_id)
         assert not [e for e in events if e.type == "run.steered"]
@@ -226,7 +204,7 @@ async def test_a_steer_survives_a_rollback_that_follows_it(kernel: Kernel) -> No
         follow = await wait_run(kernel, requeued.data["run_id"])
         assert follow["output"] == "echo: steer me"
         assert (await wait_run(kernel, rollback.run_id))["output"] == "echo: corrected"
-        events = await all_events(kernel, session)
+        events = await session_events(kernel, session)
         assert seq_of(events, "run.started", follow["id"]) < seq_of(events, "run.started", rollback.run_id)
         live = [m.content for m in await messages(kernel, session) if not m.rolled_back and m.role == "user"]
         assert live == ["steer me", "corrected"]
@@ -244,7 +222,7 @@ async def test_a_steer_after_an_interrupt_joins_the_interrupting_run(kernel: Ker
         assert (await wait_run(kernel, active.run_id))["status"] == "cancelled"
         run = await wait_run(kernel, corrected.run_id)
         assert run["output"] == "echo: corrected\nand be brief"
-        assert not [e for e in await all_events(kernel, session) if e.type == "input.requeued"]
+        assert not [e for e in await session_events(kernel, session) if e.type == "input.requeued"]
 
 
 # --- interrupt and rollback --------------------------------------------------------------
@@ -270,7 +248,7 @@ async def test_interrupt_cancels_the_active_run_and_runs_next(kernel: Kernel) ->
         assert cancelled["output"] != "echo: " + words
         assert (await wait_run(kernel, interrupt.run_id))["output"] == "echo: stop, do this instead"
         assert (await wait_run(kernel, waiting.run_id))["output"] == "echo: ordinary queued work"
-        events = await all_events(kernel, session)
+        events = await session_events(kernel, session)
         assert (seq_of(events, "run.cancelled", active.run_id)
                 < seq_of(events, "run.started", interrupt.run_id)
                 < seq_of(events, "run.started", waiting.run_id))
@@ -280,7 +258,7 @@ async def test_interrupt_cancels_the_active_run_and_runs_next(kernel: Kernel) ->
 
 async def test_interrupt_of_a_parked_run(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
-        session = await gated_session(kernel)
+        session = await agent_session(kernel, GATED)
         blocker, _ = await park(kernel, session)
         interrupt = await kernel.submit(session, "never mind", mode=Mode.INTERRUPT)
         assert (await wait_run(kernel, blocker))["status"] == "cancelled"
@@ -319,16 +297,16 @@ async def test_rollback_marks_the_cancelled_runs_messages(kernel: Kernel) -> Non
 
 async def test_reject_on_a_busy_session_stores_nothing(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
-        session = await gated_session(kernel)
+        session = await agent_session(kernel, GATED)
         blocker, call = await park(kernel, session)
         before = (await rows(kernel, t.inputs, session), await rows(kernel, t.runs, session),
-                  await all_events(kernel, session))
+                  await session_events(kernel, session))
         with pytest.raises(SessionBusy):
             await kernel.submit(session, "not now", mode=Mode.REJECT)
         with pytest.raises(SessionBusy):
             await kernel.submit(session, "not now", mode=Mode.REJECT, idempotency_key="k")
         after = (await rows(kernel, t.inputs, session), await rows(kernel, t.runs, session),
-                 await all_events(kernel, session))
+                 await session_events(kernel, session))
         assert [len(x) for x in after] == [len(x) for x in before]
         assert kernel.session_view(session) == {"active_run_id": blocker, "active_status": "waiting", "queued": 0}
         await kernel.decide(blocker, call, Decision.APPROVE)
@@ -372,7 +350,7 @@ async def test_too_many_pending_inputs(tmp_path: Path) -> None:
 async def test_idempotency_key_returns_the_same_input_and_stores_once(harness: KernelHarness,
                                                                       kernel: Kernel) -> None:
     async with asyncio.timeout(15):
-        session = await gated_session(kernel)
+        session = await agent_session(kernel, GATED)
         blocker, call = await park(kernel, session)
         first = await kernel.submit(session, "once", idempotency_key="key-1")
         assert first.disposition is Disposition.QUEUED and not first.duplicate

@@ -9,10 +9,19 @@ import pytest
 import sqlalchemy as sa
 
 from corral.kernel import Kernel, KernelConfig
-from corral.store import Event, repo
+from corral.store import repo
 from corral.store import tables as t
 from corral.types import Decision, Disposition, ExecPolicy, Mode
-from tests.helpers import KernelHarness, new_session, run_events, select_scalar, wait_event, wait_run
+from tests.helpers import (
+    KernelHarness,
+    new_session,
+    run_events,
+    select_scalar,
+    seq_of,
+    session_events,
+    wait_event,
+    wait_run,
+)
 
 LIMIT = 30.0
 
@@ -31,14 +40,6 @@ async def pg_kernel(pg_harness: KernelHarness) -> Kernel:
     kernel = await pg_harness.start()
     assert kernel.store.dialect.name == "postgresql"
     return kernel
-
-
-async def session_events(kernel: Kernel, session_id: str) -> list[Event]:
-    return await kernel.store.read(repo.events_after, session_id, 0, limit=100_000)
-
-
-def seq_of(events: list[Event], type_: str, run_id: str) -> int:
-    return next(e.seq for e in events if e.type == type_ and e.run_id == run_id)
 
 
 async def test_many_sessions_and_turns_complete_with_gap_free_events(pg_kernel: Kernel) -> None:

@@ -21,7 +21,7 @@ from corral.providers.base import ToolCall
 from corral.store import Event, Store, repo
 from corral.store import tables as t
 from corral.types import Decision, EventType, ExecPolicy, InputStatus, Mode, RunStatus, new_id
-from tests.helpers import KernelHarness, get_run, run_events, select_all, wait_event, wait_run
+from tests.helpers import KernelHarness, get_run, run_events, select_all, seq_of, session_events, wait_event, wait_run
 
 LIMIT = 30.0
 CONFIG = KernelConfig(interrupt_grace_s=0.5, shutdown_grace_s=1.0)
@@ -132,10 +132,6 @@ async def seed(url: str, *sessions: SessionSeed) -> None:
 # --- reading what happened ----------------------------------------------------------------
 
 
-async def session_events(kernel: Kernel, session_id: str) -> list[Event]:
-    return await kernel.store.read(repo.events_after, session_id, 0, limit=100_000)
-
-
 async def input_rows(kernel: Kernel, input_ids: list[str]) -> dict[str, Any]:
     rows = await select_all(kernel.store, sa.select(t.inputs).where(t.inputs.c.id.in_(input_ids)))
     return {row.id: row for row in rows}
@@ -148,10 +144,6 @@ async def messages_of(kernel: Kernel, run_id: str) -> list[Any]:
 
 async def runs_of(kernel: Kernel, session_id: str) -> list[Any]:
     return list(await kernel.store.read(repo.list_runs, session_ids=[session_id], statuses=None, limit=100, offset=0))
-
-
-def first(events: list[Event], type_: str, run_id: str) -> Event:
-    return next(e for e in events if e.type == type_ and e.run_id == run_id)
 
 
 def assert_gap_free(events: list[Event]) -> None:
@@ -223,8 +215,8 @@ async def check_recovery(harness: KernelHarness) -> None:
     assert tail[1].data == {"input_ids": crash.running.input_ids, "from_run_id": crash.running.id,
                             "run_id": requeued}
     assert [e.type for e in events if e.run_id == crash.running.id][-1] == "run.interrupted"
-    starts = [first(events, "run.started", run_id).seq for run_id in ordered]
-    ends = [first(events, "run.completed", run_id).seq for run_id in ordered]
+    starts = [seq_of(events, "run.started", run_id) for run_id in ordered]
+    ends = [seq_of(events, "run.completed", run_id) for run_id in ordered]
     assert starts[0] < ends[0] < starts[1] < ends[1] < starts[2] < ends[2]
     # The re-run did the whole turn again from its own (not rolled back) messages.
     assert [m.rolled_back for m in await messages_of(kernel, requeued)] == [False] * 6

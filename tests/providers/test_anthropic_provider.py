@@ -9,7 +9,7 @@ from typing import Any
 from corral.kernel import Kernel
 from corral.specs import AgentSpec
 from corral.types import CancelMode
-from tests.helpers import new_session, wait_event, wait_run
+from tests.helpers import new_session, ready_agent, wait_event, wait_run
 from tests.providers.upstream import Status, Stream, upstream
 
 LIMIT = 30
@@ -50,8 +50,7 @@ async def anthropic_agent(kernel: Kernel, name: str, base_url: str, **options: A
     spec = AgentSpec(name=name, provider="anthropic", model="claude-test", system_prompt="be kind",
                      provider_options={"base_url": base_url, "api_key": "sk-ant-test", "retry_base_s": 0.01,
                                        **options}, tools=["echo"])
-    await kernel.agents.create(spec)
-    await kernel.agents.wait_ready(name)
+    await ready_agent(kernel, spec)
 
 
 async def test_text_and_a_tool_round_trip(kernel: Kernel) -> None:

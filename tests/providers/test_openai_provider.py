@@ -12,7 +12,7 @@ from corral.kernel import Kernel
 from corral.settings import Settings
 from corral.specs import AgentSpec
 from corral.types import AgentState, CancelMode, EventType
-from tests.helpers import http_server, new_session, run_events, wait_event, wait_run
+from tests.helpers import http_server, new_session, ready_agent, run_events, wait_event, wait_run
 from tests.providers.upstream import Silence, Status, Stream, text_chunks, tool_call_chunks, upstream
 
 LIMIT = 30
@@ -22,8 +22,7 @@ FAST_RETRY = {"retry_base_s": 0.01, "retry_max_s": 0.05}
 async def openai_agent(kernel: Kernel, name: str, base_url: str, model: str = "m", **options: Any) -> None:
     spec = AgentSpec(name=name, provider="openai", model=model,
                      provider_options={"base_url": base_url, **options}, tools=["echo", "wait"])
-    await kernel.agents.create(spec)
-    await kernel.agents.wait_ready(name)
+    await ready_agent(kernel, spec)
 
 
 async def ask(kernel: Kernel, agent: str, text: str) -> dict[str, Any]:

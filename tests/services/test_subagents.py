@@ -19,7 +19,19 @@ from corral.specs import AgentSpec
 from corral.store import Store, repo
 from corral.store import tables as t
 from corral.types import CancelMode, RunStatus
-from tests.helpers import get_run, new_session, run_events, select_all, sqlite_url, wait_event, wait_run
+from tests.helpers import (
+    client,
+    corral_serve,
+    get_run,
+    http_server,
+    new_session,
+    run_events,
+    select_all,
+    sqlite_url,
+    sse_frames,
+    wait_event,
+    wait_run,
+)
 
 LIMIT = 30
 BOSS = AgentSpec(name="boss", tools=["spawn_subagent", "wait_subagents", "wait"])
@@ -141,8 +153,6 @@ async def test_reports_survive_a_restart_exactly_once(tmp_path: Path) -> None:
 
 async def test_the_session_lists_its_children(tmp_path: Path) -> None:
     from corral.settings import Settings
-    from tests.helpers import client, http_server
-
     async with asyncio.timeout(LIMIT), http_server(Settings(data_dir=tmp_path, shutdown_grace_s=1.0,
                                                             agents=[BOSS])) as (base, kernel):
         await kernel.agents.wait_ready("boss")
@@ -160,10 +170,6 @@ async def test_the_session_lists_its_children(tmp_path: Path) -> None:
 async def test_a_report_arrives_exactly_once_across_a_kill_9(tmp_path: Path) -> None:
     """The real process dies while the child works; after the restart the child finishes and
     reports once, and a second restart does not report again."""
-    from tests.api.test_sse import sse_frames
-    from tests.helpers import client
-    from tests.test_process import corral_serve
-
     boss_agent = json.dumps([BOSS.model_dump(mode="json")])
     async with asyncio.timeout(90):
         async with corral_serve(tmp_path, CORRAL_AGENTS=boss_agent) as server, client(server.base) as http:

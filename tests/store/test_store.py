@@ -26,6 +26,7 @@ from corral.store import tables as t
 from corral.store.engine import PostgresDialect, SQLiteDialect, dialect_for
 from corral.store.store import _alembic_config
 from corral.types import EventType, RunStatus
+from tests.helpers import stored_events
 
 LIMIT = 20.0
 
@@ -66,10 +67,6 @@ def insert_agent(name: str, calls: list[str] | None = None) -> Any:
         return name
 
     return unit
-
-
-async def stored_events(store: Store, session_id: str) -> list[Event]:
-    return await store.read(repo.events_after, session_id, 0, limit=1_000_000)
 
 
 async def agent_names(store: Store) -> list[str]:

@@ -26,11 +26,21 @@ from corral.specs import AgentPolicy, AgentSpec, McpServerSpec
 from corral.tools.base import ToolContext
 from corral.tools.mcp import McpState, McpStatus
 from corral.types import Approval, CancelMode
-from tests.helpers import KernelHarness, client, free_port, http_server, new_session, until, wait_event, wait_run
+from tests.helpers import (
+    POLL_S,
+    KernelHarness,
+    alive,
+    client,
+    free_port,
+    http_server,
+    new_session,
+    until,
+    wait_event,
+    wait_run,
+)
 
 FIXTURE = Path(__file__).with_name("mcp_server_fixture.py")
 STDIO = {"name": "fixture", "command": [sys.executable, str(FIXTURE)]}
-POLL_S = 0.02
 
 
 def agent_spec(name: str, *servers: dict[str, Any], **extra: Any) -> AgentSpec:
@@ -63,17 +73,6 @@ async def call(kernel: Kernel, agent: str, tool: str, arguments: dict[str, Any])
 async def ask(kernel: Kernel, session: str, content: str) -> dict[str, Any]:
     accepted = await kernel.submit(session, content)
     return await wait_run(kernel, accepted.run_id)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # --- specs -----------------------------------------------------------------------------

@@ -13,28 +13,13 @@ import pytest
 from corral.errors import ToolError
 from corral.tools import ToolContext, ToolSettings
 from corral.tools.shell import shell_tool
+from tests.helpers import until, until_gone
 
 LIMIT = 30
 
 
 def context(tmp_path: Path) -> ToolContext:
     return ToolContext("run_t", "ses_t", "agent", tmp_path / "ws")
-
-
-def gone(pid: int) -> bool:
-    """No such process, or only its zombie (dead, waiting for init to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-async def until_gone(*pids: int, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not all(gone(pid) for pid in pids):
-        assert time.monotonic() < deadline, f"still running: {[p for p in pids if not gone(p)]}"
-        await asyncio.sleep(0.01)
 
 
 async def test_output_exit_code_and_the_workspace_as_cwd(tmp_path: Path) -> None:
@@ -65,10 +50,8 @@ async def test_a_cancel_kills_the_tree_within_100_ms(tmp_path: Path) -> None:
         staged = f"{pids_file}.tmp"
         command = f"sleep 60 & echo $! > {staged}; echo $$ >> {staged}; mv {staged} {pids_file}; wait"
         call = asyncio.create_task(tool.call({"command": command}, context(tmp_path)))
-        deadline = time.monotonic() + 10
-        while not pids_file.exists():  # the command has started both processes
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            await until(pids_file.exists)  # the command has started both processes
         pids = [int(line) for line in pids_file.read_text().split()]
         began = time.monotonic()
         call.cancel()

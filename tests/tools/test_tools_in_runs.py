@@ -14,8 +14,7 @@ from corral.settings import default_agent
 from corral.specs import AgentSpec
 from corral.tools import default_registry
 from corral.types import CancelMode
-from tests.helpers import KernelHarness, new_session, sqlite_url, wait_event, wait_run
-from tests.tools.test_shell import until_gone
+from tests.helpers import KernelHarness, new_session, sqlite_url, until, until_gone, wait_event, wait_run
 
 LIMIT = 30
 WORKER = AgentSpec(name="worker", tools=["shell", "write_file", "read_file"])
@@ -51,10 +50,8 @@ async def test_a_hard_cancel_inside_shell_ends_the_run_and_its_processes_at_once
         command = f"sleep 60 & echo $! > {pids}.tmp; echo $$ >> {pids}.tmp; mv {pids}.tmp {pids}; wait"
         accepted = await kernel.submit(session, "/tool shell " + json.dumps({"command": command}))
         await wait_event(kernel, session, "tool.started", run_id=accepted.run_id)
-        deadline = time.monotonic() + 10
-        while not pids.exists():  # both processes are up
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            await until(pids.exists)  # both processes are up
         began = time.monotonic()
         await kernel.cancel(accepted.run_id, CancelMode.HARD)
         run = await wait_run(kernel, accepted.run_id)

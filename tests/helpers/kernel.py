@@ -1,27 +1,26 @@
-"""Test harnesses: a kernel in its own task, a real HTTP server on loopback, waiting on events."""
+"""A kernel in its own task, the sessions and agents tests use, and reading back what it did."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-import uvicorn
-
-from corral.api import create_app
 from corral.kernel import Kernel, KernelConfig
-from corral.settings import Settings, default_agent
-from corral.specs import AgentSpec
-from corral.store import Event, Store
+from corral.kernel.agents import AgentRuntime
+from corral.settings import default_agent
+from corral.specs import AgentPolicy, AgentSpec
+from corral.store import Event, Store, repo
 from corral.tools import ToolRegistry
-from corral.types import RunStatus
+from corral.types import Approval, Disposition, RunStatus
 
 TERMINAL = {s.value for s in RunStatus if s.is_terminal}
 POLL_S = 0.02
+# An agent that asks a human before every `wait` call: a run of its parks in `waiting` until the
+# test decides, which keeps a session busy for exactly as long as a test needs, without timing.
+GATED = AgentSpec(name="gated", policy=AgentPolicy(approvals={"wait": Approval.ASK}))
+PARK = '/tool wait {"ms": 1}'
 
 
 class KernelHarness:
@@ -108,8 +107,6 @@ async def select_scalar(store: Store, query: Any) -> Any:
 
 
 async def get_run(kernel: Kernel, run_id: str) -> dict[str, Any]:
-    from corral.store import repo
-
     row = await kernel.store.read(repo.get_run, run_id)
     assert row is not None, f"no run {run_id}"
     return dict(row._mapping)
@@ -120,42 +117,43 @@ async def new_session(kernel: Kernel, agent: str = "assistant", key: str | None 
     return str(row["id"])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+async def ready_agent(kernel: Kernel, spec: AgentSpec) -> AgentRuntime:
+    """Create the agent and wait until it is ready."""
+    await kernel.agents.create(spec)
+    return await kernel.agents.wait_ready(spec.name)
 
 
-@asynccontextmanager
-async def uvicorn_server(
-    settings: Settings, store: Store | None = None
-) -> AsyncIterator[tuple[str, Kernel, uvicorn.Server]]:
-    """A real uvicorn server on a loopback port, in this event loop; yields (base URL, kernel, server)."""
-    app = create_app(settings, store=store)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            await task
-            raise AssertionError("server exited during start-up")
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", app.state.kernel, server
-    finally:
-        app.state.kernel.begin_stop()
-        server.should_exit = True
-        await task
+async def agent_session(kernel: Kernel, spec: AgentSpec) -> str:
+    """A new session of ``spec``'s agent, created first unless it exists, once it is ready."""
+    if not kernel.agents.exists(spec.name):
+        await kernel.agents.create(spec)
+    await kernel.agents.wait_ready(spec.name)
+    return await new_session(kernel, spec.name)
 
 
-@asynccontextmanager
-async def http_server(settings: Settings) -> AsyncIterator[tuple[str, Kernel]]:
-    """A real uvicorn server on a loopback port, in this event loop; yields (base URL, kernel)."""
-    async with uvicorn_server(settings) as (base, kernel, _server):
-        yield base, kernel
+async def park(kernel: Kernel, session: str) -> tuple[str, str]:
+    """Start a run of a ``GATED`` session that waits for an approval; returns (run id, call id)."""
+    accepted = await kernel.submit(session, PARK)
+    assert accepted.disposition is Disposition.STARTED
+    requested = await wait_event(kernel, session, "approval.requested", run_id=accepted.run_id)
+    await wait_event(kernel, session, "run.waiting", run_id=accepted.run_id)
+    return accepted.run_id, requested.data["call_id"]
 
 
-def client(base_url: str, **kwargs: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(30.0), **kwargs)
+async def stored_events(store: Store, session_id: str) -> list[Event]:
+    """Every committed event of the session, read straight from the store."""
+    return await store.read(repo.events_after, session_id, 0, limit=1_000_000)
+
+
+async def session_events(kernel: Kernel, session_id: str) -> list[Event]:
+    """Every committed event of the session, read straight from the kernel's store."""
+    return await stored_events(kernel.store, session_id)
+
+
+def first_event(events: list[Event], type_: str, run_id: str) -> Event:
+    """The first event of ``type_`` that ``run_id`` has in ``events``."""
+    return next(e for e in events if e.type == type_ and e.run_id == run_id)
+
+
+def seq_of(events: list[Event], type_: str, run_id: str) -> int:
+    return first_event(events, type_, run_id).seq
