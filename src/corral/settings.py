@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from corral.kernel.config import KernelConfig
@@ -16,6 +16,9 @@ from corral.specs import AgentSpec
 from corral.tools.config import ToolSettings
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# Addresses that bind every interface: no other machine can reach a node at them.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+MIN_SECRET_CHARS = 16
 
 
 def default_agent() -> AgentSpec:
@@ -33,7 +36,8 @@ class PrincipalToken(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="forbid")
+    # Errors never echo what was given: a rejected value may be a secret (a too short token).
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="forbid", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)
@@ -64,11 +68,68 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "human"] = Field("auto", description="auto: human on a terminal, else JSON")
     otel: bool = Field(False, description="OpenTelemetry spans (needs corral[otel]); OTEL_* variables turn them on too")
     agents: list[AgentSpec] = Field(default_factory=list, description="extra agents to create at start")
+    # The cluster (Postgres only). A SQLite database is served by one process (single_process.py).
+    advertise_url: str | None = Field(
+        None, description="the URL other nodes reach this one at; default: http://HOST:PORT")
+    cluster_secret: SecretStr | None = Field(
+        None, description="authenticates node-to-node calls; required beyond loopback on Postgres")
+    lease_ttl_s: float = Field(10.0, gt=0, description="a node whose last heartbeat is older than this is dead")
+    heartbeat_s: float = Field(2.0, gt=0, description="how often a node renews its lease; below lease_ttl_s / 2")
+    workers: int = Field(1, ge=1, description="node processes on this machine sharing the port (Postgres only)")
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.split("/", 1)[0]:
+            raise ValueError(f"must be an http:// or https:// URL with a host, not {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("cluster_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(f"must be at least {MIN_SECRET_CHARS} characters")  # and never echoed
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_s >= self.lease_ttl_s / 2:
+            raise ValueError(
+                f"heartbeat_s (CORRAL_HEARTBEAT_S) is {self.heartbeat_s:g} s but must be less than half of "
+                f"lease_ttl_s (CORRAL_LEASE_TTL_S, {self.lease_ttl_s:g} s), so that one late heartbeat "
+                "does not cost a live node its lease"
+            )
+        return self
 
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'corral.db').resolve()}"
+
+    @property
+    def database_backend(self) -> str:
+        """``sqlite`` or ``postgresql`` (anything else is refused when the store opens it)."""
+        scheme = self.resolved_database_url().partition(":")[0]
+        return scheme.partition("+")[0].lower()
+
+    @property
+    def is_postgres(self) -> bool:
+        """Whether the database is Postgres, where several nodes may share it (a cluster); SQLite is one process."""
+        return self.database_backend == "postgresql"
+
+    def resolved_advertise_url(self) -> str:
+        """The URL other nodes reach this one at: ``advertise_url``, else ``http://HOST:PORT``.
+
+        For a wildcard bind (``0.0.0.0``, ``::``) that default reaches nothing from another
+        machine; ``corral serve`` refuses it on Postgres (cli/serve.py, ``check_exposure``).
+        """
+        if self.advertise_url is not None:
+            return self.advertise_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def kernel_config(self) -> KernelConfig:
         return KernelConfig(

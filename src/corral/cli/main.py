@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from corral import __version__
 from corral.errors import CorralError
 from corral.types import Mode
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 app = typer.Typer(help="Corral: host many LLM agents and conversations at once.", no_args_is_help=True)
 
@@ -34,7 +37,12 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port to bind [default: 8787]")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="where the SQLite file lives [default: .corral]")] = None,
     config: Annotated[Path | None, typer.Option(help="a corral.toml file")] = None,
-    database_url: Annotated[str | None, typer.Option(help="e.g. postgresql+asyncpg://host/db")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        help="sqlite:///path/to/file.db, or postgresql+asyncpg://host/db [default: SQLite in the data dir]")] = None,
+    advertise_url: Annotated[str | None, typer.Option(
+        help="the URL other nodes reach this one at (Postgres) [default: http://HOST:PORT]")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="node processes on this machine (Postgres only; not available yet) [default: 1]")] = None,
 ) -> None:
     """Start the service (SQLite and the demo model unless configured otherwise)."""
     # What the server imports (here, not at the top: the client commands need none of it) is
@@ -44,17 +52,31 @@ def serve(
     gc.disable()
     from pydantic import ValidationError
 
-    from corral.cli.serve import serve as run_server
     from corral.settings import load_settings
 
     try:
-        settings = load_settings(config, host=host, port=port, data_dir=data_dir, database_url=database_url)
+        settings = load_settings(config, host=host, port=port, data_dir=data_dir, database_url=database_url,
+                                 advertise_url=advertise_url, workers=workers)
+        from corral.cli.serve import serve as run_server  # after the settings: bad ones fail before it loads
+
         run_server(settings)
     except (CorralError, ValidationError, FileNotFoundError) as exc:
-        from rich.console import Console
+        from corral.cli.commands import report_error
 
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        report_error(_settings_error(exc) if isinstance(exc, ValidationError) else str(exc))
         raise typer.Exit(2) from exc
+
+
+def _settings_error(exc: ValidationError) -> str:
+    """Pydantic's report as one line: each bad setting with its variable, and what is wrong."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        cause = error.get("ctx", {}).get("error")
+        message = str(cause) if isinstance(cause, ValueError) else error["msg"]
+        loc = ".".join(str(part) for part in error["loc"])
+        name = f"{loc} (CORRAL_{str(error['loc'][0]).upper()})" if len(error["loc"]) == 1 else loc
+        problems.append(f"{name}: {message}" if loc else message)
+    return "invalid settings: " + "; ".join(problems)
 
 
 @app.command()

@@ -14,7 +14,8 @@ from corral import tracing
 from corral.api import create_app
 from corral.errors import InvalidInput
 from corral.logs import configure_logging
-from corral.settings import Settings
+from corral.settings import WILDCARD_HOSTS, Settings
+from corral.single_process import hold_database
 
 
 class _Server(uvicorn.Server):
@@ -102,15 +103,53 @@ def freeze_loaded_modules() -> None:
 
 
 def check_exposure(settings: Settings) -> None:
-    if not settings.is_loopback and not settings.auth_enabled:
+    """Refuse a bind beyond loopback that would let anyone in: without an API token, or, on
+    Postgres (where other nodes call this one), without the cluster secret or with no address
+    another machine can reach this node at."""
+    if settings.is_loopback:
+        return
+    if not settings.auth_enabled:
         raise InvalidInput(
             f"refusing to bind {settings.host}: binding beyond loopback requires an API token "
             "(set CORRAL_API_TOKEN, or api_token or [[principals]] in corral.toml)"
         )
+    if not settings.is_postgres:
+        return
+    if settings.cluster_secret is None:
+        raise InvalidInput(
+            f"refusing to bind {settings.host} on Postgres: binding beyond loopback requires a cluster secret "
+            "for node-to-node calls (set CORRAL_CLUSTER_SECRET, or cluster_secret in corral.toml; "
+            "the same secret on every node)"
+        )
+    if settings.advertise_url is None and settings.host in WILDCARD_HOSTS:
+        raise InvalidInput(
+            f"refusing to bind {settings.host} on Postgres without an advertised URL: other nodes cannot reach "
+            f"http://{settings.host}:{settings.port} (set --advertise-url, CORRAL_ADVERTISE_URL or advertise_url "
+            "to this node's address, e.g. http://10.0.0.5:8787)"
+        )
+
+
+def check_workers(settings: Settings) -> None:
+    """Refuse ``workers`` > 1, which nothing starts yet; SQLite never will (one process per file)."""
+    if settings.workers == 1:
+        return
+    if not settings.is_postgres:
+        raise InvalidInput(
+            f"refusing {settings.workers} workers (--workers, CORRAL_WORKERS): a SQLite database is served by "
+            "one process only; several workers need Postgres (--database-url postgresql+asyncpg://...)"
+        )
+    raise InvalidInput(
+        f"refusing {settings.workers} workers (--workers, CORRAL_WORKERS): several workers on one machine are "
+        "not available yet; start several `corral serve` processes on different ports (the same "
+        "--database-url, each with its own --port and --advertise-url) instead"
+    )
 
 
 def serve(settings: Settings) -> None:
     check_exposure(settings)
+    check_workers(settings)
+    # Held until the process ends, however it ends; None on Postgres (single_process.py).
+    database_lock = hold_database(settings.resolved_database_url())
     configure_logging(settings.log_level, settings.log_format)
     tracing.configure(settings.otel)
     app = create_app(settings)
@@ -125,3 +164,5 @@ def serve(settings: Settings) -> None:
         lifespan="on",
     )
     _Server(config, app).run()
+    if database_lock is not None:
+        database_lock.release()
