@@ -66,6 +66,25 @@ class StoreUnavailable(CorralError):
         self.retry_after = retry_after
 
 
+class Fenced(StoreUnavailable):
+    """This node's lease is gone (another node took its sessions over): it may commit nothing
+    more, and stops."""
+
+    code = "node_fenced"
+
+
+class OwnedElsewhere(CorralError):
+    """The session's lane lives on another live node: the request goes there (forwarded by the
+    API) rather than be served here."""
+
+    code = "owned_elsewhere"
+
+    def __init__(self, message: str, node_id: str, url: str):
+        super().__init__(message)
+        self.node_id = node_id
+        self.url = url
+
+
 class StoreRejected(CorralError):
     """The store refused the data itself (a value its column cannot hold): the same write will
     fail again, so a transition that keeps failing this way is recorded in a simpler form."""

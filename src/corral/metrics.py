@@ -44,6 +44,15 @@ class Metrics:
                                       registry=r)
         self.commit_latency = Histogram("corral_commit_seconds", "Duration of one group commit",
                                         buckets=LATENCY_BUCKETS, registry=r)
+        # A cluster's node (DESIGN.md section 6); zero on one node.
+        self.forwarded_requests = Counter("corral_forwarded_requests", "Requests sent on to the node that owns "
+                                          "their session", ["outcome"], registry=r)
+        self.ownership_acquisitions = Counter("corral_ownership_acquisitions",
+                                              "Sessions this node took from nobody (new, freed, or a dead node's)",
+                                              registry=r)
+        self.takeovers = Counter("corral_takeovers", "Dead nodes this node took over", registry=r)
+        self.fenced_commits = Counter("corral_fenced_commits", "Commits refused because this node lost its lease",
+                                      registry=r)
         self.scheduler_lag = Histogram("corral_scheduler_lag_seconds", "From a job's due time to its fire",
                                        buckets=LATENCY_BUCKETS, registry=r)
 

@@ -104,7 +104,7 @@ async def test_migrations_produce_exactly_the_metadata(db_url: str) -> None:
             assert await store.read(_schema_diff) == []
             version = await store.read(_version)
             names = set(await store.read(lambda c: sa.inspect(c).get_table_names()))
-            assert version == ["0007"]
+            assert version == ["0008"]
             assert names == set(t.metadata.tables) | {"alembic_version"}
         finally:
             await store.aclose()
@@ -168,7 +168,7 @@ async def test_migrate_is_idempotent_and_keeps_data(db_url: str) -> None:
             await store.migrate()
             await store.migrate()
             assert await store.read(_schema_diff) == []
-            assert await store.read(_version) == ["0007"]
+            assert await store.read(_version) == ["0008"]
             assert await agent_names(store) == ["kept"]
             assert [e.seq for e in await stored_events(store, "ses_a")] == [1, 2]
         finally:

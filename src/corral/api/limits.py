@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,9 +80,11 @@ class Authenticate:
     OPEN_PATHS = frozenset({"/", "/healthz", "/favicon.ico"})
     OPEN_PREFIXES = ("/static/",)
 
-    def __init__(self, app: ASGIApp, tokens: TokenTable):
+    def __init__(self, app: ASGIApp, tokens: TokenTable, cluster_secret: str | None = None):
         self.app = app
         self.tokens = tokens
+        # Another node of the cluster, calling for one of its services: this node's admin.
+        self._cluster_secret = cluster_secret.encode() if cluster_secret else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,10 +98,13 @@ class Authenticate:
         await self.app(scope, receive, send)
 
     def _principal(self, scope: Scope) -> Principal | None:
+        node = None
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 return self.tokens.lookup(value[7:].strip().decode("latin-1"))
-        return None
+            if name == b"x-corral-cluster-secret" and self._cluster_secret is not None:
+                node = LOCAL if hmac.compare_digest(value, self._cluster_secret) else None
+        return node
 
     def _is_open(self, path: str) -> bool:
         return path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES)

@@ -27,9 +27,7 @@ class Control:
 
     async def cancel(self, run_id: str, mode: CancelMode) -> RunStatus:
         """Cancel a run; returns its status at the moment the request took effect."""
-        handle = self._k.runs.get(run_id)
-        if handle is None:
-            return await self._status_of_ended(run_id)
+        handle = self._k.runs.get(run_id) or await self._handle_elsewhere(run_id)
         handle.cancel_reason = handle.cancel_reason or CancelReason.USER
         await self._cancel_handle(handle, mode)
         return handle.status
@@ -84,10 +82,7 @@ class Control:
             )
 
     async def decide(self, run_id: str, call_id: str, decision: Decision) -> None:
-        handle = self._k.runs.get(run_id)
-        if handle is None:
-            await self._status_of_ended(run_id)
-            raise Conflict(f"run {run_id} is not waiting for approvals")
+        handle = self._k.runs.get(run_id) or await self._handle_elsewhere(run_id)
         if call_id not in handle.pending_approvals:
             raise NotFound(f"run {run_id} has no pending approval for call {call_id!r}")
         handle.pending_approvals.discard(call_id)
@@ -110,8 +105,16 @@ class Control:
         if not handle.pending_approvals and handle.status is RunStatus.WAITING and handle.task is None:
             self._k.driver.start(handle, resume=True)
 
-    async def _status_of_ended(self, run_id: str) -> RunStatus:
+    async def _handle_elsewhere(self, run_id: str) -> RunHandle:
+        """A run this node does not hold: ended (``Conflict``), unknown (``NotFound``), or, in a
+        cluster, one whose session lives on another node (``OwnedElsewhere``, from loading the
+        session) or on none (then this node takes the session over, and the run with it)."""
         row = await self._k.store.run_row(run_id)
         if row is None:
             raise NotFound(f"no run {run_id!r}")
+        if not RunStatus(row.status).is_terminal and self._k.ownership is not None:
+            await self._k.sessions.get(row.session_id)
+            handle = self._k.runs.get(run_id)
+            if handle is not None:
+                return handle
         raise Conflict(f"run {run_id} already ended ({row.status})")

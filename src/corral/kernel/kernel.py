@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from corral.errors import Conflict, OwnedElsewhere
 from corral.events import Event
 from corral.kernel.agents import AgentManager
 from corral.kernel.config import KernelConfig
@@ -30,7 +31,8 @@ from corral.kernel.drive import Driver
 from corral.kernel.ending import Ending
 from corral.kernel.intake import Intake
 from corral.kernel.observers import EventHub
-from corral.kernel.ports import Backends
+from corral.kernel.ports import Backends, Ownership, RemoteSubmit
+from corral.kernel.recovery import recover, recover_session
 from corral.kernel.runs import CancelReason, RunEnd, RunHandle
 from corral.kernel.sessions import Accepted, SessionRuntime, SessionTable
 from corral.kernel.supervision import Supervisor, wait_all
@@ -60,6 +62,8 @@ class Kernel:
         initial_agents: tuple[AgentSpec, ...] = (),
         metrics: Metrics | None = None,
         backends: Backends | None = None,
+        ownership: Ownership | None = None,
+        remote: RemoteSubmit | None = None,
     ):
         if backends is None or tools is None:
             # The real parts, wired where the kernel's users need not do it themselves; the kernel
@@ -79,9 +83,13 @@ class Kernel:
         store.on_batch(self._observe_batch)
         self.metrics.watch(self._state)
         self.conversations = Conversations(store, self.config.conversation_cache_sessions)
+        # Where sessions' lanes live: absent on one node (all of them here), a cluster's otherwise.
+        self.ownership = ownership
+        self.remote = remote
         self.sessions = SessionTable(store, self.config.max_pending_inputs, on_created=self._session_created,
                                      capacity=self.config.live_sessions,
-                                     keys_per_session=self.config.idempotency_keys_per_session)
+                                     keys_per_session=self.config.idempotency_keys_per_session,
+                                     ownership=ownership, on_adopted=self._adopted)
         # Services may add tools (the scheduler's `schedule`) before agents pick theirs.
         self.tools = tools
         self.supervisor = Supervisor()
@@ -89,6 +97,9 @@ class Kernel:
         self.intake, self.driver, self.ending, self.control = Intake(self), Driver(self), Ending(self), Control(self)
         self.run_end_listeners: list[Callable[[RunEnd], None]] = []
         self._services: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        # (start, stop) pairs: started once the writer runs, before agents and recovery; stopped
+        # after the runs, before the writer closes (a cluster node joins and leaves this way).
+        self._lifecycle: list[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = []
         self._service_tasks: list[asyncio.Task[None]] = []
         self.tool_slot = asyncio.Semaphore(self.config.max_tool_processes)
         self.stopping = asyncio.Event()
@@ -105,8 +116,6 @@ class Kernel:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Kernel]:
         """Migrate, start the writer, recover, start agents; on exit shut down cleanly."""
-        from corral.kernel.recovery import recover
-
         await self.store.migrate()
         try:
             async with asyncio.TaskGroup() as group:
@@ -114,18 +123,29 @@ class Kernel:
                 started = asyncio.Event()
                 group.create_task(self.store.run_writer(started), name="store-writer")
                 await started.wait()
+                stops: list[Callable[[], Awaitable[None]]] = []
                 try:
+                    for start, stop in self._lifecycle:
+                        await start()
+                        stops.append(stop)
                     await self.agents.load()
                     for spec in self._initial_agents:
                         if not self.agents.exists(spec.name):
-                            await self.agents.create(spec)
-                    await recover(self)
+                            try:
+                                await self.agents.create(spec)
+                            except Conflict:  # another node of the cluster created it just now
+                                await self.agents.load()
+                    if self.ownership is None:
+                        await recover(self)  # one node: every session is this node's
+                    # (in a cluster, a session is recovered when this node takes it: ``_adopted``)
                     for name, service in self._services:
                         self._service_tasks.append(
                             group.create_task(self.supervisor.supervise(name, service), name=name))
                     yield self
                 finally:
                     await self._shutdown()
+                    for stop in reversed(stops):
+                        await stop()
                     self.supervisor.close()
                     self.store.writer.close()
         finally:
@@ -140,6 +160,11 @@ class Kernel:
         """Register, before ``running()``, a long-lived task the kernel owns: started after
         recovery, restarted with backoff if it fails, cancelled first at shutdown."""
         self._services.append((name, service))
+
+    def add_lifecycle(self, start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+        """Register, before ``running()``, a part that starts once the writer runs (before agents
+        and recovery) and stops after the runs have, while the writer still takes writes."""
+        self._lifecycle.append((start, stop))
 
     def begin_stop(self) -> None:
         """Stop intake and end every observer stream; runs are stopped by ``running()``'s exit."""
@@ -180,6 +205,20 @@ class Kernel:
         return await self.intake.submit(session_id, content, mode=mode, policy=policy, debounce_ms=debounce_ms,
                                         idempotency_key=idempotency_key, origin=origin)
 
+    async def submit_anywhere(self, session_id: str, content: str, *, mode: Mode = Mode.QUEUE,
+                              policy: ExecPolicy = ExecPolicy.CONTINUE, idempotency_key: str | None = None,
+                              origin: str = "api") -> Accepted:
+        """``submit``, or, for a session another node holds, the same message sent there (a
+        service's message: the API forwards a client's own request instead)."""
+        try:
+            return await self.submit(session_id, content, mode=mode, policy=policy, idempotency_key=idempotency_key,
+                                     origin=origin)
+        except OwnedElsewhere as elsewhere:
+            if self.remote is None:
+                raise
+            return await self.remote.submit(elsewhere.url, session_id, content, mode=mode, policy=policy,
+                                            idempotency_key=idempotency_key)
+
     async def cancel(self, run_id: str, mode: CancelMode) -> RunStatus:
         """Cancel a run; returns its status at the moment the request took effect."""
         return await self.control.cancel(run_id, mode)
@@ -203,6 +242,9 @@ class Kernel:
         with the approval pending, as a parked run would. Returns the decision, or None if
         the run is cancelled or ends first."""
         return await self.driver.ask_approval(run_id, call)
+
+    async def _adopted(self, runtime: SessionRuntime) -> None:
+        await recover_session(self, runtime)
 
     def register(self, runtime: SessionRuntime, handle: RunHandle) -> None:
         runtime.handles[handle.run_id] = handle

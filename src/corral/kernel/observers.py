@@ -29,6 +29,8 @@ class Subscription:
         self.buffer: deque[Event] = deque()
         # Set when the buffer overflowed: events since then are only in the store.
         self.lagged = False
+        # Set by a hint that another node committed events of this session: read the store.
+        self.hinted = False
         self.catch_ups = 0
         self._wakeup = asyncio.Event()
 
@@ -45,7 +47,7 @@ class Subscription:
         self._wakeup.set()
 
     async def wait(self) -> None:
-        if not self.buffer and not self.lagged:
+        if not self.buffer and not self.lagged and not self.hinted:
             self._wakeup.clear()
             await self._wakeup.wait()
 
@@ -147,6 +149,16 @@ class EventHub:
             if not subs:
                 del self._subs[sub.session_id]
 
+    def hint(self, session_id: str) -> None:
+        """Events of the session were committed elsewhere (another node owns it): its observers
+        read the store for them, as a lagged one does."""
+        for sub in self._subs.get(session_id, ()):
+            sub.hinted = True
+            sub.wake()
+
+    def observed_sessions(self) -> list[str]:
+        return list(self._subs)
+
     def wake_all(self) -> None:
         for subs in self._subs.values():
             for sub in subs:
@@ -217,10 +229,13 @@ class EventHub:
                             return
                         continue
                     if sub.lagged:
-                        sub.lagged = False
+                        sub.lagged = sub.hinted = False
                         sub.catch_ups += 1
                         self.catch_ups += 1
                         break  # read what was missed from the store
+                    if sub.hinted:
+                        sub.hinted = False
+                        break  # committed by another node: read it from the store
                     await sub.wait()
         finally:
             self.unsubscribe(sub)

@@ -29,11 +29,12 @@ if TYPE_CHECKING:
     from corral.kernel.agents import AgentRuntime
     from corral.kernel.conversations import Conversations
     from corral.kernel.runs import RunHandle
+    from corral.kernel.sessions import Accepted
     from corral.metrics import Metrics
     from corral.providers.base import Provider, ToolCall
     from corral.specs import AgentSpec
     from corral.tools.base import Tool
-    from corral.types import ApprovalStatus
+    from corral.types import ApprovalStatus, ExecPolicy, Mode
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
@@ -148,6 +149,33 @@ class Backends:
     mcp: Callable[[str, Any, Callable[[], None]], McpServers]
 
 
+# --- where a session's lane lives ----------------------------------------------------
+
+
+class Ownership(Protocol):
+    """Which node a session's lane lives on (a cluster on Postgres; absent on one node).
+
+    ``claim`` is called when a session is loaded into memory, before its lane is used.
+    """
+
+    @property
+    def node_id(self) -> str: ...
+
+    async def claim(self, session_id: str) -> bool:
+        """Take the session's lane for this node: True if it was just taken from nobody (or
+        from a node that left or died), so its unfinished runs must be recovered first.
+        Raises ``OwnedElsewhere`` if a live node holds it, ``StoreUnavailable`` while its
+        owner's lease runs out, ``NotFound`` for no such session."""
+        ...
+
+
+class RemoteSubmit(Protocol):
+    """Sends a message to the node that holds its session (a cluster's services use it)."""
+
+    async def submit(self, url: str, session_id: str, content: str, *, mode: Mode, policy: ExecPolicy,
+                     idempotency_key: str | None) -> Accepted: ...
+
+
 # --- the store, as the kernel uses it ----------------------------------------------
 
 
@@ -179,7 +207,7 @@ class KernelStore(Protocol):
 
     async def input_by_key(self, session_id: str, key: str) -> Any: ...
 
-    async def unfinished_work(self) -> tuple[list[Any], Any, Any]: ...
+    async def unfinished_work(self, session_id: str | None = None) -> tuple[list[Any], Any, Any]: ...
 
     async def all_agents(self) -> Any: ...
 

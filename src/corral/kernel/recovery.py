@@ -22,12 +22,31 @@ from corral.types import EventType, ExecPolicy, InputStatus, RunStatus, new_id
 
 if TYPE_CHECKING:
     from corral.kernel.kernel import Kernel
+    from corral.kernel.sessions import SessionRuntime
 
 INTERRUPTED_ERROR = {"code": "interrupted", "message": "the server stopped while the run was active"}
 
 
 async def recover(kernel: Kernel) -> None:
+    """Recover every session (one node: all of them are this node's)."""
     runs, inputs, approvals = await kernel.store.unfinished_work()
+    for session_id, work in _by_session(runs, inputs, approvals).items():
+        await _recover_session(kernel, await kernel.sessions.get(session_id), *work)
+
+
+async def recover_session(kernel: Kernel, runtime: SessionRuntime) -> None:
+    """Recover one session this node has just taken over (a cluster: from a node that left or
+    died, or from nobody), before its lane serves anything."""
+    runs, inputs, approvals = await kernel.store.unfinished_work(runtime.id)
+    work = _by_session(runs, inputs, approvals).get(runtime.id)
+    if work is not None:
+        await _recover_session(kernel, runtime, *work)
+
+
+Work = tuple[list[Any], dict[str, list[Any]], dict[str, set[str]]]
+
+
+def _by_session(runs: list[Any], inputs: Any, approvals: Any) -> dict[str, Work]:
     inputs_by_run: dict[str, list[Any]] = defaultdict(list)
     for row in inputs:
         inputs_by_run[row.run_id].append(row)
@@ -37,18 +56,17 @@ async def recover(kernel: Kernel) -> None:
     by_session: dict[str, list[Any]] = defaultdict(list)
     for run in runs:
         by_session[run.session_id].append(run)
-    for session_id, session_runs in by_session.items():
-        await _recover_session(kernel, session_id, session_runs, inputs_by_run, pending_by_run)
+    return {sid: (session_runs, inputs_by_run, pending_by_run) for sid, session_runs in by_session.items()}
 
 
 async def _recover_session(
     kernel: Kernel,
-    session_id: str,
+    runtime: SessionRuntime,
     runs: list[Any],
     inputs_by_run: dict[str, list[Any]],
     pending_by_run: dict[str, set[str]],
 ) -> None:
-    runtime = await kernel.sessions.get(session_id)
+    session_id = runtime.id
     queued: list[Slot] = []
     active: Slot | None = None
     waiting_handle: RunHandle | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from corral.clock import utcnow
 from corral.errors import NotFound, StoreConflict
 from corral.kernel.lane import Lane
-from corral.kernel.ports import KernelStore
+from corral.kernel.ports import KernelStore, Ownership
 from corral.kernel.runs import RunHandle
 from corral.lru import Lru
 from corral.principals import LOCAL
@@ -77,8 +77,13 @@ class SessionTable:
     """Creates sessions (one per key, however many ask at once) and loads their runtimes."""
 
     def __init__(self, store: KernelStore, max_pending: int, on_created: Callable[[dict[str, Any]], None] | None = None,
-                 *, capacity: int = 10_000, keys_per_session: int = 1000):
+                 *, capacity: int = 10_000, keys_per_session: int = 1000, ownership: Ownership | None = None,
+                 on_adopted: Callable[[SessionRuntime], Awaitable[None]] | None = None):
         self._store = store
+        # In a cluster: a session is claimed for this node before its lane is used, and one
+        # taken over from nobody is recovered (``on_adopted``) before anyone else sees it.
+        self._ownership = ownership
+        self._on_adopted = on_adopted
         self._max_pending = max_pending
         self._on_created = on_created
         self.capacity = capacity
@@ -177,6 +182,8 @@ class SessionTable:
         session_id, now = new_id("ses"), utcnow()
         row = {"id": session_id, "agent": agent, "owner": owner, "key": key, "metadata": metadata, "created_at": now,
                "title": None, "summary": None}
+        if self._ownership is not None:
+            row["node_id"] = self._ownership.node_id  # its creator's lane holds it
         # Messages no run produced: they carry the empty run id, so no rollback ever touches them.
         messages = [NewMessage(session_id, "", role, content, created_at=now) for role, content in history]
         await self._store.create_session(row, messages)
@@ -197,10 +204,14 @@ class SessionTable:
         future: asyncio.Future[SessionRuntime] = asyncio.get_running_loop().create_future()
         self._loading[session_id] = future
         try:
+            adopted = await self._ownership.claim(session_id) if self._ownership is not None else False
             row, (last_seq, top), completed = await self._store.session_state(session_id)
             if row is None:
                 raise NotFound(f"no session {session_id!r}")
-            runtime = self._admit(self._runtime(session_id, row.agent, row.owner, last_seq, top, completed))
+            loaded = self._runtime(session_id, row.agent, row.owner, last_seq, top, completed)
+            if adopted and self._on_adopted is not None:
+                await self._on_adopted(loaded)
+            runtime = self._admit(loaded)
             future.set_result(runtime)
             return runtime
         except BaseException as exc:

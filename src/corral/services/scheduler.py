@@ -167,7 +167,8 @@ class Scheduler:
         if session_id is None:  # a fresh session per fire, itself keyed by the fire
             row, _ = await self.kernel.sessions.create(job.agent, key, {"job_id": job.id}, owner=job.owner)
             session_id = row["id"]
-        accepted = await self.kernel.submit(session_id, job.message, origin="scheduler", idempotency_key=key)
+        # Every node's scheduler may fire it: the key makes it one input, at the session's owner.
+        accepted = await self.kernel.submit_anywhere(session_id, job.message, origin="scheduler", idempotency_key=key)
         return session_id, accepted.run_id
 
     async def _record(self, job: Job, due: datetime, following: datetime | None, status: str,

@@ -136,8 +136,8 @@ class Subagents:
             conn, child, status=ended.status.value, result=result))
         announce_run_id = None
         if child not in self._cascaded:
-            accepted = await self.kernel.submit(link.parent_session_id, text, mode=Mode.STEER, origin="subagent",
-                                                idempotency_key=f"announce:{child}")
+            accepted = await self.kernel.submit_anywhere(link.parent_session_id, text, mode=Mode.STEER,
+                                                         origin="subagent", idempotency_key=f"announce:{child}")
             announce_run_id = accepted.run_id
         event = NewEvent(link.parent_session_id, EventType.SUBAGENT_COMPLETED, link.parent_run_id, {
             "child_session_id": child, "status": ended.status.value, "result": result,

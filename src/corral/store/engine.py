@@ -188,6 +188,19 @@ class SQLiteDialect(Dialect):
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+    # Any fixed number: the advisory lock that nodes starting at once take around migrating.
+    MIGRATION_LOCK = 727_001
+
+    @contextmanager
+    def migrating(self, conn: Connection) -> Iterator[None]:
+        """Nodes of a cluster may start together on a new database: one migrates, the others
+        wait for it and then find the schema at its head."""
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({self.MIGRATION_LOCK})")
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({self.MIGRATION_LOCK})")
+            conn.commit()
 
 
 SQLITE_DRIVERS = frozenset({"pysqlite", "aiosqlite"})

@@ -158,14 +158,19 @@ def run_and_owner(conn: Connection, run_id: str) -> tuple[Row | None, str | None
     return row, None if row is None else session_owner(conn, row.session_id)
 
 
-def unfinished_work(conn: Connection) -> tuple[list[Row], Sequence[Row], Sequence[Row]]:
-    """What recovery starts from: unfinished runs, their inputs, and pending approvals."""
-    runs = list(unfinished_runs(conn))
-    return runs, inputs_of_runs(conn, [r.id for r in runs]), pending_approvals(conn)
+def unfinished_work(
+    conn: Connection, session_id: str | None = None
+) -> tuple[list[Row], Sequence[Row], Sequence[Row]]:
+    """What recovery starts from: unfinished runs, their inputs, and pending approvals (of one
+    session, or of all)."""
+    runs = list(unfinished_runs(conn, session_id))
+    return runs, inputs_of_runs(conn, [r.id for r in runs]), pending_approvals(conn, session_id)
 
 
-def unfinished_runs(conn: Connection) -> Sequence[Row]:
+def unfinished_runs(conn: Connection, session_id: str | None = None) -> Sequence[Row]:
     query = sa.select(t.runs).where(t.runs.c.status.in_(NON_TERMINAL)).order_by(t.runs.c.position)
+    if session_id is not None:
+        query = query.where(t.runs.c.session_id == session_id)
     return conn.execute(query).all()
 
 
@@ -317,6 +322,8 @@ def approvals_of_run(conn: Connection, run_id: str) -> Sequence[Row]:
     return conn.execute(query).all()
 
 
-def pending_approvals(conn: Connection) -> Sequence[Row]:
+def pending_approvals(conn: Connection, session_id: str | None = None) -> Sequence[Row]:
     query = sa.select(t.approvals).where(t.approvals.c.status == ApprovalStatus.PENDING.value)
+    if session_id is not None:
+        query = query.where(t.approvals.c.session_id == session_id)
     return conn.execute(query).all()

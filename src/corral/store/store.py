@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from corral.errors import CorralError, StoreConflict, StoreRejected, StoreUnavailable
 from corral.events import Event, NewEvent
 from corral.records import NewMessage, Writes
-from corral.store import ops, repo
+from corral.store import nodes, ops, repo
 from corral.store import tables as t
 from corral.store.engine import Dialect, Lane, dialect_for
 from corral.store.migrations import SCRIPT_LOCATION, at_head
@@ -156,6 +156,17 @@ class Store:
     async def delete_agent(self, name: str) -> None:
         await self.writer.submit(lambda conn: repo.delete_agent(conn, name), translate=store_error)
 
+    async def claim_session(self, session_id: str, node_id: str, lease_ttl_s: float) -> nodes.Claim:
+        """Take the session's lane for this node unless a live node holds it (a cluster)."""
+
+        def claim(conn: Connection) -> nodes.Claim:
+            taken = nodes.claim(conn, session_id, node_id, lease_ttl_s)
+            if taken.kind == "adopted":
+                self.writer.reset_seq(session_id)  # its last owner wrote events this writer never saw
+            return taken
+
+        return await self.writer.submit(claim, translate=store_error)  # type: ignore[no-any-return]
+
     # --- what the kernel reads -------------------------------------------------------------
 
     async def session_state(self, session_id: str) -> tuple[Any, tuple[int, float], int]:
@@ -170,8 +181,8 @@ class Store:
     async def input_by_key(self, session_id: str, key: str) -> Any:
         return await self.read(repo.input_by_idempotency_key, session_id, key)
 
-    async def unfinished_work(self) -> tuple[list[Any], Any, Any]:
-        return await self.read(repo.unfinished_work)
+    async def unfinished_work(self, session_id: str | None = None) -> tuple[list[Any], Any, Any]:
+        return await self.read(repo.unfinished_work, session_id)
 
     async def all_agents(self) -> Any:
         return await self.read(repo.all_agents)

@@ -74,11 +74,31 @@ sessions = sa.Table(
     # Written by the reflector in the background: a short title, and a rolling summary.
     sa.Column("title", sa.String(200), nullable=True),
     sa.Column("summary", sa.Text, nullable=True),
+    # The node whose lane the session lives in (a cluster on Postgres); None: nobody's yet,
+    # or freed by a node that left or died. Always None on SQLite, where there is one node.
+    sa.Column("node_id", sa.String(40), nullable=True),
     # Keys are per principal: two principals' "main" are two sessions.
     sa.UniqueConstraint("owner", "key"),
     sa.Index("ix_sessions_owner_created_at", "owner", "created_at"),
     # An admin's listing of everyone's sessions, newest first, without sorting the table.
     sa.Index("ix_sessions_created_at_id", "created_at", "id"),
+    sa.Index("ix_sessions_node_id", "node_id"),
+)
+
+# The processes sharing a Postgres database (DESIGN.md section 6). Times are the database's own
+# clock, so nodes never compare their clocks with each other.
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("url", sa.String(512), nullable=False),
+    # How many nodes had this URL before this one: its earlier incarnations.
+    sa.Column("incarnation", sa.Integer, nullable=False),
+    # live | left (shut down, its sessions released) | dead (taken over: fenced)
+    sa.Column("state", sa.String(8), nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime, nullable=False),
+    sa.Index("ix_nodes_url", "url"),
 )
 
 runs = sa.Table(

@@ -93,6 +93,11 @@ class Writer:
         self.units = 0
         # Told (units, seconds) after each committed batch: the metrics' group-commit view.
         self.batch_hook: Callable[[int, float], None] | None = None
+        # In a cluster: run first in every batch's transaction, raising to refuse the whole batch
+        # (a fenced node commits nothing); and, after each commit, told the sessions whose events
+        # it carried (the wake-up hints other nodes' observers follow). Both on the writer's lane.
+        self.fence: Callable[[Connection], None] | None = None
+        self.after_commit: Callable[[Connection, set[str]], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Writer pending={len(self._pending)} batches={self.batches} units={self.units}>"
@@ -151,6 +156,11 @@ class Writer:
                 log.error("the writer could not reach the database", exc_info=exc)
                 self._fail_pending(exc)
 
+    def reset_seq(self, session_id: str) -> None:
+        """Forget the next seq of a session that another node may have written to (one this node
+        has just taken over). On the writer's lane only: from within a unit's function."""
+        self._next_seq.pop(session_id, None)
+
     def close(self) -> None:
         """Refuse new units; the loop finishes what is queued and returns."""
         self._closing = True
@@ -207,10 +217,17 @@ class Writer:
     def _apply(self, conn: Connection, batch: list[_Unit]) -> None:
         """The whole batch, on the writer's lane: one transaction, all or nothing."""
         with conn.begin():
+            if self.fence is not None:
+                self.fence(conn)
             o.apply(conn, [op for unit in batch for op in unit.ops])
             rows = self._number_events(conn, batch)
             if rows:
                 conn.execute(t.events.insert(), rows)
+        if rows and self.after_commit is not None:
+            try:
+                self.after_commit(conn, {row["session_id"] for row in rows})
+            except Exception:  # a hint is only a hint: observers elsewhere also poll
+                log.warning("could not send the wake-up hints of a commit", exc_info=True)
 
     def _number_events(self, conn: Connection, batch: list[_Unit]) -> list[dict[str, Any]]:
         unknown = {e.session_id for u in batch for e in u.events if e.session_id not in self._next_seq}

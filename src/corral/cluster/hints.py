@@ -1,0 +1,100 @@
+"""Observers on any node follow a session live, whichever node commits its events.
+
+The store stays the truth (seq per session; resuming is ``seq > last``); what crosses
+nodes is only a wake-up hint carrying session ids, never an event. The writer sends one
+``NOTIFY`` per commit, after it and outside its transaction, naming the sessions whose
+events it carried; every node ``LISTEN``s, and a hint for a session it has observers of
+makes them read the store (``EventHub.hint``). Hints can be lost (a dropped connection),
+so every second each node also hints the observed sessions whose lanes live elsewhere:
+the poll fallback bounds how late an observer can be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from corral.cluster.node import asyncpg_dsn
+
+if TYPE_CHECKING:
+    from corral.kernel import Kernel
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "corral_events"
+POLL_S = 1.0
+# Postgres caps a notification's payload at 8,000 bytes.
+PAYLOAD_MAX = 7_000
+NOTIFY = sa.text("SELECT pg_notify('corral_events', :payload)")
+
+
+def payloads(node_id: str, session_ids: Iterable[str]) -> list[str]:
+    """``node|sid,sid,...`` chunks under Postgres's payload limit."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = len(node_id) + 1
+    for sid in sorted(session_ids):
+        if current and size + len(sid) + 1 > PAYLOAD_MAX:
+            chunks.append(f"{node_id}|{','.join(current)}")
+            current, size = [], len(node_id) + 1
+        current.append(sid)
+        size += len(sid) + 1
+    if current:
+        chunks.append(f"{node_id}|{','.join(current)}")
+    return chunks
+
+
+def notifier(node_id: str) -> Any:
+    """The writer's ``after_commit``: send the commit's hints (on the writer's connection)."""
+
+    def send(conn: Any, session_ids: set[str]) -> None:
+        with conn.begin():
+            for payload in payloads(node_id, session_ids):
+                conn.execute(NOTIFY, {"payload": payload})
+
+    return send
+
+
+class Hints:
+    """Listens for other nodes' hints and polls as a fallback; a service of the kernel."""
+
+    def __init__(self, kernel: Kernel, node_id: str, database_url: str):
+        self.kernel = kernel
+        self.node_id = node_id
+        self._dsn = asyncpg_dsn(database_url)
+        self.received = 0
+
+    def __repr__(self) -> str:
+        return f"<Hints {self.node_id} received={self.received}>"
+
+    def on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        sender, _, sessions = payload.partition("|")
+        if sender == self.node_id:
+            return  # this node's own commits reach its observers directly
+        self.received += 1
+        for session_id in sessions.split(","):
+            self.kernel.hub.hint(session_id)
+
+    async def run(self) -> None:
+        """Listen until cancelled; a dropped connection fails the service (restarted with backoff)."""
+        import asyncpg  # type: ignore[import-untyped]  # the driver the store's Postgres engine loads anyway
+
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            await conn.add_listener(CHANNEL, self.on_notification)
+            while not conn.is_closed():
+                await asyncio.sleep(POLL_S)
+                self.poll()
+            raise ConnectionError("the connection that listens for hints closed")
+        finally:
+            await conn.close(timeout=1)
+
+    def poll(self) -> None:
+        """The fallback: observed sessions whose lanes are not here may have missed a hint."""
+        for session_id in self.kernel.hub.observed_sessions():
+            if self.kernel.sessions.live(session_id) is None:
+                self.kernel.hub.hint(session_id)
