@@ -1,7 +1,7 @@
 """`python -m bench [NAME ...] [--quick] [--write-docs]`: run benchmarks, print a table, write JSON.
 
-Names: throughput, first-event, isolation, fanout, idle, agent-start, stop, recovery, peer,
-chat, web; groups: `suite` (the default: the first nine), `all` (every one), `foundation`.
+Names: throughput, first-event, isolation, fanout, idle, agent-start, stop, recovery, startup,
+peer, chat, web; groups: `suite` (the default: the first ten), `all` (every one), `foundation`.
 Each scenario starts its own `corral serve` on loopback with a fresh SQLite file and drives it
 from separate processes. `--quick` runs every scenario small (about 3 minutes for the suite,
 against about 12); `--write-docs` regenerates docs/benchmarks.md's tables from this run;

@@ -81,15 +81,16 @@ class Server:
 
 
 @asynccontextmanager
-async def serve(data_dir: Path, env: dict[str, str] | None = None) -> AsyncIterator[Server]:
-    """A server on an existing (possibly used) data directory, stopped with SIGTERM after."""
+async def serve(data_dir: Path, env: dict[str, str] | None = None, poll_s: float = 0.05) -> AsyncIterator[Server]:
+    """A server on an existing (possibly used) data directory, stopped with SIGTERM after;
+    ``/healthz`` is polled every ``poll_s`` until it answers."""
     port = free_port()
     command = [sys.executable, "-m", "corral", "serve", "--port", str(port), "--data-dir", str(data_dir)]
     log, process = _spawn(command, {**os.environ, "CORRAL_LOG_LEVEL": "warning", **(env or {})}, data_dir)
     server = Server(f"http://127.0.0.1:{port}", process, data_dir)
     try:
         try:
-            await _wait_healthy(server.base, process)
+            await _wait_healthy(server.base, process, poll_s=poll_s)
         except RuntimeError as exc:
             log.flush()
             tail = (data_dir / "server.log").read_text(errors="replace").splitlines()[-20:]
@@ -146,6 +147,7 @@ async def wait_answering(url: str, process: subprocess.Popen[bytes], *, within: 
     raise fail(f"did not answer {url} within {within:g} s")
 
 
-async def _wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 60.0) -> None:
-    await wait_answering(f"{base}/healthz", process, within=within, poll_s=0.05,
+async def _wait_healthy(base: str, process: subprocess.Popen[bytes], within: float = 60.0,
+                        poll_s: float = 0.05) -> None:
+    await wait_answering(f"{base}/healthz", process, within=within, poll_s=poll_s,
                          fail=lambda why: RuntimeError(f"corral serve {why}"))

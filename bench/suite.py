@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import latency, lifecycle, peer, scale, throughput
+from bench import latency, lifecycle, peer, scale, startup, throughput
 from bench.monitor import FLAG_CORES
 from bench.report import Row, machine_line, markdown_table
 
@@ -74,6 +74,10 @@ async def _recovery(options: Options) -> dict[str, Any]:
     return await lifecycle.recovery(lifecycle.RECOVERY_QUICK if options.quick else lifecycle.RecoveryPlan())
 
 
+async def _startup(options: Options) -> dict[str, Any]:
+    return await startup.run(startup.QUICK if options.quick else startup.Plan())
+
+
 async def _peer(options: Options) -> dict[str, Any]:
     return await peer.run(_generators(peer.QUICK if options.quick else peer.Plan(), options))
 
@@ -128,12 +132,13 @@ SCENARIOS: dict[str, Scenario] = {
     "agent-start": Scenario(_agent_start, scale.agent_rows, "suite"),
     "stop": Scenario(_stop, lifecycle.stop_rows, "suite"),
     "recovery": Scenario(_recovery, lifecycle.recovery_rows, "suite"),
+    "startup": Scenario(_startup, startup.rows, "startup"),
     "peer": Scenario(_peer, peer.rows, "peer", peer.markdown),
     "chat": Scenario(_chat, _chat_rows, "chat"),
     "web": Scenario(_web, _web_rows, "web"),
 }
 GROUPS: dict[str, list[str]] = {
-    "suite": [name for name, s in SCENARIOS.items() if s.block in ("suite", "peer")],
+    "suite": [name for name, s in SCENARIOS.items() if s.block in ("suite", "startup", "peer")],
     "all": list(SCENARIOS),
     "foundation": ["agent-start", "first-event", "throughput"],  # the names of the first bench, kept
 }
@@ -183,8 +188,8 @@ def rows_of(results: dict[str, Any], block: str | None = None) -> list[Row]:
     return out
 
 
-BLOCK_SCENARIOS = {block: [n for n, s in SCENARIOS.items() if s.block == block] for block in ("suite", "peer",
-                                                                                               "chat", "web")}
+BLOCK_SCENARIOS = {block: [n for n, s in SCENARIOS.items() if s.block == block]
+                   for block in ("suite", "startup", "peer", "chat", "web")}
 
 
 def doc_blocks(run: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
