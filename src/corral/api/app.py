@@ -31,7 +31,7 @@ from corral.services.reflector import ReflectorConfig, install_reflector
 from corral.services.scheduler import install_scheduler
 from corral.services.subagents import install_subagents
 from corral.settings import Settings
-from corral.store import Store
+from corral.store import Store, nodes
 from corral.tools import default_registry
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -48,7 +48,14 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     node = Node(settings.resolved_advertise_url(), settings.resolved_database_url(), lease_ttl_s=settings.lease_ttl_s,
                 heartbeat_s=settings.heartbeat_s, on_fenced=lambda: _stop_fenced(app)) if cluster else None
     secret = _cluster_secret(settings) if cluster else None
-    forwarder = Forwarder(secret, metrics) if secret is not None else None
+    forwarder = None
+    if secret is not None:
+
+        async def owner_alive(node_id: str) -> bool:
+            kernel = app.state.kernel
+            return bool(await kernel.store.read(nodes.is_alive, node_id, settings.lease_ttl_s))
+
+        forwarder = Forwarder(secret, metrics, owner_alive=owner_alive, check_every_s=settings.heartbeat_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -12,8 +12,10 @@ lease has run out.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 
 import httpx
 from fastapi import FastAPI, Request
@@ -34,12 +36,20 @@ PASSED = ("authorization", "content-type", "accept", "idempotency-key", "last-ev
 RETRY_AFTER_S = "1"
 
 
+# Asked every so often while a forwarded request waits: is its owner still alive?
+OwnerAlive = Callable[[str], Awaitable[bool]]
+
+
 class Forwarder:
-    def __init__(self, secret: str, metrics: Metrics, timeout_s: float = 30.0):
+    def __init__(self, secret: str, metrics: Metrics, *, owner_alive: OwnerAlive | None = None,
+                 check_every_s: float = 1.0):
         self._secret = secret
         self._metrics = metrics
-        # Connect fast (an owner that does not answer is as good as gone), read as long as a turn takes.
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=2.0))
+        self._owner_alive = owner_alive
+        self._check_every_s = check_every_s
+        # Connect fast; then wait as long as the owner lives (a paused owner still accepts
+        # connections, its kernel's backlog does, but answers only once its lease is gone).
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -58,7 +68,7 @@ class Forwarder:
         url = exc.url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         outgoing = self._client.build_request(request.method, url, headers=headers, content=await request.body())
         try:
-            answer = await self._client.send(outgoing, stream=True)
+            answer = await self._send_while_alive(outgoing, exc.node_id)
         except httpx.HTTPError as error:
             self._metrics.forwarded_requests.labels("unreachable").inc()
             log.warning("node %s (%s), the owner of a session, did not answer: %s", exc.node_id, exc.url, error)
@@ -69,6 +79,21 @@ class Forwarder:
                 if name not in ("content-length", "transfer-encoding", "connection", "date", "server")}
         return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=kept,
                                  background=BackgroundTask(answer.aclose))
+
+
+    async def _send_while_alive(self, outgoing: httpx.Request, node_id: str) -> httpx.Response:
+        """The owner's answer; ``ReadTimeout`` once the owner is found dead before it answered."""
+        sending = asyncio.ensure_future(self._client.send(outgoing, stream=True))
+        try:
+            while True:
+                done, _ = await asyncio.wait({sending}, timeout=self._check_every_s)
+                if done:
+                    return sending.result()
+                if self._owner_alive is not None and not await self._owner_alive(node_id):
+                    raise httpx.ReadTimeout(f"node {node_id} lost its lease before it answered")
+        finally:
+            if not sending.done():
+                sending.cancel()
 
 
 def _unavailable(message: str) -> JSONResponse:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from corral.cluster.hints import Hints, notifier
+from corral.cluster.hints import Hints, agents_changed, notifier
 from corral.cluster.membership import Membership
 from corral.cluster.node import Node
 from corral.kernel import Kernel
@@ -32,5 +32,7 @@ def join(kernel: Kernel, membership: Membership, database_url: str) -> None:
     kernel.add_lifecycle(membership.join, membership.leave)
     membership.attach(kernel)
     kernel.store.writer.after_commit = notifier(membership.node_id)
+    tell = agents_changed(membership.node_id)
+    kernel.agents.on_change = lambda: kernel.store.emit_unit(tell)
     hints = Hints(kernel, membership.node_id, database_url)
     kernel.add_service("cluster-hints", hints.run)

@@ -26,10 +26,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHANNEL = "corral_events"
+# Another node created or deleted an agent: every node runs every agent, so each syncs.
+AGENTS_CHANNEL = "corral_agents"
 POLL_S = 1.0
+# The agents are compared with the store every this many polls, should a hint be lost.
+AGENT_SYNC_POLLS = 5
 # Postgres caps a notification's payload at 8,000 bytes.
 PAYLOAD_MAX = 7_000
 NOTIFY = sa.text("SELECT pg_notify('corral_events', :payload)")
+NOTIFY_AGENTS = sa.text("SELECT pg_notify('corral_agents', :node)")
 
 
 def payloads(node_id: str, session_ids: Iterable[str]) -> list[str]:
@@ -55,6 +60,15 @@ def notifier(node_id: str) -> Any:
         with conn.begin():
             for payload in payloads(node_id, session_ids):
                 conn.execute(NOTIFY, {"payload": payload})
+
+    return send
+
+
+def agents_changed(node_id: str) -> Any:
+    """A writer unit telling the other nodes that this one created or deleted an agent."""
+
+    def send(conn: Any) -> None:
+        conn.execute(NOTIFY_AGENTS, {"node": node_id})
 
     return send
 
@@ -86,12 +100,21 @@ class Hints:
         conn = await asyncpg.connect(self._dsn)
         try:
             await conn.add_listener(CHANNEL, self.on_notification)
+            await conn.add_listener(AGENTS_CHANNEL, self.on_agents)
+            polls = 0
             while not conn.is_closed():
                 await asyncio.sleep(POLL_S)
                 self.poll()
+                polls += 1
+                if polls % AGENT_SYNC_POLLS == 0:
+                    await self.kernel.agents.sync()
             raise ConnectionError("the connection that listens for hints closed")
         finally:
             await conn.close(timeout=1)
+
+    def on_agents(self, _conn: Any, _pid: int, _channel: str, sender: str) -> None:
+        if sender != self.node_id:
+            self.kernel.supervisor.spawn(self.kernel.agents.sync(), "cluster-agents-sync")
 
     def poll(self) -> None:
         """The fallback: observed sessions whose lanes are not here may have missed a hint."""

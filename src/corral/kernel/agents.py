@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -64,6 +65,8 @@ class AgentManager:
         self._spawn = spawn
         self._workspace_root = workspace_root
         self._backends = backends
+        # Told after an agent was created or deleted here (a cluster tells the other nodes).
+        self.on_change: Callable[[], None] | None = None
         self._agents: dict[str, AgentRuntime] = {}
         self._generations = count(1)
 
@@ -96,6 +99,20 @@ class AgentManager:
             if spec.name not in self._agents:
                 self._reserve(spec, created_at=row.created_at)
 
+    async def sync(self) -> None:
+        """Match the store: start agents another node created, drop those it deleted (a cluster's
+        nodes share the agents table; each runs its own copy of every agent)."""
+        rows = await self._store.all_agents()
+        stored = {row.name for row in rows}
+        for row in rows:
+            if row.name not in self._agents:
+                self._reserve(AgentSpec.model_validate(row.config), created_at=row.created_at)
+        for name in [name for name in self._agents if name not in stored]:
+            agent = self._agents[name]
+            if agent.settled.is_set() or agent.start_task is not None:  # not one being created here right now
+                self._drop(agent)
+                self._spawn(self._close(agent), f"agent-close:{name}:{agent.generation}")
+
     async def create(self, spec: AgentSpec) -> AgentRuntime:
         """Register and persist the agent, then start it in the background; returns at once."""
         self._backends.validate(spec)
@@ -114,6 +131,7 @@ class AgentManager:
             raise
         if self._agents.get(spec.name) is agent:
             self._launch(agent)
+        self._changed()
         return agent
 
     async def delete(self, name: str) -> None:
@@ -121,8 +139,13 @@ class AgentManager:
         self._drop(agent)
         try:
             await self._store.delete_agent(name)
+            self._changed()
         finally:
             await self._close(agent)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     async def restart(self, name: str) -> AgentRuntime:
         """Replace the agent by a fresh start of the same spec (a new generation); returns at once
@@ -139,8 +162,13 @@ class AgentManager:
 
     async def wait_ready(self, name: str) -> AgentRuntime:
         """The agent once it is ready; ``AgentUnavailable`` if it failed or is gone."""
+        synced = False
         while True:
             agent = self._agents.get(name)
+            if agent is None and not synced:
+                await self.sync()  # created by another node of a cluster a moment ago?
+                synced = True
+                continue
             if agent is None:
                 raise AgentUnavailable(f"agent {name!r} does not exist (deleted?)")
             await agent.settled.wait()

@@ -111,6 +111,14 @@ def claim(conn: Connection, session_id: str, node_id: str, lease_ttl_s: float) -
     return Claim("adopted", node_id)
 
 
+def is_alive(conn: Connection, node_id: str, lease_ttl_s: float) -> bool:
+    """Live, and its heartbeat younger than the lease."""
+    return bool(conn.execute(sa.text(
+        "SELECT 1 FROM nodes WHERE id = :id AND state = 'live' "
+        "AND heartbeat_at >= now() - make_interval(secs => :ttl)"),
+        {"id": node_id, "ttl": lease_ttl_s}).first())
+
+
 def owner_of(conn: Connection, session_id: str) -> tuple[str | None, str | None]:
     row = conn.execute(sa.text(
         "SELECT s.node_id, n.url FROM sessions s LEFT JOIN nodes n ON n.id = s.node_id WHERE s.id = :sid"),

@@ -10,6 +10,7 @@ matters).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -28,6 +29,8 @@ from corral.store.writer import CommitHook, Unit, Writer
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -141,6 +144,10 @@ class Store:
         """Events nobody waits for (deltas, ``tool.started``): a failure is logged, not raised."""
         self.writer.emit(events)
 
+    def emit_unit(self, fn: Callable[[Connection], Any]) -> None:
+        """A function of the connection written without waiting; a failure is logged, not raised."""
+        self.writer.submit(fn).add_done_callback(_log_failed_unit)
+
     def _submit(self, writes: Writes) -> asyncio.Future[Any]:
         return self.writer.submit(ops_of(writes), writes.events, translate=store_error)
 
@@ -221,3 +228,8 @@ def store_error(exc: Exception) -> Exception:
 def _first_line(exc: Exception) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _log_failed_unit(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a write nobody waited for failed: %s", future.exception())
