@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster.harness import ClusterHarness, Node, fresh_database, poll
+from tests.helpers import sse_frames, until_event
 
 PARK = '/tool wait {"ms": 1}'  # on the "careful" agent: the run waits for a decision
 LEASE_S = 3.0
@@ -176,3 +177,14 @@ async def test_a_job_fires_once_with_three_nodes_up(tmp_path: Path) -> None:
         assert len(keys) == len(set(keys)) == len({row["fire_at"] for row in fires}) == len(fires)
         await cluster.settle()
         assert await cluster.check() == []
+
+
+async def test_a_feed_on_one_node_hears_of_runs_on_another(tmp_path: Path) -> None:
+    async with asyncio.timeout(60), fresh_database() as url, ClusterHarness(url, tmp_path, 2) as cluster:
+        owner, listener = cluster.nodes
+        session = await cluster.create_session(node=owner)
+        async with listener.http.stream("GET", "/v1/feed") as response:
+            frames = sse_frames(response)
+            accepted = await cluster.send(session, "hello", node=owner)
+            done = await until_event(frames, "run.completed", run_id=accepted.run_id)
+        assert done.json["session_id"] == session and done.json["output"] == "echo: hello"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -37,28 +36,41 @@ NOTIFY = sa.text("SELECT pg_notify('corral_events', :payload)")
 NOTIFY_AGENTS = sa.text("SELECT pg_notify('corral_agents', :node)")
 
 
-def payloads(node_id: str, session_ids: Iterable[str]) -> list[str]:
-    """``node|sid,sid,...`` chunks under Postgres's payload limit."""
+def payloads(node_id: str, ranges: dict[str, tuple[int, int]]) -> list[str]:
+    """``node|sid:first:last,...`` chunks under Postgres's payload limit."""
     chunks: list[str] = []
     current: list[str] = []
     size = len(node_id) + 1
-    for sid in sorted(session_ids):
-        if current and size + len(sid) + 1 > PAYLOAD_MAX:
+    for sid in sorted(ranges):
+        first, last = ranges[sid]
+        item = f"{sid}:{first}:{last}"
+        if current and size + len(item) + 1 > PAYLOAD_MAX:
             chunks.append(f"{node_id}|{','.join(current)}")
             current, size = [], len(node_id) + 1
-        current.append(sid)
-        size += len(sid) + 1
+        current.append(item)
+        size += len(item) + 1
     if current:
         chunks.append(f"{node_id}|{','.join(current)}")
     return chunks
 
 
+def parse(payload: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    sender, _, items = payload.partition("|")
+    ranges: dict[str, tuple[int, int]] = {}
+    for item in items.split(","):
+        sid, _, span = item.partition(":")
+        first, _, last = span.partition(":")
+        if sid and first.isdigit() and last.isdigit():
+            ranges[sid] = (int(first), int(last))
+    return sender, ranges
+
+
 def notifier(node_id: str) -> Any:
     """The writer's ``after_commit``: send the commit's hints (on the writer's connection)."""
 
-    def send(conn: Any, session_ids: set[str]) -> None:
+    def send(conn: Any, ranges: dict[str, tuple[int, int]]) -> None:
         with conn.begin():
-            for payload in payloads(node_id, session_ids):
+            for payload in payloads(node_id, ranges):
                 conn.execute(NOTIFY, {"payload": payload})
 
     return send
@@ -86,12 +98,21 @@ class Hints:
         return f"<Hints {self.node_id} received={self.received}>"
 
     def on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        sender, _, sessions = payload.partition("|")
+        sender, ranges = parse(payload)
         if sender == self.node_id:
-            return  # this node's own commits reach its observers directly
+            return  # this node's own commits reach its observers and feeds directly
         self.received += 1
-        for session_id in sessions.split(","):
+        for session_id in ranges:
             self.kernel.hub.hint(session_id)
+        if self.kernel.hub.has_feeds():
+            self.kernel.supervisor.spawn(self._to_feeds(ranges), "cluster-feed-hint")
+
+    async def _to_feeds(self, ranges: dict[str, tuple[int, int]]) -> None:
+        """Feeds here hear of sessions whose lanes are elsewhere: the hinted events, read back."""
+        for session_id, (first, last) in ranges.items():
+            if self.kernel.hub.feeds_accept(session_id):
+                events = await self.kernel.store.events_after(session_id, first - 1, limit=last - first + 1)
+                self.kernel.hub.notify_feeds(events)
 
     async def run(self) -> None:
         """Listen until cancelled; a dropped connection fails the service (restarted with backoff)."""

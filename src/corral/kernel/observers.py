@@ -120,8 +120,21 @@ class EventHub:
         for event in events:
             for sub in self._subs.get(event.session_id, ()):
                 sub.push(event)
-            if self._feeds and event.type not in FEED_EXCLUDED:
+        self.notify_feeds(events)
+
+    def notify_feeds(self, events: list[Event]) -> None:
+        """Tell the feeds of events (committed here, or by another node and read back)."""
+        if not self._feeds:
+            return
+        for event in events:
+            if event.type not in FEED_EXCLUDED:
                 self.notify(event.session_id, event.type, event.payload())
+
+    def has_feeds(self) -> bool:
+        return bool(self._feeds)
+
+    def feeds_accept(self, session_id: str) -> bool:
+        return any(feed.accepts(session_id) for feed in self._feeds)
 
     def notify(self, session_id: str, kind: str, data: dict[str, Any]) -> None:
         """Tell the feeds that may see ``session_id`` (events, and notices that are not events)."""

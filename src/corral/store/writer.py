@@ -95,9 +95,10 @@ class Writer:
         self.batch_hook: Callable[[int, float], None] | None = None
         # In a cluster: run first in every batch's transaction, raising to refuse the whole batch
         # (a fenced node commits nothing); and, after each commit, told the sessions whose events
-        # it carried (the wake-up hints other nodes' observers follow). Both on the writer's lane.
+        # it carried, with their seq ranges (the wake-up hints other nodes' observers follow). Both
+        # on the writer's lane.
         self.fence: Callable[[Connection], None] | None = None
-        self.after_commit: Callable[[Connection, set[str]], None] | None = None
+        self.after_commit: Callable[[Connection, dict[str, tuple[int, int]]], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Writer pending={len(self._pending)} batches={self.batches} units={self.units}>"
@@ -225,7 +226,7 @@ class Writer:
                 conn.execute(t.events.insert(), rows)
         if rows and self.after_commit is not None:
             try:
-                self.after_commit(conn, {row["session_id"] for row in rows})
+                self.after_commit(conn, _seq_ranges(rows))
             except Exception:  # a hint is only a hint: observers elsewhere also poll
                 log.warning("could not send the wake-up hints of a commit", exc_info=True)
 
@@ -262,6 +263,16 @@ def _post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args:
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:
         log.debug("the event loop closed before a write's outcome could be reported")
+
+
+def _seq_ranges(rows: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Each session's first and last event seq in a committed batch."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for row in rows:
+        sid, seq = row["session_id"], row["seq"]
+        first, last = ranges.get(sid, (seq, seq))
+        ranges[sid] = (min(first, seq), max(last, seq))
+    return ranges
 
 
 def _reachable(conn: Connection) -> None:
