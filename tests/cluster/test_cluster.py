@@ -188,3 +188,39 @@ async def test_a_feed_on_one_node_hears_of_runs_on_another(tmp_path: Path) -> No
             accepted = await cluster.send(session, "hello", node=owner)
             done = await until_event(frames, "run.completed", run_id=accepted.run_id)
         assert done.json["session_id"] == session and done.json["output"] == "echo: hello"
+
+
+async def test_a_subagent_reports_exactly_once_across_a_node_kill(tmp_path: Path) -> None:
+    async with asyncio.timeout(90), fresh_database() as url, \
+            ClusterHarness(url, tmp_path, 2, lease_ttl_s=LEASE_S) as cluster:
+        doomed, survivor = cluster.nodes
+        await cluster.create_agent("boss", tools=["spawn_subagent", "wait"])
+        parent = await cluster.create_session("boss", node=doomed)
+        observer = await cluster.observe(parent, node=survivor)
+        spawn = '/tool spawn_subagent {"task": "/steps 4 500", "agent": "assistant"}'
+        spawning = await cluster.send(parent, spawn, node=doomed)
+        await observer.wait_event("subagent.spawned", run_id=spawning.run_id)
+        child = await cluster.db.fetchval("SELECT child_session_id FROM subagents WHERE parent_session_id = $1",
+                                          parent)
+
+        async def child_running() -> bool:
+            return bool(await cluster.db.fetchval(
+                "SELECT count(*) FROM runs WHERE session_id = $1 AND status = 'running'", child))
+
+        await poll(child_running)
+        assert (await cluster.wait_run(spawning.run_id, node=survivor))["status"] == "completed"
+        await doomed.kill()  # mid-run: the survivor takes the child over, re-runs it, and reports it
+
+        async def reported() -> bool:
+            return bool(await cluster.db.fetchval(
+                "SELECT count(*) FROM inputs WHERE session_id = $1 AND idempotency_key = $2",
+                parent, f"announce:{child}"))
+
+        await poll(reported)
+        await cluster.settle({parent, child})
+        reports = await cluster.db.fetch("SELECT content FROM inputs WHERE session_id = $1 AND idempotency_key = $2",
+                                         parent, f"announce:{child}")
+        assert len(reports) == 1 and "completed" in reports[0]["content"]
+        assert await owner_of(cluster, child) == survivor.node_id
+        problems = await cluster.check(sessions={parent, child})
+        assert problems == [], '\n'.join(problems)

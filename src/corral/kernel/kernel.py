@@ -96,6 +96,8 @@ class Kernel:
         self.agents = AgentManager(store, self.tools, self.supervisor.spawn, self.config.workspace_root, backends)
         self.intake, self.driver, self.ending, self.control = Intake(self), Driver(self), Ending(self), Control(self)
         self.run_end_listeners: list[Callable[[RunEnd], None]] = []
+        # Told (synchronously) the id of each session this node took over from nobody (a cluster).
+        self.adopted_listeners: list[Callable[[str], None]] = []
         self._services: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         # (start, stop) pairs: started once the writer runs, before agents and recovery; stopped
         # after the runs, before the writer closes (a cluster node joins and leaves this way).
@@ -245,6 +247,8 @@ class Kernel:
 
     async def _adopted(self, runtime: SessionRuntime) -> None:
         await recover_session(self, runtime)
+        for listener in self.adopted_listeners:
+            listener(runtime.id)
 
     def register(self, runtime: SessionRuntime, handle: RunHandle) -> None:
         runtime.handles[handle.run_id] = handle

@@ -98,6 +98,24 @@ class Subagents:
         self._pending[key] = ended
         self._arrived.set()
 
+    def _on_adopted(self, session_id: str) -> None:
+        """This node took a session over from a node that died or left (a cluster): if it is a
+        subagent not yet announced, its report is now this node's to make."""
+        if session_id not in self._open:
+            self.kernel.supervisor.spawn(self._adopt(session_id), f"subagent-adopt:{session_id}")
+
+    async def _adopt(self, child: str) -> None:
+        link = await self.kernel.store.read(repo.subagent_link, child)
+        if link is None or link.announced_at is not None or child in self._open:
+            return
+        self._open[child] = Link(link.parent_session_id, link.parent_run_id, link.depth)
+        last = await self.kernel.store.read(repo.latest_run, child)
+        if last is not None and RunStatus(last.status).is_terminal and ("child", child) not in self._pending:
+            # It ended before this node knew of it (an end this node recorded, or the dead node's).
+            self._pending[("child", child)] = RunEnd(child, last.id, RunStatus(last.status), last.output,
+                                                     last.error, continued=False)
+            self._arrived.set()
+
     async def _next_pending(self) -> RunEnd:
         while not self._pending:
             self._arrived.clear()
@@ -142,8 +160,12 @@ class Subagents:
         event = NewEvent(link.parent_session_id, EventType.SUBAGENT_COMPLETED, link.parent_run_id, {
             "child_session_id": child, "status": ended.status.value, "result": result,
             "announce_run_id": announce_run_id})
+        # Only the node that holds the parent's lane appends to its log (a cluster: seqs are numbered
+        # by the owner's writer); elsewhere the report itself, the input above, is what it gets.
+        here = self.kernel.ownership is None or self.kernel.sessions.live(link.parent_session_id) is not None
         await self.kernel.store.write(
-            [ops.Call(lambda conn: repo.update_subagent(conn, child, announced_at=utcnow()))], [event])
+            [ops.Call(lambda conn: repo.update_subagent(conn, child, announced_at=utcnow()))],
+            [event] if here else [])
         async with self._settled:
             self._open.pop(child, None)
             self._cascaded.discard(child)
@@ -244,5 +266,6 @@ def install_subagents(kernel: Kernel, limits: SubagentLimits | None = None) -> S
     kernel.tools.add(Tool("wait_subagents", "Wait until every subagent this run spawned has reported; returns "
                           "their results.", WaitArgs, wait))
     kernel.on_run_end(service._on_run_end)
+    kernel.adopted_listeners.append(service._on_adopted)
     kernel.add_service("subagents", service.run)
     return service
