@@ -224,3 +224,25 @@ async def test_a_subagent_reports_exactly_once_across_a_node_kill(tmp_path: Path
         assert await owner_of(cluster, child) == survivor.node_id
         problems = await cluster.check(sessions={parent, child})
         assert problems == [], '\n'.join(problems)
+
+
+async def test_the_openai_endpoint_works_through_any_node(tmp_path: Path) -> None:
+    async with asyncio.timeout(60), fresh_database() as url, ClusterHarness(url, tmp_path, 2) as cluster:
+        first, second = cluster.nodes
+        body = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"x-corral-session": "durable-chat"}
+        created = await first.http.post("/v1/chat/completions", json=body, headers=headers)
+        assert created.status_code == 200, created.text
+        owner = created.headers["x-corral-node"]
+        # The same durable conversation through the other node: forwarded to its owner, streamed too.
+        again = await second.http.post("/v1/chat/completions", json={**body, "messages": [
+            {"role": "user", "content": "again"}]}, headers=headers)
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["message"]["content"] == "echo: again"
+        assert again.headers["x-corral-node"] == owner == first.node_id
+        chunks = []
+        async with second.http.stream("POST", "/v1/chat/completions", headers=headers, json={
+                **body, "stream": True, "messages": [{"role": "user", "content": "streamed"}]}) as response:
+            assert response.status_code == 200
+            chunks = [line async for line in response.aiter_lines() if line.startswith("data:")]
+        assert chunks[-1] == "data: [DONE]" and any("streamed" in chunk for chunk in chunks)
