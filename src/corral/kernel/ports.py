@@ -8,7 +8,9 @@ program is spawned or how rows are laid out. Those come in through these ports:
 - :class:`Backends` bring up what an agent needs (a provider, an external program, MCP
   servers) and build a run's runner; ``corral.wiring`` assembles the real ones;
 - :class:`KernelStore` is the store as the kernel uses it: named operations over
-  plain records (``corral.records``), never tables or SQL.
+  plain records (``corral.records``), never tables or SQL;
+- in a cluster, :class:`Ownership` says which node a session's lane lives on, and
+  :class:`RemoteSubmit` sends a service's message to that node (``corral.cluster``).
 
 Loop and drivers import these types (and the run and agent types) from the kernel and
 nothing else of it, so no import cycle runs between the layers.
