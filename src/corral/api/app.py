@@ -34,6 +34,8 @@ from corral.settings import Settings
 from corral.store import Store, nodes
 from corral.tools import default_registry
 
+# In a cluster, how often each node's scheduler re-reads the jobs every node shares.
+JOBS_RELOAD_S = 2.0
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
@@ -69,6 +71,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
         if membership is not None:
             join_cluster(kernel, membership, settings.resolved_database_url())
         scheduler = install_scheduler(kernel, misfire_grace_s=settings.misfire_grace_s)
+        if membership is not None:
+            kernel.add_service("cluster-jobs", lambda: scheduler.reload_forever(JOBS_RELOAD_S))
         install_subagents(kernel, settings.subagent_limits())
         install_reflector(kernel, ReflectorConfig(settings.reflector_max_concurrent, settings.reflector_summary_every))
         try:

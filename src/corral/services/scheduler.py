@@ -129,6 +129,18 @@ class Scheduler:
                     return  # the fire stays due in the store: the next start makes it
             await self.clock.sleep_until(self._next_due(), self._changed)
 
+    async def reload(self) -> None:
+        """Take the jobs as the store has them (a cluster: jobs created or deleted on another node,
+        and those a dead node fired, fire here too; a due time every node fires is still one
+        input and one fire row, by its Idempotency-Key and the fire row's key)."""
+        self._jobs = {row.id: Job.from_row(row) for row in await self.kernel.store.read(repo.all_jobs)}
+        self._changed.set()
+
+    async def reload_forever(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self.reload()
+
     def _due(self, now: datetime) -> list[Job]:
         return [job for job in self._jobs.values() if job.next_fire_at is not None and job.next_fire_at <= now]
 
