@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -42,7 +43,7 @@ def serve(
     advertise_url: Annotated[str | None, typer.Option(
         help="the URL other nodes reach this one at (Postgres) [default: http://HOST:PORT]")] = None,
     workers: Annotated[int | None, typer.Option(
-        min=1, help="node processes on this machine (Postgres only; not available yet) [default: 1]")] = None,
+        min=1, help="node processes on this machine sharing the port (Postgres only) [default: 1]")] = None,
 ) -> None:
     """Start the service (SQLite and the demo model unless configured otherwise)."""
     # What the server imports (here, not at the top: the client commands need none of it) is
@@ -52,19 +53,27 @@ def serve(
     gc.disable()
     from pydantic import ValidationError
 
+    from corral.cli.workers import WORKER_ENV
     from corral.settings import load_settings
 
     try:
+        if WORKER_ENV in os.environ:  # one of `--workers N`: the supervisor sends the settings (cli/workers.py)
+            from corral.cli.workers import run_worker
+
+            run_worker(os.environ.pop(WORKER_ENV))  # popped: not for the processes its tools start
+            return
         settings = load_settings(config, host=host, port=port, data_dir=data_dir, database_url=database_url,
                                  advertise_url=advertise_url, workers=workers)
         from corral.cli.serve import serve as run_server  # after the settings: bad ones fail before it loads
 
-        run_server(settings)
+        status = run_server(settings)
     except (CorralError, ValidationError, FileNotFoundError) as exc:
         from corral.cli.commands import report_error
 
         report_error(_settings_error(exc) if isinstance(exc, ValidationError) else str(exc))
         raise typer.Exit(2) from exc
+    if status:
+        raise typer.Exit(status)
 
 
 def _settings_error(exc: ValidationError) -> str:

@@ -4,30 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import socket
+from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 
 from corral import tracing
-from corral.api import create_app
 from corral.errors import InvalidInput
 from corral.logs import configure_logging
 from corral.settings import WILDCARD_HOSTS, Settings
 from corral.single_process import hold_database
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 
 class _Server(uvicorn.Server):
     """On SIGTERM/SIGINT, stop intake and end SSE streams before uvicorn drains connections."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, on_ready: Callable[[], None] | None = None):
         super().__init__(config)
         self._app = app
+        self._on_ready = on_ready
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         tune_garbage_collection()
+        if self.started and self._on_ready is not None:
+            self._on_ready()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         kernel = getattr(self._app.state, "kernel", None)
@@ -130,28 +137,67 @@ def check_exposure(settings: Settings) -> None:
 
 
 def check_workers(settings: Settings) -> None:
-    """Refuse ``workers`` > 1, which nothing starts yet; SQLite never will (one process per file)."""
+    """Refuse ``workers`` > 1 on SQLite (one process per file), where the kernel cannot share the
+    port, or with an ``advertise_url`` the workers' own URLs cannot be derived from (cli/workers.py)."""
     if settings.workers == 1:
         return
+    refusing = f"refusing {settings.workers} workers (--workers, CORRAL_WORKERS)"
     if not settings.is_postgres:
         raise InvalidInput(
-            f"refusing {settings.workers} workers (--workers, CORRAL_WORKERS): a SQLite database is served by "
-            "one process only; several workers need Postgres (--database-url postgresql+asyncpg://...)"
+            f"{refusing}: a SQLite database is served by one process only; several workers need Postgres "
+            "(--database-url postgresql+asyncpg://...)"
         )
-    raise InvalidInput(
-        f"refusing {settings.workers} workers (--workers, CORRAL_WORKERS): several workers on one machine are "
-        "not available yet; start several `corral serve` processes on different ports (the same "
-        "--database-url, each with its own --port and --advertise-url) instead"
-    )
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise InvalidInput(f"{refusing}: workers share the port with SO_REUSEPORT, which this system lacks; "
+                           "start several `corral serve` processes on different ports instead")
+    from corral.cli.workers import advertise_url_problem
+
+    problem = advertise_url_problem(settings)
+    if problem is not None:
+        raise InvalidInput(f"{refusing} with this advertise_url: {problem}")
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
+    """Serve until a signal; the exit status. With ``workers`` > 1, supervise that many worker
+    processes instead (cli/workers.py), each a node serving as below."""
     check_exposure(settings)
     check_workers(settings)
+    if settings.workers > 1:
+        from corral.cli.workers import supervise
+
+        return supervise(settings)
+    run(settings)
+    return 0
+
+
+class TagLines(logging.Filter):
+    """Starts every line with ``[TAG] ``: which worker of ``--workers N`` wrote it."""
+
+    def __init__(self, tag: str):
+        super().__init__()
+        self.prefix = f"[{tag}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: left for the handler to report as it would
+            return True
+        record.msg, record.args = self.prefix + message, None
+        return True
+
+
+def run(settings: Settings, *, sockets: list[socket.socket] | None = None,
+        on_ready: Callable[[], None] | None = None, log_tag: str | None = None) -> None:
+    """One node (or the only process) until a signal: on ``settings.host:port``, or on ``sockets``
+    (a worker's, handed over by its supervisor), calling ``on_ready`` once it serves."""
     # Held until the process ends, however it ends; None on Postgres (single_process.py).
     database_lock = hold_database(settings.resolved_database_url())
-    configure_logging(settings.log_level, settings.log_format)
+    handler = configure_logging(settings.log_level, settings.log_format)
+    if log_tag is not None:
+        handler.addFilter(TagLines(log_tag))
     tracing.configure(settings.otel)
+    from corral.api import create_app  # here: a --workers supervisor loads none of the server
+
     app = create_app(settings)
     freeze_loaded_modules()
     config = uvicorn.Config(
@@ -163,6 +209,6 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=2,
         lifespan="on",
     )
-    _Server(config, app).run()
+    _Server(config, app, on_ready).run(sockets=sockets)
     if database_lock is not None:
         database_lock.release()
