@@ -120,5 +120,8 @@ def configure_logging(level: str, fmt: LogFormat = "auto", stream: TextIO | None
         for old in list(logger.handlers):
             logger.removeHandler(old)
         logger.propagate = True
+    # httpx logs every request at INFO: a node's forwarded requests and provider calls would
+    # drown the service's own lines (their outcomes are in the metrics).
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
     return handler
 

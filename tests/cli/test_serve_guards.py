@@ -122,20 +122,12 @@ async def test_workers_above_one_on_sqlite_exit_2(tmp_path: Path) -> None:
     assert not (tmp_path / "corral.db").exists()  # refused before anything was opened
 
 
-async def test_workers_above_one_on_postgres_are_not_available_yet(tmp_path: Path) -> None:
-    async with asyncio.timeout(60):
-        message = await refused_serve("--data-dir", str(tmp_path), "--database-url", PG_URL, "--workers", "2")
-    assert "several workers on one machine are not available yet" in message, message
-    assert "start several `corral serve` processes on different ports" in message
-
-
 def test_check_workers(tmp_path: Path) -> None:
     check_workers(Settings(data_dir=tmp_path))
     check_workers(Settings(data_dir=tmp_path, database_url=PG_URL))
     with pytest.raises(InvalidInput, match="one process only"):
         check_workers(Settings(data_dir=tmp_path, workers=2))
-    with pytest.raises(InvalidInput, match="not available yet"):
-        check_workers(Settings(data_dir=tmp_path, database_url=PG_URL, workers=4))
+    check_workers(Settings(data_dir=tmp_path, database_url=PG_URL, workers=4))  # tests/cli/test_workers.py
 
 
 # --- exposure on Postgres ----------------------------------------------------------------
