@@ -93,7 +93,7 @@ async def test_three_nodes_serve_every_session_from_any_node(tmp_path: Path) -> 
 
 
 async def test_a_node_killed_twice_mid_workload_loses_nothing(tmp_path: Path) -> None:
-    async with asyncio.timeout(120), fresh_database() as url, \
+    async with asyncio.timeout(100), fresh_database() as url, \
             ClusterHarness(url, tmp_path, 3, seed=7, lease_ttl_s=LEASE_S) as cluster:
         sessions = [await cluster.create_session(node=i % 3) for i in range(6)]
         for session in sessions:

@@ -96,17 +96,25 @@ class Claim:
 
 
 def claim(conn: Connection, session_id: str, node_id: str, lease_ttl_s: float) -> Claim:
-    """Take the session's lane for this node if nobody live holds it."""
-    row = conn.execute(sa.text(
-        "SELECT s.node_id, n.url, n.state, n.heartbeat_at >= now() - make_interval(secs => :ttl) AS fresh "
-        "FROM sessions s LEFT JOIN nodes n ON n.id = s.node_id WHERE s.id = :sid FOR UPDATE OF s"),
-        {"sid": session_id, "ttl": lease_ttl_s}).first()
-    if row is None:
+    """Take the session's lane for this node if nobody live holds it.
+
+    Two statements on purpose: the session's row is locked first, then its owner read. In
+    one statement (a join ``FOR UPDATE OF sessions``), a claim that waited for another claim's
+    lock re-reads the session's row but not the joined node's, so it saw the new owner with
+    no node row, took it for gone and claimed the session too (found by the cluster tests).
+    """
+    owner = conn.execute(sa.text("SELECT node_id FROM sessions WHERE id = :sid FOR UPDATE"),
+                         {"sid": session_id}).first()
+    if owner is None:
         return Claim("missing")
-    if row.node_id == node_id:
+    if owner.node_id == node_id:
         return Claim("mine", node_id)
-    if row.node_id is not None and row.state == LIVE:
-        return Claim("elsewhere", row.node_id, row.url) if row.fresh else Claim("pending", row.node_id, row.url)
+    if owner.node_id is not None:
+        node = conn.execute(sa.text(
+            "SELECT url, state, heartbeat_at >= now() - make_interval(secs => :ttl) AS fresh "
+            "FROM nodes WHERE id = :id"), {"id": owner.node_id, "ttl": lease_ttl_s}).first()
+        if node is not None and node.state == LIVE:
+            return Claim("elsewhere" if node.fresh else "pending", owner.node_id, node.url)
     conn.execute(sa.text("UPDATE sessions SET node_id = :me WHERE id = :sid"), {"me": node_id, "sid": session_id})
     return Claim("adopted", node_id)
 
