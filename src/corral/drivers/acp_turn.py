@@ -31,10 +31,8 @@ from acp.schema import (
 from corral.drivers.acp_process import CANCELLED, AcpProcess
 from corral.errors import AgentUnavailable, ExternalAgentError
 from corral.events import NewEvent
-from corral.kernel.agents import AgentRuntime
-from corral.kernel.ports import Finished, Outcome, RunContext, Stopped
-from corral.kernel.runs import RunHandle
-from corral.loop.runner import RunWrites, steer_writes
+from corral.kernel.ports import Finished, Outcome, Stopped
+from corral.loop.runner import ContextRunner, steer_writes
 from corral.providers.base import ToolCall
 from corral.types import ApprovalStatus, EventType
 
@@ -44,24 +42,10 @@ REJECT_KINDS = ("reject_once", "reject_always")
 
 
 @dataclass
-class AcpTurn:
-    context: RunContext
-    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+class AcpTurn(ContextRunner):
     _parts: list[str] = field(default_factory=list)
     _tools: dict[str, str] = field(default_factory=dict)
     _asked: set[str] = field(default_factory=set)
-    writes: RunWrites = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.writes = RunWrites(self.context.store)
-
-    @property
-    def agent(self) -> AgentRuntime:
-        return self.context.agent
-
-    @property
-    def handle(self) -> RunHandle:
-        return self.context.handle
 
     @property
     def prompt(self) -> list[str] | None:

@@ -77,7 +77,9 @@ class RunWrites:
 
 
 @dataclass
-class StepLoop:
+class ContextRunner:
+    """What every runner shares: the run's context, its token counts, and its unawaited writes."""
+
     context: RunContext
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
     writes: RunWrites = field(init=False)
@@ -97,6 +99,9 @@ class StepLoop:
     def handle(self) -> RunHandle:
         return self.context.handle
 
+
+@dataclass
+class StepLoop(ContextRunner):
     @property
     def conversations(self) -> Conversations:
         return self.context.conversations
