@@ -6,7 +6,9 @@ The names below load on first use, so importing a pure module of the package
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from corral.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from corral.kernel.config import KernelConfig
@@ -22,10 +24,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
-    return getattr(import_module(home), name)
+__getattr__ = lazy_attributes(__name__, _HOMES)

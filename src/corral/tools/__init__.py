@@ -7,7 +7,9 @@ libraries behind them (httpx for ``http_fetch``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from corral.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from corral.tools.base import Tool, ToolContext, ToolRegistry
@@ -25,23 +27,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
-    return getattr(import_module(home), name)
-
-
-def default_registry(settings: ToolSettings | None = None) -> ToolRegistry:
-    """wait and echo, plus shell, the file tools and http_fetch, limited by ``settings``."""
-    from corral.tools.base import ToolRegistry
-    from corral.tools.builtin import BUILTIN_TOOLS
-    from corral.tools.config import ToolSettings
-    from corral.tools.files import file_tools
-    from corral.tools.http import http_fetch_tool
-    from corral.tools.shell import shell_tool
-
-    settings = settings or ToolSettings()
-    return ToolRegistry([*BUILTIN_TOOLS, shell_tool(settings), *file_tools(settings), http_fetch_tool(settings)])
+__getattr__ = lazy_attributes(__name__, _HOMES)
