@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import latency, lifecycle, peer, scale, startup, throughput
+from bench import cluster, latency, lifecycle, peer, scale, startup, throughput
 from bench.monitor import FLAG_CORES
 from bench.report import Row, machine_line, markdown_table
 
@@ -82,6 +82,10 @@ async def _peer(options: Options) -> dict[str, Any]:
     return await peer.run(_generators(peer.QUICK if options.quick else peer.Plan(), options))
 
 
+async def _cluster(options: Options) -> dict[str, Any]:
+    return await cluster.run(_generators(cluster.QUICK if options.quick else cluster.Plan(), options))
+
+
 async def _chat(options: Options) -> dict[str, Any]:
     from bench import chat
 
@@ -136,6 +140,7 @@ SCENARIOS: dict[str, Scenario] = {
     "peer": Scenario(_peer, peer.rows, "peer", peer.markdown),
     "chat": Scenario(_chat, _chat_rows, "chat"),
     "web": Scenario(_web, _web_rows, "web"),
+    "cluster": Scenario(_cluster, cluster.rows, "cluster", cluster.markdown),
 }
 GROUPS: dict[str, list[str]] = {
     "suite": [name for name, s in SCENARIOS.items() if s.block in ("suite", "startup", "peer")],
@@ -189,7 +194,7 @@ def rows_of(results: dict[str, Any], block: str | None = None) -> list[Row]:
 
 
 BLOCK_SCENARIOS = {block: [n for n, s in SCENARIOS.items() if s.block == block]
-                   for block in ("suite", "startup", "peer", "chat", "web")}
+                   for block in ("suite", "startup", "peer", "chat", "web", "cluster")}
 
 
 def doc_blocks(run: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
