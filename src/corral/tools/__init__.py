@@ -28,3 +28,16 @@ _HOMES = {
 
 
 __getattr__ = lazy_attributes(__name__, _HOMES)
+
+
+def default_registry(settings: ToolSettings | None = None) -> ToolRegistry:
+    """wait and echo, plus shell, the file tools and http_fetch, limited by ``settings``."""
+    from corral.tools.base import ToolRegistry
+    from corral.tools.builtin import BUILTIN_TOOLS
+    from corral.tools.config import ToolSettings
+    from corral.tools.files import file_tools
+    from corral.tools.http import http_fetch_tool
+    from corral.tools.shell import shell_tool
+
+    settings = settings or ToolSettings()
+    return ToolRegistry([*BUILTIN_TOOLS, shell_tool(settings), *file_tools(settings), http_fetch_tool(settings)])
