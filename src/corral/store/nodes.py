@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from corral.errors import Fenced
 
-LIVE, LEFT, DEAD = "live", "left", "dead"
+LIVE = "live"  # the other states, "left" and "dead", are only ever written by the SQL below
 
 # What the writer runs first in each batch's transaction (``Writer.fence``).
 FenceCheck = Callable[[Any], None]
@@ -125,13 +125,6 @@ def is_alive(conn: Connection, node_id: str, lease_ttl_s: float) -> bool:
         "SELECT 1 FROM nodes WHERE id = :id AND state = 'live' "
         "AND heartbeat_at >= now() - make_interval(secs => :ttl)"),
         {"id": node_id, "ttl": lease_ttl_s}).first())
-
-
-def owner_of(conn: Connection, session_id: str) -> tuple[str | None, str | None]:
-    row = conn.execute(sa.text(
-        "SELECT s.node_id, n.url FROM sessions s LEFT JOIN nodes n ON n.id = s.node_id WHERE s.id = :sid"),
-        {"sid": session_id}).first()
-    return (row.node_id, row.url) if row is not None else (None, None)
 
 
 def cluster_view(conn: Connection) -> list[dict[str, Any]]:
