@@ -21,10 +21,11 @@ import sqlalchemy as sa
 from corral.errors import StoreRejected, StoreUnavailable
 from corral.kernel import Kernel, KernelConfig
 from corral.settings import default_agent
+from corral.specs import AgentSpec
 from corral.store import tables as t
-from corral.types import Mode
+from corral.types import Decision, Mode
 from tests.faults import FlakyStore
-from tests.helpers import new_session, select_all, sqlite_url, wait_run
+from tests.helpers import new_session, select_all, sqlite_url, wait_event, wait_run
 
 LIMIT = 30
 
@@ -130,3 +131,19 @@ async def test_a_failed_step_write_fails_the_run_with_a_clear_error(tmp_path: Pa
         assert "history would be incomplete" in ended["error"]["message"]
         after = await kernel.submit(session, "after", mode=Mode.REJECT)
         assert (await wait_run(kernel, after.run_id))["output"] == "echo: after"
+
+
+async def test_a_decision_whose_write_fails_leaves_the_question_standing(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), flaky_kernel(tmp_path) as (kernel, store):
+        await kernel.agents.create(AgentSpec(name="careful", policy={"approvals": {"wait": "ask"}}))
+        await kernel.agents.wait_ready("careful")
+        session = await new_session(kernel, "careful")
+        run = await kernel.submit(session, '/tool wait {"ms": 1}')
+        call_id = (await wait_event(kernel, session, "approval.requested", run_id=run.run_id)).data["call_id"]
+        store.fail("record", times=1)
+        with pytest.raises(StoreUnavailable):
+            await kernel.decide(run.run_id, call_id, Decision.APPROVE)
+        handle = kernel.run_handle(run.run_id)
+        assert handle is not None and call_id in handle.pending_approvals  # not recorded, so not decided
+        await kernel.decide(run.run_id, call_id, Decision.APPROVE)  # answered again: taken
+        assert (await wait_run(kernel, run.run_id))["status"] == "completed"
