@@ -171,7 +171,11 @@ async def fresh_database(prefix: str = "corral_bench") -> AsyncIterator[str]:
     finally:
         admin = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=5)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            # DROP ... WITH (FORCE) by hand (that needs Postgres 13+), as tests/helpers/postgres.py does
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         finally:
             await admin.close()
 

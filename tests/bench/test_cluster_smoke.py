@@ -4,7 +4,11 @@ takeover), its rows and its docs table."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench import cluster
+
+pytestmark = pytest.mark.postgres  # bench.cluster's own fresh_database, on CORRAL_TEST_PG's server
 
 
 async def test_a_tiny_cluster_run_on_the_local_postgres() -> None:

@@ -45,6 +45,7 @@ from tests.helpers import (
     TERMINAL_EVENTS,
     clean_env,
     client,
+    drop_database,
     free_port,
     parse_sse,
     sse_frames,
@@ -85,9 +86,7 @@ async def fresh_database(prefix: str = "corral_t") -> AsyncIterator[str]:
     finally:
         admin = await asyncpg.connect(admin_dsn, timeout=5)
         try:
-            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE datname = $1 AND pid <> pg_backend_pid()", name)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await drop_database(admin, name)
         finally:
             await admin.close()
 

@@ -4,7 +4,8 @@
   it did, synchronised on events;
 - ``http``: a real server on loopback, a client, Server-Sent Events parsed by the WHATWG rules,
   and the REST calls tests make;
-- ``processes``: ``corral serve`` as a real process, and whether a process is still alive.
+- ``processes``: ``corral serve`` as a real process, and whether a process is still alive;
+- ``postgres``: dropping a database on the test Postgres server that connections may still hold.
 """
 
 from tests.helpers.http import (
@@ -50,14 +51,15 @@ from tests.helpers.kernel import (
     wait_event,
     wait_run,
 )
+from tests.helpers.postgres import drop_database
 from tests.helpers.processes import CORRAL, STARTUP_DEADLINE_S, Server, alive, clean_env, corral_serve, until_gone
 
 __all__ = [
     "CORRAL", "GATED", "PARK", "POLL_S", "STARTUP_DEADLINE_S", "TERMINAL", "TERMINAL_EVENTS", "Frame",
     "KernelHarness", "Server", "agent_session", "alive", "assert_contiguous", "assert_error", "check_frame",
-    "clean_env", "client", "corral_serve", "create_agent", "first_event", "free_port", "get_run", "http_server",
-    "new_http_session", "new_session", "park", "parse_sse", "post", "raw_sse_lines", "read_run",
-    "read_session_until", "ready_agent", "run_events", "select_all", "select_scalar", "seq_of", "session_events",
-    "sqlite_url", "sse_frames", "stored_events", "until", "until_event", "until_gone", "uvicorn_server",
-    "wait_event", "wait_run",
+    "clean_env", "client", "corral_serve", "create_agent", "drop_database", "first_event", "free_port",
+    "get_run", "http_server", "new_http_session", "new_session", "park", "parse_sse", "post", "raw_sse_lines",
+    "read_run", "read_session_until", "ready_agent", "run_events", "select_all", "select_scalar", "seq_of",
+    "session_events", "sqlite_url", "sse_frames", "stored_events", "until", "until_event", "until_gone",
+    "uvicorn_server", "wait_event", "wait_run",
 ]
