@@ -205,6 +205,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
     assert isinstance(error["code"], str) and isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"], error  # README: {code, message, type} always
     if code is not None:
         assert error["code"] == code, error
     return dict(error)

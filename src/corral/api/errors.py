@@ -38,7 +38,7 @@ def status_for(exc: e.CorralError) -> int:
 # The OpenAI error ``type`` for each status, so OpenAI clients classify Corral's errors too.
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error"}
+                422: "invalid_request_error", 429: "rate_limit_error"}
 
 
 async def _corral_error(request: Request, exc: Exception) -> JSONResponse:
@@ -55,23 +55,29 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = list(exc.errors())
     if any(p.get("type") == "json_invalid" for p in problems):
-        return JSONResponse(error_body("malformed_json", "the request body is not valid JSON"), status_code=400)
+        body = error_body("malformed_json", "the request body is not valid JSON", type=OPENAI_TYPES[400])
+        return JSONResponse(body, status_code=400)
     details = [
         {"loc": [str(part) for part in p.get("loc", ())], "message": str(p.get("msg", ""))} for p in problems
     ]
     summary = "; ".join(f"{'.'.join(d['loc'])}: {d['message']}" for d in details)
-    return JSONResponse(error_body("invalid_input", summary, details=details), status_code=422)
+    return JSONResponse(error_body("invalid_input", summary, type=OPENAI_TYPES[422], details=details), status_code=422)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+    # A body json_body.py refused carries its own code.
+    code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
+    body = error_body(code, str(exc.detail), type=OPENAI_TYPES.get(exc.status_code, "invalid_request_error"))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug, not the caller's fault; uvicorn still logs the traceback (Starlette re-raises after this).
-    return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+    return JSONResponse(error_body("internal", "internal server error", type="server_error"), status_code=500)
 
 
 def install(app: FastAPI) -> None:

@@ -7,12 +7,12 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from corral.api.errors import error_body
+from corral.api.errors import OPENAI_TYPES, error_body
 from corral.principals import LOCAL, Principal, TokenTable
 
 
 async def _reply(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps(error_body(code, message)).encode()
+    body = json.dumps(error_body(code, message, type=OPENAI_TYPES.get(status, "server_error"))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
@@ -77,7 +77,7 @@ class Authenticate:
     and the page asks for a token before it calls the API.
     """
 
-    OPEN_PATHS = frozenset({"/", "/healthz", "/favicon.ico"})
+    OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/favicon.ico"})
     OPEN_PREFIXES = ("/static/",)
 
     def __init__(self, app: ASGIApp, tokens: TokenTable, cluster_secret: str | None = None):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from corral.tools.mcp_status import McpState
 from corral.types import AgentState, CancelMode, Decision, Disposition, ExecPolicy, Mode, RunStatus
@@ -18,10 +19,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A session's metadata is read back with every listing, so it is kept small and shallow.
+MAX_METADATA_BYTES = 16_384
+MAX_METADATA_DEPTH = 8
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
 class SessionIn(Strict):
     agent: str = "assistant"
     key: str | None = Field(None, min_length=1, max_length=256)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"your own labels, returned as given: up to {MAX_METADATA_BYTES} bytes as JSON, "
+        f"nested up to {MAX_METADATA_DEPTH} levels",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_and_shallow(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _depth(value) > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes as JSON, over the {MAX_METADATA_BYTES} allowed")
+        return value
 
 
 class MessageIn(Strict):

@@ -34,6 +34,7 @@ from corral.events import NewEvent
 from corral.kernel.ports import Finished, Outcome, Stopped
 from corral.loop.runner import ContextRunner, steer_writes
 from corral.providers.base import ToolCall
+from corral.text import clean, clean_json
 from corral.types import ApprovalStatus, EventType
 
 # Which option answers a decision, in order of preference.
@@ -126,8 +127,9 @@ class AcpTurn(ContextRunner):
     def on_update(self, update: Any) -> None:
         if isinstance(update, AgentMessageChunk):
             if isinstance(update.content, TextContentBlock) and update.content.text:
-                self._parts.append(update.content.text)
-                self._emit(EventType.MESSAGE_DELTA, {"text": update.content.text})
+                text = clean(update.content.text)  # corral/text.py: what the program says must be storable
+                self._parts.append(text)
+                self._emit(EventType.MESSAGE_DELTA, {"text": text})
         elif isinstance(update, ToolCallStart):
             self._tools[update.tool_call_id] = update.title
             self._emit(EventType.TOOL_STARTED, {"call_id": update.tool_call_id, "tool": update.title,
@@ -167,7 +169,7 @@ class AcpTurn(ContextRunner):
         return CANCELLED  # the agent offered no option that says what the human said
 
     def _emit(self, type_: EventType, data: dict[str, Any]) -> None:
-        self.context.store.emit([NewEvent(self.handle.session_id, type_, self.handle.run_id, data)])
+        self.context.store.emit([NewEvent(self.handle.session_id, type_, self.handle.run_id, clean_json(data))])
 
 
 def _arguments(raw: Any) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from corral.providers.base import (
     reply_text,
 )
 from corral.records import InputMove, NewCompaction, NewMessage, Writes
+from corral.text import clean, clean_json
 from corral.tools.base import ToolContext
 from corral.types import Approval, ApprovalStatus, EventType, ExecPolicy, InputStatus
 
@@ -223,12 +224,13 @@ class StepLoop(ContextRunner):
             async with aclosing(provider.stream(ModelRequest(list(context), specs))) as stream:
                 async for part in stream:
                     if isinstance(part, TextDelta):
-                        parts.append(part.text)
-                        self.store.emit([self._event(EventType.MESSAGE_DELTA, {"text": part.text})])
+                        delta = clean(part.text)  # corral/text.py: what a model says must be storable
+                        parts.append(delta)
+                        self.store.emit([self._event(EventType.MESSAGE_DELTA, {"text": delta})])
                         if self.handle.soft_cancel_requested:
                             raise _SoftStop("".join(parts))
                     elif isinstance(part, ToolCallsPart):
-                        calls.extend(part.calls)
+                        calls.extend(ToolCall(c.id, clean(c.name), clean_json(c.arguments)) for c in part.calls)
                     elif isinstance(part, Usage):
                         self._count(part)
             self.context.metrics.model_call.labels(provider.name).observe(time.perf_counter() - began)
@@ -316,6 +318,7 @@ class StepLoop(ContextRunner):
             tracing.record_error(exc)
             log.exception("tool %s failed", call.name)
             text, is_error = f"error: {call.name} failed: {type(exc).__name__}: {exc}", True
+        text = clean(text)  # a tool's (or an MCP server's) output may hold a NUL or a lone surrogate
         self._record_result(call, text, is_error=is_error)
         return text
 

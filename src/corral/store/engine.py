@@ -27,6 +27,10 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from corral.errors import InvalidInput
+from corral.store import codec
+
+# JSON columns are written and read through corral/store/codec.py on every engine.
+JSON_CODEC: dict[str, Any] = {"json_serializer": codec.dumps, "json_deserializer": codec.loads}
 
 T = TypeVar("T")
 
@@ -106,10 +110,10 @@ class Dialect:
 
     def writer_lane(self) -> Lane:
         """The single writer's lane: one connection, functions run in order."""
-        return GreenletLane(create_async_engine(self.url, pool_size=1, max_overflow=0))
+        return GreenletLane(create_async_engine(self.url, pool_size=1, max_overflow=0, **JSON_CODEC))
 
     def reader_lane(self) -> Lane:
-        return GreenletLane(create_async_engine(self.url, pool_size=8, max_overflow=8))
+        return GreenletLane(create_async_engine(self.url, pool_size=8, max_overflow=8, **JSON_CODEC))
 
     @contextmanager
     def migrating(self, conn: Connection) -> Iterator[None]:
@@ -131,7 +135,7 @@ class SQLiteDialect(Dialect):
         # Whatever driver the URL names, the store drives sqlite3 itself, on its threads.
         url = make_url(self.url).set(drivername="sqlite+pysqlite")
         # A pooled connection moves between the lane's threads, but only one uses it at a time.
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **JSON_CODEC, **kwargs)
         synchronous = self.synchronous
 
         @event.listens_for(engine, "connect")

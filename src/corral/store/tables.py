@@ -13,6 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
+from corral.text import clean
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -49,6 +51,23 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+class StoredString(TypeDecorator[str]):
+    """A ``VARCHAR`` whose values are made storable on both backends (``corral.text.clean``):
+    a NUL would be refused by Postgres alone, and a lone surrogate by both drivers. Lookups
+    go through it too, so an id with ``%00`` in a URL finds nothing instead of failing."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else clean(value)
+
+
+class StoredText(StoredString):
+    impl = sa.Text
+    cache_ok = True
+
+
 # None is SQL NULL on both backends (plain sa.JSON stores the JSON text 'null' on SQLite,
 # so ``IS NULL`` would mean different things per backend).
 JSON: Any = sa.JSON(none_as_null=True)
@@ -56,7 +75,7 @@ JSON: Any = sa.JSON(none_as_null=True)
 agents = sa.Table(
     "agents",
     metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("name", StoredString(64), primary_key=True),
     sa.Column("config", JSON, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
@@ -64,19 +83,19 @@ agents = sa.Table(
 sessions = sa.Table(
     "sessions",
     metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("id", StoredString(40), primary_key=True),
+    sa.Column("agent", StoredString(64), nullable=False),
     # The principal that created the session; only it (and admins) may see or touch it.
-    sa.Column("owner", sa.String(64), nullable=False),
-    sa.Column("key", sa.String(256), nullable=True),
+    sa.Column("owner", StoredString(64), nullable=False),
+    sa.Column("key", StoredString(256), nullable=True),
     sa.Column("metadata", JSON, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     # Written by the reflector in the background: a short title, and a rolling summary.
-    sa.Column("title", sa.String(200), nullable=True),
-    sa.Column("summary", sa.Text, nullable=True),
+    sa.Column("title", StoredString(200), nullable=True),
+    sa.Column("summary", StoredText, nullable=True),
     # The node whose lane the session lives in (a cluster on Postgres); None: nobody's yet,
     # or freed by a node that left or died. Always None on SQLite, where there is one node.
-    sa.Column("node_id", sa.String(40), nullable=True),
+    sa.Column("node_id", StoredString(40), nullable=True),
     # Keys are per principal: two principals' "main" are two sessions.
     sa.UniqueConstraint("owner", "key"),
     sa.Index("ix_sessions_owner_created_at", "owner", "created_at"),
@@ -90,12 +109,12 @@ sessions = sa.Table(
 nodes = sa.Table(
     "nodes",
     metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("url", sa.String(512), nullable=False),
+    sa.Column("id", StoredString(40), primary_key=True),
+    sa.Column("url", StoredString(512), nullable=False),
     # How many nodes had this URL before this one: its earlier incarnations.
     sa.Column("incarnation", sa.Integer, nullable=False),
     # live | left (shut down, its sessions released) | dead (taken over: fenced)
-    sa.Column("state", sa.String(8), nullable=False),
+    sa.Column("state", StoredString(8), nullable=False),
     sa.Column("started_at", UTCDateTime, nullable=False),
     sa.Column("heartbeat_at", UTCDateTime, nullable=False),
     sa.Index("ix_nodes_url", "url"),
@@ -104,14 +123,14 @@ nodes = sa.Table(
 runs = sa.Table(
     "runs",
     metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("session_id", sa.String(40), sa.ForeignKey("sessions.id"), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("id", StoredString(40), primary_key=True),
+    sa.Column("session_id", StoredString(40), sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("status", StoredString(16), nullable=False),
     # Order within the session's queue; fractional so a run can be put in front.
     sa.Column("position", sa.Float, nullable=False),
-    sa.Column("policy", sa.String(16), nullable=False),
+    sa.Column("policy", StoredString(16), nullable=False),
     sa.Column("collect", sa.Boolean, nullable=False),
-    sa.Column("output", sa.Text, nullable=True),
+    sa.Column("output", StoredText, nullable=True),
     sa.Column("error", JSON, nullable=True),
     sa.Column("usage", JSON, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
@@ -132,16 +151,16 @@ runs = sa.Table(
 inputs = sa.Table(
     "inputs",
     metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("session_id", sa.String(40), sa.ForeignKey("sessions.id"), nullable=False),
-    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("id", StoredString(40), primary_key=True),
+    sa.Column("session_id", StoredString(40), sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("run_id", StoredString(40), nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
-    sa.Column("content", sa.Text, nullable=False),
-    sa.Column("mode", sa.String(16), nullable=False),
-    sa.Column("disposition", sa.String(16), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("origin", sa.String(32), nullable=False),
-    sa.Column("idempotency_key", sa.String(256), nullable=True),
+    sa.Column("content", StoredText, nullable=False),
+    sa.Column("mode", StoredString(16), nullable=False),
+    sa.Column("disposition", StoredString(16), nullable=False),
+    sa.Column("status", StoredString(16), nullable=False),
+    sa.Column("origin", StoredString(32), nullable=False),
+    sa.Column("idempotency_key", StoredString(256), nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("session_id", "seq"),
     sa.UniqueConstraint("session_id", "idempotency_key"),
@@ -152,13 +171,13 @@ messages = sa.Table(
     "messages",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("session_id", sa.String(40), nullable=False),
-    sa.Column("run_id", sa.String(40), nullable=False),
-    sa.Column("input_id", sa.String(40), nullable=True),
-    sa.Column("role", sa.String(16), nullable=False),
-    sa.Column("content", sa.Text, nullable=False),
+    sa.Column("session_id", StoredString(40), nullable=False),
+    sa.Column("run_id", StoredString(40), nullable=False),
+    sa.Column("input_id", StoredString(40), nullable=True),
+    sa.Column("role", StoredString(16), nullable=False),
+    sa.Column("content", StoredText, nullable=False),
     sa.Column("tool_calls", JSON, nullable=True),
-    sa.Column("tool_call_id", sa.String(64), nullable=True),
+    sa.Column("tool_call_id", StoredString(64), nullable=True),
     sa.Column("rolled_back", sa.Boolean, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Index("ix_messages_session_id_id", "session_id", "id"),
@@ -169,11 +188,11 @@ compactions = sa.Table(
     "compactions",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("session_id", sa.String(40), sa.ForeignKey("sessions.id"), nullable=False),
-    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("session_id", StoredString(40), sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("run_id", StoredString(40), nullable=False),
     # The summary stands in for every message of the session with an id up to this one.
     sa.Column("through_message_id", sa.Integer, nullable=False),
-    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("summary", StoredText, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Index("ix_compactions_session_id_id", "session_id", "id"),
 )
@@ -181,19 +200,19 @@ compactions = sa.Table(
 jobs = sa.Table(
     "jobs",
     metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("owner", sa.String(64), nullable=False),
-    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("id", StoredString(40), primary_key=True),
+    sa.Column("owner", StoredString(64), nullable=False),
+    sa.Column("agent", StoredString(64), nullable=False),
     # None: every fire gets a fresh session of its own.
-    sa.Column("session_id", sa.String(40), sa.ForeignKey("sessions.id"), nullable=True),
+    sa.Column("session_id", StoredString(40), sa.ForeignKey("sessions.id"), nullable=True),
     sa.Column("schedule", JSON, nullable=False),
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("overlap", sa.String(16), nullable=False),
-    sa.Column("misfire", sa.String(16), nullable=False),
+    sa.Column("message", StoredText, nullable=False),
+    sa.Column("overlap", StoredString(16), nullable=False),
+    sa.Column("misfire", StoredString(16), nullable=False),
     # None once a schedule has no more fires (a past `at`).
     sa.Column("next_fire_at", UTCDateTime, nullable=True),
     sa.Column("last_fire_at", UTCDateTime, nullable=True),
-    sa.Column("last_run_id", sa.String(40), nullable=True),
+    sa.Column("last_run_id", StoredString(40), nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Index("ix_jobs_owner_created_at", "owner", "created_at"),
 )
@@ -202,25 +221,25 @@ job_fires = sa.Table(
     "job_fires",
     metadata,
     # One row per due time: the key that keeps a crash from firing twice.
-    sa.Column("job_id", sa.String(40), primary_key=True),
+    sa.Column("job_id", StoredString(40), primary_key=True),
     sa.Column("fire_at", UTCDateTime, primary_key=True),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("session_id", sa.String(40), nullable=True),
-    sa.Column("run_id", sa.String(40), nullable=True),
+    sa.Column("status", StoredString(16), nullable=False),
+    sa.Column("session_id", StoredString(40), nullable=True),
+    sa.Column("run_id", StoredString(40), nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
 
 subagents = sa.Table(
     "subagents",
     metadata,
-    sa.Column("child_session_id", sa.String(40), sa.ForeignKey("sessions.id"), primary_key=True),
-    sa.Column("parent_session_id", sa.String(40), nullable=False),
-    sa.Column("parent_run_id", sa.String(40), nullable=False),
+    sa.Column("child_session_id", StoredString(40), sa.ForeignKey("sessions.id"), primary_key=True),
+    sa.Column("parent_session_id", StoredString(40), nullable=False),
+    sa.Column("parent_run_id", StoredString(40), nullable=False),
     sa.Column("depth", sa.Integer, nullable=False),
-    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("task", StoredText, nullable=False),
     # How the child's work ended, once it has: its run status and its output (or error).
-    sa.Column("status", sa.String(16), nullable=True),
-    sa.Column("result", sa.Text, nullable=True),
+    sa.Column("status", StoredString(16), nullable=True),
+    sa.Column("result", StoredText, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     # Set after the announce entered the parent session; until then a restart announces again.
     sa.Column("announced_at", UTCDateTime, nullable=True),
@@ -231,10 +250,10 @@ subagents = sa.Table(
 events = sa.Table(
     "events",
     metadata,
-    sa.Column("session_id", sa.String(40), primary_key=True),
+    sa.Column("session_id", StoredString(40), primary_key=True),
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("run_id", sa.String(40), nullable=True),
-    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("run_id", StoredString(40), nullable=True),
+    sa.Column("type", StoredString(32), nullable=False),
     sa.Column("data", JSON, nullable=False),
     sa.Column("ts", UTCDateTime, nullable=False),
     sa.Index("ix_events_run_id_seq", "run_id", "seq"),
@@ -243,12 +262,12 @@ events = sa.Table(
 approvals = sa.Table(
     "approvals",
     metadata,
-    sa.Column("run_id", sa.String(40), primary_key=True),
-    sa.Column("call_id", sa.String(64), primary_key=True),
-    sa.Column("session_id", sa.String(40), nullable=False),
-    sa.Column("tool", sa.String(128), nullable=False),
+    sa.Column("run_id", StoredString(40), primary_key=True),
+    sa.Column("call_id", StoredString(64), primary_key=True),
+    sa.Column("session_id", StoredString(40), nullable=False),
+    sa.Column("tool", StoredString(128), nullable=False),
     sa.Column("arguments", JSON, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("status", StoredString(16), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("resolved_at", UTCDateTime, nullable=True),
 )

@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from corral.api.deps import KernelDep, PrincipalDep, require_admin
+from corral.api.json_body import CheckedRoute
 from corral.api.schemas import AgentOut, McpServerOut
 from corral.kernel.agents import AgentRuntime
 from corral.specs import AgentSpec
 
-router = APIRouter(prefix="/v1/agents", tags=["agents"])
+router = APIRouter(prefix="/v1/agents", tags=["agents"], route_class=CheckedRoute)
 
 
 def agent_out(agent: AgentRuntime) -> AgentOut:

@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from corral.api.deps import KernelDep, PrincipalDep, require_admin
+from corral.api.json_body import CheckedRoute
 from corral.store import nodes
 
-router = APIRouter(tags=["cluster"])
+router = APIRouter(tags=["cluster"], route_class=CheckedRoute)
 
 
 @router.get("/v1/cluster")

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse
 
 from corral.api.deps import KernelDep, PrincipalDep, owned_run, owned_session
+from corral.api.json_body import CheckedRoute
 from corral.api.schemas import MAX_INT64
 from corral.errors import InvalidInput
 from corral.kernel import Kernel
@@ -17,7 +18,7 @@ from corral.kernel.observers import PAGE
 from corral.store import Event, repo
 from corral.types import CancelMode, RunStatus
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], route_class=CheckedRoute)
 
 
 def _start_seq(after: int | None, last_event_id: str | None) -> int:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.deps import KernelDep, PrincipalDep, owned_session
+from corral.api.json_body import CheckedRoute
 from corral.errors import InvalidInput, NotFound
 from corral.principals import Principal
 from corral.services.scheduler import Job, Scheduler
@@ -16,7 +17,7 @@ from corral.services.schedules import Schedule
 from corral.store import repo
 from corral.types import Misfire, Overlap
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=CheckedRoute)
 
 
 class JobIn(BaseModel):

@@ -22,13 +22,14 @@ from sse_starlette import EventSourceResponse
 
 from corral.api.deps import KernelDep, PrincipalDep
 from corral.api.errors import error_body
+from corral.api.json_body import CheckedRoute, UnusableBody
 from corral.api.openai_schemas import ChatCompletionIn, chunk, completion, model_entry, openai_usage
 from corral.errors import InvalidInput, ModelNotFound, NotFound
 from corral.kernel import Kernel
 from corral.store import Event, repo
 from corral.types import CancelMode, EventType, RunStatus
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=CheckedRoute)
 
 # How an ended run that did not complete is reported to an OpenAI client.
 _UNFINISHED = {
@@ -96,8 +97,8 @@ async def _parse(request: Request) -> ChatCompletionIn:
     """OpenAI answers a bad request with 400, so this route validates by hand instead of FastAPI's 422."""
     try:
         raw = await request.json()
-    except ValueError:
-        raise InvalidInput("the request body is not valid JSON") from None
+    except UnusableBody as exc:
+        raise InvalidInput(str(exc.detail)) from None
     try:
         return ChatCompletionIn.model_validate(raw)
     except ValidationError as exc:

@@ -7,11 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from corral.api.deps import KernelDep, PrincipalDep, owned_run
+from corral.api.json_body import CheckedRoute
 from corral.api.schemas import MAX_INT64, CancelIn, CancelOut, DecisionIn, PendingApproval, RunList, RunOut
 from corral.store import repo
 from corral.types import ApprovalStatus, RunStatus
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"])
+router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=CheckedRoute)
 
 
 def run_out(row: Any) -> RunOut:

@@ -7,11 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from corral.api.deps import KernelDep, PrincipalDep, check_session, kernel_of, owned_session, principal_of
+from corral.api.json_body import CheckedRoute
 from corral.api.schemas import MAX_INT64, AcceptedOut, ChildOut, MessageIn, MessageOut, SessionIn, SessionOut
 from corral.kernel import Kernel
 from corral.store import repo
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=CheckedRoute)
 
 
 def session_out(kernel: Kernel, row: Any, last_event_seq: int = 0) -> SessionOut:
