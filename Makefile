@@ -23,10 +23,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
 
+# The Postgres tests use the server CORRAL_TEST_PG names (postgresql://postgres@127.0.0.1:5432/test by
+# default) when it answers, else a throwaway one scripts/test_postgres.py starts (installing Debian's
+# postgresql with apt when it is missing) and removes after pytest.
 test: dev browser
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/python scripts/test_postgres.py $(BIN)/pytest
 
 # The benchmark suite (docs/benchmarks.md): `make bench`, or e.g. `make bench BENCH="--quick"`,
 # `make bench BENCH="throughput isolation"`, `make bench BENCH="--write-docs"`.
