@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench install dev browser clean
+.PHONY: serve test lint bench fuzz install dev browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: dev browser
 BENCH ?=
 bench: dev
 	$(BIN)/python -m bench $(BENCH)
+
+# Schemathesis against a fresh server from its own OpenAPI document, every phase (docs/security.md);
+# the suite runs a short version. Options go to schemathesis: `make fuzz FUZZ="--max-examples 50"`.
+FUZZ ?=
+fuzz: dev
+	$(BIN)/python scripts/fuzz_openapi.py $(FUZZ)
 
 clean:
 	rm -rf $(VENV) .corral .pytest_cache .mypy_cache

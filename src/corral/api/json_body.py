@@ -109,6 +109,13 @@ class CheckedRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def checked(request: Request) -> Response:
-            return await handler(CheckedRequest(request.scope, request.receive))
+            checking = CheckedRequest(request.scope, request.receive)
+            try:
+                return await handler(checking)
+            finally:
+                # An exception handler gets the original request: one that forwards the request
+                # to the session's owner (api/forward.py) sends the body read here.
+                if hasattr(checking, "_body"):
+                    request._body = checking._body
 
         return checked
