@@ -76,6 +76,16 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(10.0, gt=0, description="a node whose last heartbeat is older than this is dead")
     heartbeat_s: float = Field(2.0, gt=0, description="how often a node renews its lease; below lease_ttl_s / 2")
     workers: int = Field(1, ge=1, description="node processes on this machine sharing the port (Postgres only)")
+    # Slow and numerous clients (api/http_protocol.py, docs/security.md).
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must be in this long after its first byte (a new connection's "
+        "first request: after the connection opens); else the connection is closed")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request's whole body must be in this long after its headers; else 408")
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle connection between requests is closed after this")
+    max_connections: int = Field(
+        4096, ge=1, description="open HTTP connections (SSE streams included); beyond it a new connection gets 503")
 
     @field_validator("advertise_url")
     @classmethod

@@ -170,6 +170,37 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+# Descriptors a node needs besides its connections: the database, tool processes' pipes, logs.
+SPARE_FILES = 256
+
+
+def raise_open_file_limit(max_connections: int) -> None:
+    """Raise the soft limit on open files (RLIMIT_NOFILE) so that ``max_connections`` can be
+    reached: often 1024 by default, below the 4096 connections allowed. Never above the hard
+    limit, which only an administrator can raise; a warning says when it is too low."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    wanted = max_connections + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        target = soft
+        logging.getLogger(__name__).warning("could not raise the open files limit from %d to %d: %s", soft,
+                                            wanted, exc)
+    if target < wanted:
+        logging.getLogger(__name__).warning(
+            "max_connections (%d) cannot be reached: this process may open %d files, and needs about %d "
+            "(raise the hard limit, e.g. ulimit -Hn, or lower CORRAL_MAX_CONNECTIONS)", max_connections, target,
+            wanted)
+
+
 class TagLines(logging.Filter):
     """Starts every line with ``[TAG] ``: which worker of ``--workers N`` wrote it."""
 
@@ -197,13 +228,18 @@ def run(settings: Settings, *, sockets: list[socket.socket] | None = None,
         handler.addFilter(TagLines(log_tag))
     tracing.configure(settings.otel)
     from corral.api import create_app  # here: a --workers supervisor loads none of the server
+    from corral.api.http_protocol import ClientLimits, guarded_protocol
 
     app = create_app(settings)
     freeze_loaded_modules()
+    raise_open_file_limit(settings.max_connections)
+    limits = ClientLimits(settings.header_timeout_s, settings.body_timeout_s, settings.keep_alive_timeout_s,
+                          settings.max_connections)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(limits),
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers go through configure_logging's handler
         timeout_graceful_shutdown=2,
