@@ -32,8 +32,9 @@ class Event:
     run_id: str | None
     data: dict[str, Any]
     ts: datetime
-    # ``payload_json``'s text once made: a cache, not part of the event.
+    # ``payload_json``'s text and ``sse_frame``'s bytes once made: caches, not part of the event.
     _json: str | None = field(default=None, compare=False, repr=False)
+    _frame: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_terminal(self) -> bool:
@@ -58,6 +59,20 @@ class Event:
             text = json.dumps(self.payload())
             object.__setattr__(self, "_json", text)  # frozen: filling the cache changes no field
         return text
+
+    def sse_frame(self) -> bytes:
+        """The event as one Server-Sent Events frame (``id:`` = seq, ``event:`` = type, ``data:``
+        = ``payload_json()``), made once however many streams send it.
+
+        Three fixed lines: a type is one of ours and the JSON is one line (``json.dumps`` escapes
+        line breaks), so this is byte for byte what sse-starlette's ``ServerSentEvent`` writes,
+        without its per-line splitting and checks.
+        """
+        frame = self._frame
+        if frame is None:
+            frame = f"id: {self.seq}\r\nevent: {self.type}\r\ndata: {self.payload_json()}\r\n\r\n".encode()
+            object.__setattr__(self, "_frame", frame)  # frozen: filling the cache changes no field
+        return frame
 
     def row(self) -> dict[str, Any]:
         return {

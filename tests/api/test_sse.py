@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from corral.kernel import Kernel
+from corral.kernel.audience import TapState
 from corral.settings import Settings
 from tests.helpers import (
     TERMINAL_EVENTS,
@@ -240,7 +241,10 @@ async def test_an_observer_that_never_reads_does_not_slow_the_run(tmp_path: Any)
 
 
 def _lagged_subscriptions(kernel: Kernel, session_id: str) -> int:
-    return sum(1 for sub in kernel.hub._subs.get(session_id, ()) if sub.lagged)
+    """Observers of the session that fell behind: taps over their cap, subscriptions whose buffer filled."""
+    audience = kernel.hub._audiences.get(session_id)
+    behind = sum(1 for tap in audience.taps if tap.state is TapState.BEHIND) if audience is not None else 0
+    return behind + sum(1 for sub in kernel.hub._subs.get(session_id, ()) if sub.lagged)
 
 
 # --- disconnects -------------------------------------------------------------------------

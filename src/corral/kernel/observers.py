@@ -1,19 +1,23 @@
 """Observers: attach to a session's event log at any position, never slow a run.
 
-Each subscription has a bounded buffer. The writer publishes committed events into
-every buffer without waiting; a full buffer marks its subscription lagged and stops
-receiving. A lagged reader catches up from the store, where every committed event
-is, so nothing is ever dropped, and the run that produced the events never waits.
+Two kinds, one log. A *tap* (``corral.kernel.audience``) is written to directly as events
+commit, one write per tap per batch, and falls behind when its connection holds more than its
+cap: the event streams of the HTTP API are taps. A *subscription* is pulled by its owner's
+task (``observe_batches``): it has a bounded buffer, and a full buffer marks it lagged and
+stops receiving. Either way a reader that fell behind catches up from the store, where every
+committed event is, so nothing is ever dropped, and the run that produced the events never
+waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from corral.events import Event
+from corral.kernel.audience import DEFAULT_CAP, Audience, Sink, Tap, TapState
 from corral.kernel.ports import KernelStore
 from corral.types import EventType
 
@@ -101,26 +105,128 @@ class Feed:
         self._wakeup.set()
 
 
-class EventHub:
-    """Fans committed events out to the subscriptions of their session, and to feeds."""
+# Waits until a tap's connection has taken most of what it was written; False when the tap's
+# owner is done instead (its client left, the kernel stops): the catch-up ends there.
+Drained = Callable[[], Awaitable[bool]]
 
-    def __init__(self, buffer_limit: int = 1000):
+
+class EventHub:
+    """Fans committed events out to the taps and subscriptions of their session, and to feeds."""
+
+    def __init__(self, buffer_limit: int = 1000, tap_cap: int = DEFAULT_CAP):
         self.buffer_limit = buffer_limit
+        self.tap_cap = tap_cap
         self._subs: dict[str, set[Subscription]] = {}
+        self._audiences: dict[str, Audience] = {}
         self._feeds: set[Feed] = set()
-        self.catch_ups = 0
+        self._sub_catch_ups = 0
+        self._closed_tap_catch_ups = 0
+        # Store reads made for taps (pages), and how many of those were a catch-up after a lag.
+        self.tap_reads = 0
 
     def __repr__(self) -> str:
-        return f"<EventHub sessions={len(self._subs)} observers={self.observer_count()} feeds={len(self._feeds)}>"
+        return (f"<EventHub sessions={len(self._subs.keys() | self._audiences.keys())} "
+                f"observers={self.observer_count()} feeds={len(self._feeds)}>")
+
+    @property
+    def catch_ups(self) -> int:
+        """Times an observer fell behind (a full buffer, a sink over its cap) and read the store."""
+        live = sum(tap.catch_ups for audience in self._audiences.values() for tap in audience.taps)
+        return self._sub_catch_ups + self._closed_tap_catch_ups + live
 
     def observer_count(self) -> int:
-        return sum(len(subs) for subs in self._subs.values())
+        return (sum(len(subs) for subs in self._subs.values())
+                + sum(len(audience.taps) for audience in self._audiences.values()))
+
+    def statistics(self) -> dict[str, Any]:
+        """Observers by kind and state, what taps were written, and their store reads."""
+        states = {state.value: 0 for state in TapState if state is not TapState.CLOSED}
+        writes = written = 0
+        for audience in self._audiences.values():
+            for tap in audience.taps:
+                states[tap.state.value] += 1
+                writes += tap.writes
+                written += tap.bytes
+        return {"sessions": len(self._subs.keys() | self._audiences.keys()),
+                "subscriptions": sum(len(subs) for subs in self._subs.values()), "taps": states,
+                "tap_writes": writes, "tap_bytes": written, "tap_reads": self.tap_reads,
+                "kept_events": sum(len(a.recent) for a in self._audiences.values()), "catch_ups": self.catch_ups}
 
     def publish(self, events: list[Event]) -> None:
-        for event in events:
-            for sub in self._subs.get(event.session_id, ()):
-                sub.push(event)
+        if self._subs:
+            for event in events:
+                for sub in self._subs.get(event.session_id, ()):
+                    sub.push(event)
+        if self._audiences:
+            by_session: dict[str, list[Event]] = {}
+            for event in events:
+                if event.session_id in self._audiences:
+                    by_session.setdefault(event.session_id, []).append(event)
+            if by_session:
+                loop = asyncio.get_running_loop()
+                for session_id, batch in by_session.items():
+                    self._audiences[session_id].publish(batch, loop)
         self.notify_feeds(events)
+
+    # --- taps ------------------------------------------------------------------------------
+
+    def tap(self, session_id: str, sink: Sink, *, run_id: str | None = None, after: int = 0,
+            cap: int | None = None) -> Tap:
+        """A new observer written through ``sink``, joining: its owner calls ``catch_up`` next
+        (what the session publishes from now on is kept for it), and ``remove`` at the end."""
+        tap = Tap(session_id, sink, run_id=run_id, after=after, cap=self.tap_cap if cap is None else cap)
+        audience = self._audiences.get(session_id)
+        if audience is None:
+            audience = self._audiences[session_id] = Audience(session_id)
+        audience.add(tap)
+        return tap
+
+    def remove(self, tap: Tap) -> None:
+        audience = self._audiences.get(tap.session_id)
+        if audience is None or tap not in audience.taps:
+            return
+        audience.remove(tap)
+        self._closed_tap_catch_ups += tap.catch_ups
+        if not audience.taps:
+            del self._audiences[tap.session_id]  # and with it whatever it kept
+
+    async def catch_up(self, store: KernelStore, tap: Tap, drained: Drained, *, read: bool = True) -> bool:
+        """Bring a joining (or fallen behind) tap up to date from the store, then live.
+
+        A tap behind first waits for its connection to drain (``drained``): a reader that stalled
+        costs no store read until it reads again. Each page read is written as one chunk, and the
+        next waits for the connection likewise. Then, with no await in between, the events
+        published since the tap joined are written and the tap goes live; if some of those were
+        let go meanwhile, it reads again. ``read=False`` skips the first read: for a run created
+        after the tap joined, every event comes through the hub.
+
+        Returns True once a run's stream has written the run's terminal event.
+        """
+        audience = self._audiences[tap.session_id]
+        if tap.state is TapState.BEHIND:
+            if not await drained():
+                return False
+            audience.rejoin(tap)
+        while tap.state is TapState.JOINING:
+            while read:
+                page = await store.events_after(tap.session_id, tap.last, run_id=tap.run_id, limit=PAGE)
+                self.tap_reads += 1
+                wanted = tap.take(page)
+                finished = bool(wanted) and tap.run_id is not None and wanted[-1].is_terminal
+                if page and not tap.send(b"".join(e.sse_frame() for e in wanted),
+                                         wanted[-1].seq if finished else page[-1].seq, finished):
+                    tap.state = TapState.CLOSED
+                    return False
+                if finished or len(page) < PAGE:
+                    break
+                if not await drained():
+                    return False
+            read = True
+            if tap.state is TapState.JOINING:
+                audience.go_live(tap)
+        return tap.state is TapState.FINISHED
+
+    # --- subscriptions ---------------------------------------------------------------------
 
     def notify_feeds(self, events: list[Event]) -> None:
         """Tell the feeds of events (committed here, or by another node and read back)."""
@@ -168,14 +274,20 @@ class EventHub:
         for sub in self._subs.get(session_id, ()):
             sub.hinted = True
             sub.wake()
+        audience = self._audiences.get(session_id)
+        if audience is not None:
+            audience.hint()
 
     def observed_sessions(self) -> list[str]:
-        return list(self._subs)
+        return list(self._subs.keys() | self._audiences.keys())
 
     def wake_all(self) -> None:
         for subs in self._subs.values():
             for sub in subs:
                 sub.wake()
+        for audience in self._audiences.values():
+            for tap in audience.taps:
+                tap.wake()
         for feed in self._feeds:
             feed.wake()
 
@@ -244,7 +356,7 @@ class EventHub:
                     if sub.lagged:
                         sub.lagged = sub.hinted = False
                         sub.catch_ups += 1
-                        self.catch_ups += 1
+                        self._sub_catch_ups += 1
                         break  # read what was missed from the store
                     if sub.hinted:
                         sub.hinted = False

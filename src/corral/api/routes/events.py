@@ -1,24 +1,34 @@
-"""Server-Sent Events: a session's (or a run's) event log, resumable from any seq."""
+"""Server-Sent Events: a session's (or a run's) event log, resumable from any seq.
+
+Under uvicorn over HTTP/1.1 a stream is written straight to its connection as events commit
+(``corral.api.stream``); anything else gets the same frames and resume rules through
+sse-starlette's response.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from corral.api.deps import KernelDep, PrincipalDep, owned_run, owned_session
 from corral.api.json_body import CheckedRoute
 from corral.api.schemas import MAX_INT64
-from corral.errors import InvalidInput
-from corral.kernel import Kernel
+from corral.api.stream import EventStream, connection_transport
+from corral.errors import InvalidInput, NotFound
+from corral.kernel import Accepted, Kernel
 from corral.kernel.observers import PAGE
+from corral.principals import Principal
 from corral.store import Event, repo
-from corral.types import CancelMode, RunStatus
+from corral.types import CancelMode, Disposition, RunStatus
 
 router = APIRouter(tags=["events"], route_class=CheckedRoute)
+# Accepts a message as ``POST .../messages`` does (the caller's checks and arguments bound in).
+Submit = Callable[[], Awaitable[Accepted]]
 
 
 def _start_seq(after: int | None, last_event_id: str | None) -> int:
@@ -42,16 +52,8 @@ async def _replay(kernel: Kernel, session_id: str, after: int, run_id: str) -> A
 
 def _encode(events: list[Event]) -> bytes:
     """Events ready together as one chunk: one write through the middlewares and the socket
-    instead of one per event (a turn commits its events in two or three groups).
-
-    Framed here rather than by sse-starlette's ``ServerSentEvent``, which splits its data into
-    lines and checks each field, some 8% of the event loop's time under load: an event's
-    type is one of ours and its JSON is one line (``json.dumps`` escapes line breaks), so the
-    frame is three fixed lines. The bytes are the same.
-    """
-    return b"".join(
-        f"id: {e.seq}\r\nevent: {e.type}\r\ndata: {e.payload_json()}\r\n\r\n".encode() for e in events
-    )
+    instead of one per event (``Event.sse_frame``: the bytes sse-starlette would write)."""
+    return b"".join(event.sse_frame() for event in events)
 
 
 async def _frames(
@@ -73,35 +75,56 @@ async def _frames(
             kernel.cancel_soon(run_id, CancelMode.SOFT)
 
 
-@router.get("/v1/sessions/{session_id}/events")
+def _stream(request: Request, kernel: Kernel, session_id: str, after: int, run_id: str | None = None,
+            cancel_on_disconnect: bool = False, ended: bool = False) -> Response:
+    transport = connection_transport(request.scope)
+    if transport is None:
+        return EventSourceResponse(_frames(kernel, session_id, after, run_id, cancel_on_disconnect, ended), ping=15)
+    return EventStream(kernel, transport, session_id, after=after, run_id=run_id, ended=ended,
+                       cancel_on_disconnect=cancel_on_disconnect)
+
+
+@router.get("/v1/sessions/{session_id}/events", response_class=EventSourceResponse)
 async def session_events(
     session_id: str,
+    request: Request,
     kernel: KernelDep,
     principal: PrincipalDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_INT64)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> EventSourceResponse:
+) -> Response:
     await owned_session(kernel, principal, session_id)
-    start = _start_seq(after, last_event_id)
-    return EventSourceResponse(_frames(kernel, session_id, start, None, False), ping=15)
+    return _stream(request, kernel, session_id, _start_seq(after, last_event_id))
 
 
-@router.get("/v1/runs/{run_id}/events")
+async def _run_of(kernel: Kernel, principal: Principal, run_id: str) -> tuple[str, bool]:
+    """The run's session and whether it has ended; an unfinished run of a session held here
+    answers from memory (a run's stream follows every turn of a client that uses one)."""
+    handle = kernel.runs.get(run_id)
+    live = kernel.sessions.live(handle.session_id) if handle is not None else None
+    if handle is not None and live is not None:
+        if not principal.may_access(live.owner):
+            raise NotFound(f"no run {run_id!r}")
+        return handle.session_id, False
+    row = await owned_run(kernel, principal, run_id)
+    return row.session_id, RunStatus(row.status).is_terminal
+
+
+@router.get("/v1/runs/{run_id}/events", response_class=EventSourceResponse)
 async def run_events(
     run_id: str,
+    request: Request,
     kernel: KernelDep,
     principal: PrincipalDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_INT64)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
     on_disconnect: Annotated[str, Query(pattern="^(continue|cancel)$")] = "continue",
-) -> EventSourceResponse:
-    row = await owned_run(kernel, principal, run_id)
+) -> Response:
+    session_id, ended = await _run_of(kernel, principal, run_id)
     start = _start_seq(after, last_event_id)
     # An ended run's stream is its replay, even resumed past the terminal event (which would otherwise
     # wait for a live event that never comes).
-    ended = RunStatus(row.status).is_terminal
-    frames = _frames(kernel, row.session_id, start, run_id, on_disconnect == "cancel", ended)
-    return EventSourceResponse(frames, ping=15)
+    return _stream(request, kernel, session_id, start, run_id, on_disconnect == "cancel", ended)
 
 
 @router.get("/v1/feed")
@@ -128,3 +151,58 @@ async def feed(kernel: KernelDep, principal: PrincipalDep) -> EventSourceRespons
             kernel.hub.close_feed(notices)
 
     return EventSourceResponse(frames(), ping=15)
+
+
+# --- one request: a message and its run's events -----------------------------------------
+
+
+def wants_stream(request: Request) -> bool:
+    """``POST .../messages`` answers with the run's events: ``Accept: text/event-stream`` (and
+    not JSON first) or ``?stream=true``."""
+    if request.query_params.get("stream", "").lower() in ("true", "1"):
+        return True
+    accept = request.headers.get("accept", "")
+    return "text/event-stream" in accept and "application/json" not in accept
+
+
+async def answer_with_stream(request: Request, kernel: Kernel, session_id: str, submit: Submit) -> Response:
+    """Accept a message (``submit``, as the 202 path does: same checks, same errors before any
+    byte of the stream) and answer 200 with its run's events, the frames and resume rules of
+    ``GET /v1/runs/{id}/events``: ``Last-Event-ID`` or ``?after=`` skip what the client has.
+    The run is named in ``x-corral-run-id`` (with ``x-corral-input-id`` and
+    ``x-corral-disposition``), so a client cut off can resume with that ``GET``.
+
+    The stream joins the session's audience before the input is submitted: a run created by it
+    (``started`` or ``queued``, not a repeated ``Idempotency-Key``) has every event come through
+    the hub, and the stream reads nothing from the store.
+    """
+    start = _start_seq(_after_param(request), request.headers.get("last-event-id"))
+    cancel_on_disconnect = request.query_params.get("on_disconnect") == "cancel"
+    transport = connection_transport(request.scope)
+    stream = None
+    if transport is not None:
+        stream = EventStream(kernel, transport, session_id, after=start, cancel_on_disconnect=cancel_on_disconnect)
+        stream.open()
+    try:
+        accepted = await submit()
+    except BaseException:
+        if stream is not None:
+            stream.close()
+        raise
+    headers = {"x-corral-session-id": accepted.session_id, "x-corral-run-id": accepted.run_id,
+               "x-corral-input-id": accepted.input_id, "x-corral-disposition": accepted.disposition.value}
+    if stream is None:
+        frames = _frames(kernel, session_id, start, accepted.run_id, cancel_on_disconnect)
+        return EventSourceResponse(frames, ping=15, headers=headers)
+    new_run = accepted.disposition in (Disposition.STARTED, Disposition.QUEUED) and not accepted.duplicate
+    stream.follow(accepted.run_id, new_run=new_run, headers=headers)
+    return stream
+
+
+def _after_param(request: Request) -> int | None:
+    raw = request.query_params.get("after")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) > MAX_INT64:
+        raise InvalidInput("after must be an event seq (a non-negative 64-bit integer)")
+    return int(raw)

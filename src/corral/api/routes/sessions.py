@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from corral.api.deps import KernelDep, PrincipalDep, check_session, kernel_of, owned_session, principal_of
 from corral.api.json_body import CheckedRoute
+from corral.api.routes.events import answer_with_stream, wants_stream
 from corral.api.schemas import MAX_INT64, AcceptedOut, ChildOut, MessageIn, MessageOut, SessionIn, SessionOut
 from corral.kernel import Kernel
 from corral.store import repo
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=CheckedRoute)
+# The other answer of POST .../messages: the run's events (routes/events.py, answer_with_stream).
+STREAMED: dict[int | str, dict[str, Any]] = {200: {
+    "description": "With `Accept: text/event-stream` or `?stream=true`: the run's events, as "
+                   "`GET /v1/runs/{id}/events` streams them (`x-corral-run-id` names the run)",
+    "content": {"text/event-stream": {}}}}
 
 
 def session_out(kernel: Kernel, row: Any, last_event_seq: int = 0) -> SessionOut:
@@ -62,7 +69,7 @@ async def list_messages(
     return [MessageOut.model_validate(dict(row._mapping)) for row in rows]
 
 
-@router.post("/{session_id}/messages", status_code=202, response_model=AcceptedOut)
+@router.post("/{session_id}/messages", status_code=202, response_model=AcceptedOut, responses=STREAMED)
 async def post_message(
     session_id: str,
     body: MessageIn,
@@ -73,10 +80,13 @@ async def post_message(
     the kernel and caller as dependencies, and validating the answer again on its way out."""
     kernel, principal = kernel_of(request), principal_of(request)
     await check_session(kernel, principal, session_id)
-    accepted = await kernel.submit(
-        session_id, body.content, mode=body.mode, policy=body.policy, debounce_ms=body.debounce_ms,
-        idempotency_key=idempotency_key,
-    )
+    submit = partial(kernel.submit, session_id, body.content, mode=body.mode, policy=body.policy,
+                     debounce_ms=body.debounce_ms, idempotency_key=idempotency_key)
+    # One request: with `Accept: text/event-stream` (or ?stream=true) the answer is the run's
+    # events, as GET /v1/runs/{id}/events streams them (routes/events.py).
+    if wants_stream(request):
+        return await answer_with_stream(request, kernel, session_id, submit)
+    accepted = await submit()
     out = AcceptedOut(input_id=accepted.input_id, run_id=accepted.run_id, session_id=accepted.session_id,
                       disposition=accepted.disposition)
     return Response(out.model_dump_json(), status_code=202, media_type="application/json")

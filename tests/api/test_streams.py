@@ -1,0 +1,208 @@
+"""Event streams over real HTTP at scale: written straight to the connection, flow-controlled per
+observer, and one request for a message and its run's events."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from corral.kernel import Kernel
+from corral.kernel.audience import TapState
+from corral.settings import Settings
+from tests.helpers import (
+    TERMINAL_EVENTS,
+    Frame,
+    assert_contiguous,
+    assert_error,
+    check_frame,
+    client,
+    create_agent,
+    http_server,
+    new_http_session,
+    parse_sse,
+    post,
+    raw_sse_lines,
+    read_run,
+    read_session_until,
+    sse_frames,
+)
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    """Wait for state the server changes on its own (a disconnect it notices), polling briefly."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {within} s"
+        await asyncio.sleep(0.01)
+
+
+def taps(kernel: Kernel, session_id: str) -> list[Any]:
+    audience = kernel.hub._audiences.get(session_id)
+    return list(audience.taps) if audience is not None else []
+
+
+async def catch_ups_metric(http: httpx.AsyncClient) -> float:
+    text = (await http.get("/metrics")).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("corral_observer_catch_ups ")))
+
+
+# --- the direct path ---------------------------------------------------------------------------
+
+
+async def test_under_uvicorn_a_stream_is_a_tap_written_straight_to_its_connection(settings: Settings) -> None:
+    async with asyncio.timeout(30), http_server(settings) as (base, kernel), client(base) as http:
+        sid = await new_http_session(http)
+        async with http.stream("GET", f"/v1/sessions/{sid}/events") as response:
+            frames = sse_frames(response)
+            accepted = await post(http, sid, "hello")
+            got = [await anext(frames) for _ in range(5)]
+            assert [f.event for f in got] == ["run.queued", "run.started", "message.delta", "message.completed",
+                                              "run.completed"]
+            (tap,) = taps(kernel, sid)
+            assert tap.state is TapState.LIVE and tap.writes >= 1
+            assert kernel.hub.statistics()["subscriptions"] == 0
+            assert got[-1].json["run_id"] == accepted["run_id"]
+        await until(lambda: not taps(kernel, sid), "the stream's end")
+        assert kernel.hub.statistics()["sessions"] == 0  # its audience, and what it kept, are gone
+
+
+# --- flow control ------------------------------------------------------------------------------
+
+
+async def test_a_stalled_observer_falls_behind_within_a_bounded_number_of_bytes(tmp_path: Any) -> None:
+    """A reader that never reads costs its cap and what the kernel keeps unsent, not the megabytes
+    its socket buffers could take: then it falls behind, is written nothing more, and reads the log."""
+    settings = Settings(data_dir=tmp_path, shutdown_grace_s=1.0)
+    filler = " ".join(["x" * 9000] * 10)  # ~0.3 MB of frames a run
+    async with asyncio.timeout(60), http_server(settings) as (base, kernel), client(base) as http:
+        sid = await new_http_session(http)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", httpx.URL(base).port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        try:
+            writer.write(f"GET /v1/sessions/{sid}/events HTTP/1.1\r\nHost: corral\r\n\r\n".encode())
+            await writer.drain()
+            await until(lambda: len(taps(kernel, sid)) == 1, "the stalled observer's attach")
+            (stalled,) = taps(kernel, sid)
+            async with http.stream("GET", f"/v1/sessions/{sid}/events") as watching:
+                frames = sse_frames(watching)
+                runs = 0
+                while stalled.state is not TapState.BEHIND:
+                    assert runs < 20, f"never fell behind: {stalled!r}"
+                    await post(http, sid, filler)
+                    runs += 1
+                    async for frame in frames:  # the run's end reached every tap in the same turn
+                        if frame.event in TERMINAL_EVENTS:
+                            break
+                written = stalled.bytes
+                assert written < 512 * 1024, written  # cap 64 KB + unsent 16 KB + a receive window + a batch
+                assert await catch_ups_metric(http) >= 1
+                for _ in range(3):  # behind, it is written nothing however much is committed
+                    await post(http, sid, filler)
+                    async for frame in frames:
+                        if frame.event in TERMINAL_EVENTS:
+                            last = frame.seq
+                            break
+                assert stalled.bytes == written and stalled.state is TapState.BEHIND
+            # Once it reads, it gets everything, from the log: nothing was dropped.
+            fresh = await read_session_until(http, sid, last)
+            drained: list[Frame] = []
+            async for frame in parse_sse(raw_sse_lines(reader)):
+                drained.append(frame)
+                if frame.seq >= last:
+                    break
+            assert drained == fresh
+            assert_contiguous(drained, 1)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        await until(lambda: not taps(kernel, sid), "the stalled observer's end")
+
+
+# --- a run's stream ------------------------------------------------------------------------------
+
+
+async def test_a_run_stream_reads_the_store_once_from_the_runs_own_events(settings: Settings) -> None:
+    async with asyncio.timeout(60), http_server(settings) as (base, kernel), client(base) as http:
+        sid = await new_http_session(http)
+        for index in range(30):  # a history for the run to skip
+            await post(http, sid, f"turn {index}")
+        accepted = await post(http, sid, "/steps 2 50")
+        reads = kernel.hub.tap_reads
+        frames = await read_run(http, accepted["run_id"])
+        assert frames[0].event == "run.queued" and frames[-1].event == "run.completed"
+        assert {f.json["run_id"] for f in frames} == {accepted["run_id"]}
+        assert kernel.hub.tap_reads - reads == 1  # one page, of this run's events only
+
+
+# --- one request -------------------------------------------------------------------------------
+
+
+async def test_a_post_with_accept_event_stream_answers_with_its_runs_events(settings: Settings) -> None:
+    async with asyncio.timeout(30), http_server(settings) as (base, kernel), client(base) as http:
+        sid = await new_http_session(http)
+        reads = kernel.hub.tap_reads
+        async with http.stream("POST", f"/v1/sessions/{sid}/messages", json={"content": '/tool echo {"text": "a"}'},
+                               headers={"accept": "text/event-stream"}) as response:
+            assert response.status_code == 200
+            run_id = response.headers["x-corral-run-id"]
+            assert response.headers["x-corral-disposition"] == "started"
+            assert response.headers["x-corral-input-id"].startswith("in_")
+            frames = [frame async for frame in sse_frames(response)]
+        for frame in frames:
+            check_frame(frame)
+        assert frames[0].event == "run.queued" and frames[-1].event == "run.completed"
+        assert kernel.hub.tap_reads == reads  # a new run: every event came through the hub
+        assert await read_run(http, run_id) == frames  # the frames a GET of the run's stream has
+        # ?stream=true does the same for a client that cannot set Accept; a queued run too.
+        async with http.stream("POST", f"/v1/sessions/{sid}/messages", params={"stream": "true"},
+                               json={"content": "two"}) as response:
+            assert response.status_code == 200
+            second = [frame async for frame in sse_frames(response)]
+        assert second[-1].json["output"] == "echo: two"
+        assert {f.json["run_id"] for f in second} == {response.headers["x-corral-run-id"]}
+
+
+async def test_a_streamed_post_resumes_by_idempotency_key_and_last_event_id(settings: Settings) -> None:
+    async with asyncio.timeout(30), http_server(settings) as (base, _kernel), client(base) as http:
+        await create_agent(http, "ticker", provider_options={"token_ms": 5})
+        sid = await new_http_session(http, "ticker")
+        body = {"content": " ".join(f"w{i}" for i in range(30))}
+        headers = {"accept": "text/event-stream", "idempotency-key": "k1"}
+        seen: list[Frame] = []
+        async with http.stream("POST", f"/v1/sessions/{sid}/messages", json=body, headers=headers) as response:
+            run_id = response.headers["x-corral-run-id"]
+            async for frame in sse_frames(response):
+                seen.append(frame)
+                if len(seen) == 4:
+                    break  # cut off mid-run
+        resumed_headers = {**headers, "last-event-id": str(seen[-1].seq)}
+        async with http.stream("POST", f"/v1/sessions/{sid}/messages", json=body, headers=resumed_headers) as again:
+            assert again.headers["x-corral-run-id"] == run_id  # the same input: nothing new is accepted
+            rest = [frame async for frame in sse_frames(again)]
+        whole = await read_run(http, run_id)
+        assert seen + rest == whole
+        assert_contiguous(whole, 1)
+        assert len((await http.get("/v1/runs", params={"session_id": sid})).json()["runs"]) == 1
+
+
+async def test_a_streamed_post_that_is_refused_answers_json(settings: Settings) -> None:
+    async with asyncio.timeout(30), http_server(settings) as (base, kernel), client(base) as http:
+        stream = {"accept": "text/event-stream"}
+        missing = await http.post("/v1/sessions/ses_nope/messages", json={"content": "x"}, headers=stream)
+        assert_error(missing, 404, "not_found")
+        sid = await new_http_session(http)
+        busy = await post(http, sid, "/steps 3 100")
+        refused = await http.post(f"/v1/sessions/{sid}/messages", json={"content": "x", "mode": "reject"},
+                                  headers=stream)
+        assert_error(refused, 409)
+        assert not taps(kernel, sid)  # the stream opened for it is closed again
+        frames = await read_run(http, busy["run_id"])
+        assert frames[-1].event == "run.completed"

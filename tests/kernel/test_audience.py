@@ -1,0 +1,144 @@
+"""Taps: observers written to directly as events commit, flow-controlled on their own."""
+
+from __future__ import annotations
+
+import asyncio
+
+from corral.kernel import Kernel
+from corral.kernel.audience import SLICE, Tap, TapState
+from corral.store import NewEvent
+from corral.types import EventType
+from tests.helpers import new_session
+
+
+class FakeSink:
+    """A connection that keeps what it is written; ``backlog`` is what the test says is unsent."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.unsent = 0
+        self.gone = False
+        self.resumed = asyncio.Event()
+
+    def backlog(self) -> int:
+        return self.unsent
+
+    def write(self, data: bytes) -> bool:
+        if self.gone:
+            return False
+        self.chunks.append(data)
+        return True
+
+    def seqs(self) -> list[int]:
+        return [int(line[4:]) for chunk in self.chunks for line in chunk.decode().split("\r\n")
+                if line.startswith("id: ")]
+
+    async def drained(self) -> bool:
+        await self.resumed.wait()
+        return True
+
+
+def deltas(session: str, count: int, run_id: str = "run_x") -> list[NewEvent]:
+    return [NewEvent(session, EventType.MESSAGE_DELTA, run_id, {"text": f"t{i}"}) for i in range(count)]
+
+
+async def live_tap(kernel: Kernel, session: str, sink: FakeSink, **kwargs: object) -> Tap:
+    tap = kernel.hub.tap(session, sink, **kwargs)  # type: ignore[arg-type]
+    assert not await kernel.hub.catch_up(kernel.store, tap, sink.drained)
+    assert tap.state is TapState.LIVE
+    return tap
+
+
+async def test_a_commit_is_one_write_per_tap_made_once_and_spread_over_turns_of_the_loop(kernel: Kernel) -> None:
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        sinks = [FakeSink() for _ in range(3 * SLICE + 5)]
+        for sink in sinks:
+            await live_tap(kernel, session, sink)
+        written: list[int] = []  # taps written by the time each commit's publishing returned
+        kernel.store.on_commit(lambda events: written.append(sum(1 for sink in sinks if sink.chunks)))
+        await kernel.store.write(None, deltas(session, 3))
+        assert written == [SLICE]  # the commit's own turn of the loop wrote one slice, and only that
+        for _ in range(3):
+            await asyncio.sleep(0)  # a turn of the loop: a slice more
+        assert all(len(sink.chunks) == 1 for sink in sinks)
+        assert len({id(sink.chunks[0]) for sink in sinks}) == 1  # the batch's bytes joined once for all
+        assert sinks[0].seqs() == [1, 2, 3]
+        assert kernel.hub.statistics()["kept_events"] == 0  # nothing kept once every tap has it
+
+
+async def test_a_tap_over_its_cap_gets_nothing_more_then_catches_up_from_the_store(kernel: Kernel) -> None:
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        slow, fast = FakeSink(), FakeSink()
+        slow_tap = await live_tap(kernel, session, slow, cap=1000)
+        await live_tap(kernel, session, fast)
+        await kernel.store.write(None, deltas(session, 2))
+        slow.unsent = 5000  # its connection stopped taking bytes
+        await kernel.store.write(None, deltas(session, 2))
+        await kernel.store.write(None, deltas(session, 2))
+        assert slow_tap.state is TapState.BEHIND and kernel.hub.catch_ups == 1
+        assert slow.seqs() == [1, 2] and fast.seqs() == [1, 2, 3, 4, 5, 6]
+        catching_up = asyncio.ensure_future(kernel.hub.catch_up(kernel.store, slow_tap, slow.drained))
+        await kernel.store.write(None, deltas(session, 1))  # while it waits for its connection
+        assert not catching_up.done() and slow.seqs() == [1, 2]
+        slow.unsent = 0
+        slow.resumed.set()
+        assert not await catching_up
+        await kernel.store.write(None, deltas(session, 2))
+        assert slow_tap.state is TapState.LIVE
+        assert slow.seqs() == fast.seqs() == list(range(1, 10))  # no gap, no duplicate
+
+
+async def test_events_committed_while_a_tap_reads_the_store_are_kept_for_it(kernel: Kernel) -> None:
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        await kernel.store.write(None, deltas(session, 5))
+        sink = FakeSink()
+        tap = kernel.hub.tap(session, sink, after=2)
+        reading = asyncio.ensure_future(kernel.hub.catch_up(kernel.store, tap, sink.drained))
+        await kernel.store.write(None, deltas(session, 3))  # commits while the read is under way
+        assert not await reading
+        await kernel.store.write(None, deltas(session, 1))
+        assert sink.seqs() == list(range(3, 10))
+
+
+async def test_a_run_tap_finishes_at_its_run_end_and_a_new_run_needs_no_store_read(kernel: Kernel) -> None:
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        await kernel.store.write(None, deltas(session, 50, "run_old"))
+        sink = FakeSink()
+        tap = kernel.hub.tap(session, sink, run_id="run_new")  # opened before the run exists
+        reads = kernel.hub.tap_reads
+        going = asyncio.ensure_future(kernel.hub.catch_up(kernel.store, tap, sink.drained, read=False))
+        await kernel.store.write(None, [NewEvent(session, EventType.RUN_QUEUED, "run_new", {}),
+                                        *deltas(session, 2, "run_other"), *deltas(session, 2, "run_new")])
+        assert not await going and tap.state is TapState.LIVE
+        await kernel.store.write(None, [NewEvent(session, EventType.RUN_COMPLETED, "run_new", {"output": "x"}),
+                                        *deltas(session, 1, "run_new")])
+        assert tap.state is TapState.FINISHED and tap.wakeup.is_set()
+        assert sink.seqs() == [51, 54, 55, 56]
+        assert kernel.hub.tap_reads == reads
+        kernel.hub.remove(tap)
+        assert kernel.hub.statistics()["sessions"] == 0
+
+
+async def test_a_hint_sends_live_taps_to_the_store(kernel: Kernel) -> None:
+    """Events another node committed reach taps through the store, as lagged ones do."""
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        sink = FakeSink()
+        tap = await live_tap(kernel, session, sink)
+        kernel.hub.remove(tap)  # committed "elsewhere": no tap sees the commit itself
+        await kernel.store.write(None, deltas(session, 2))
+        tap = await live_tap(kernel, session, sink)
+        assert sink.seqs() == [1, 2]
+        kernel.hub.remove(tap)
+        await kernel.store.write(None, deltas(session, 1))
+        again = kernel.hub.tap(session, sink, after=2)
+        again.state = TapState.LIVE  # as if it had joined before the foreign commit
+        kernel.hub.hint(session)
+        assert again.state is TapState.BEHIND and again.wakeup.is_set() and kernel.hub.catch_ups == 0
+        sink.resumed.set()
+        assert not await kernel.hub.catch_up(kernel.store, again, sink.drained)
+        assert sink.seqs() == [1, 2, 3]
