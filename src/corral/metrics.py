@@ -83,3 +83,6 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("corral_observer_catch_ups", "Times a slow observer caught up from the store",
                                 value=state["catch_ups"])
         yield GaugeMetricFamily("corral_sessions_live", "Sessions held in memory", value=state["sessions_live"])
+        yield GaugeMetricFamily("corral_store_writable", "1 unless the store's last write attempt failed "
+                                "(a full disk, an unreachable database)", value=int(state["store_writable"]))
+        yield GaugeMetricFamily("corral_ready", "1 when GET /readyz would answer 200", value=int(state["ready"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -39,13 +40,23 @@ class Server:
 
 
 @asynccontextmanager
-async def corral_serve(data_dir: Path, **env: str) -> AsyncIterator[Server]:
-    """``corral serve`` on a free port, ready (``/healthz`` answers); always killed at the end."""
+async def corral_serve(data_dir: Path, *, file_size_limit: int | None = None, **env: str) -> AsyncIterator[Server]:
+    """``corral serve`` on a free port, ready (``/healthz`` answers); always killed at the end.
+
+    ``file_size_limit`` starts it with that ``RLIMIT_FSIZE`` (soft; the hard limit stays
+    unlimited, so a test can lift it with ``resource.prlimit`` without privileges): a write past
+    that offset of any file fails with EFBIG, as on a full disk (CPython ignores SIGXFSZ).
+    """
     port = free_port()
+
+    def limit_file_size() -> None:
+        if file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
+
     proc = await asyncio.create_subprocess_exec(
         str(CORRAL), "serve", "--port", str(port), "--data-dir", str(data_dir),
         env=clean_env(**{"CORRAL_LOG_LEVEL": "warning", **env}), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.STDOUT, preexec_fn=limit_file_size if file_size_limit is not None else None,
     )
     assert proc.stdout is not None
     server = Server(proc, f"http://127.0.0.1:{port}")

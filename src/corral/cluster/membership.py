@@ -39,6 +39,7 @@ class Membership:
         self.kernel: Kernel | None = None  # set by ``attach``: what adopted sessions are loaded into
         self.takeovers = 0
         self.acquisitions = 0
+        self.joined = False  # once the join committed (deferred while the store refuses writes)
 
     def __repr__(self) -> str:
         return f"<Membership {self.node!r} acquisitions={self.acquisitions} takeovers={self.takeovers}>"
@@ -53,15 +54,30 @@ class Membership:
 
     async def join(self) -> None:
         """Register this node (burying its earlier incarnations), fence the writer on its lease,
-        and start heartbeating. Called once the writer runs, before the kernel recovers."""
-        writer = self.store.writer
+        and start heartbeating. Called once the writer runs, before the kernel recovers.
 
+        A store that refuses the write (a full disk) does not stop the start: until the join
+        commits, the writer's gate refuses every other write (503 with Retry-After; a node that
+        is not a member must not claim a session), reads are served, and the join is retried in
+        the background (``Readiness.retry``) until it commits."""
+        self.store.writer.gate = "this node has not joined the cluster yet: its store takes no writes"
+        try:
+            await self._join()
+        except StoreUnavailable as exc:
+            assert self.kernel is not None
+            log.warning("node %s could not join the cluster (%s): it commits nothing until it has", self.node.id, exc)
+            self.kernel.readiness.retry("cluster join", self._join)
+
+    async def _join(self) -> None:
         def fence(conn: object) -> None:
             self.node.check_lease()
             nodes.check_fence(conn, self.node.id)  # type: ignore[arg-type]
 
-        incarnation = await self.store.write(lambda conn: nodes.join(conn, self.node.id, self.node.url))
+        incarnation = await self.store.join_node(self.node.id, self.node.url)
+        writer = self.store.writer
         writer.fence = self._counted(fence)
+        writer.gate = None
+        self.joined = True
         self.node.start()
         log.info("node %s joined the cluster at %s (incarnation %d)", self.node.id, self.node.url, incarnation)
 
@@ -77,7 +93,7 @@ class Membership:
     async def leave(self) -> None:
         """A graceful exit: release every session at once, then stop heartbeating."""
         try:
-            if self.node.holds_lease():
+            if self.joined and self.node.holds_lease():
                 freed = await self.store.write(lambda conn: nodes.leave(conn, self.node.id))
                 log.info("node %s left the cluster, releasing %d sessions", self.node.id, freed)
         finally:
@@ -103,7 +119,10 @@ class Membership:
         """The kernel's service: every second, bury dead nodes and adopt the sessions with work
         that nobody owns (theirs, and those of nodes that left)."""
         while True:
-            await self.take_over()
+            try:
+                await self.take_over()
+            except StoreUnavailable as exc:  # not joined yet, or the store takes no writes: the next pass
+                log.debug("node %s: no takeover pass: %s", self.node.id, exc)
             await asyncio.sleep(TAKEOVER_EVERY_S)
 
     async def take_over(self) -> int:

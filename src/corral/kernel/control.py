@@ -13,6 +13,7 @@ from corral.clock import utcnow
 from corral.errors import Conflict, NotFound
 from corral.events import NewEvent
 from corral.kernel.ending import cancel_error
+from corral.kernel.repair import refused_while_repairing
 from corral.kernel.runs import CancelReason, RunHandle
 from corral.records import Resolution, Writes
 from corral.types import ApprovalStatus, CancelMode, Decision, EventType, RunStatus
@@ -117,4 +118,7 @@ class Control:
             handle = self._k.runs.get(run_id)
             if handle is not None:
                 return handle
+        runtime = self._k.sessions.live(row.session_id)
+        if not RunStatus(row.status).is_terminal and runtime is not None and runtime.repairing:
+            raise refused_while_repairing(runtime)  # its recovery waits for the store: not loaded yet
         raise Conflict(f"run {run_id} already ended ({row.status})")

@@ -9,6 +9,7 @@ may ask has its own module:
 - how does a run end, and what if its write fails? ``ending`` and ``repair``
 - who stops what? ``control``
 - who owns the tasks? ``supervision``
+- should this node get traffic, and what did a start on a store refusing writes leave for later? ``readiness``
 
 Every decision about run state is a synchronous method (atomic on the event loop);
 the I/O it implies goes to the store afterwards. Nothing holds a lock across an await.
@@ -19,9 +20,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from corral.errors import Conflict, OwnedElsewhere
+from corral.errors import Conflict, OwnedElsewhere, StoreUnavailable
 from corral.events import Event
 from corral.kernel.agents import AgentManager
 from corral.kernel.config import KernelConfig
@@ -32,6 +34,7 @@ from corral.kernel.ending import Ending
 from corral.kernel.intake import Intake
 from corral.kernel.observers import EventHub
 from corral.kernel.ports import Backends, Ownership, RemoteSubmit
+from corral.kernel.readiness import Readiness
 from corral.kernel.recovery import recover, recover_session
 from corral.kernel.runs import CancelReason, RunEnd, RunHandle
 from corral.kernel.sessions import Accepted, SessionRuntime, SessionTable
@@ -106,6 +109,8 @@ class Kernel:
         self.tool_slot = asyncio.Semaphore(self.config.max_tool_processes)
         self.stopping = asyncio.Event()
         self._initial_agents = initial_agents
+        # Whether to send this node traffic (``/readyz``), and start-up work the store refused for now.
+        self.readiness = Readiness(self)
         # Unfinished runs, queued or active, by id. Only the kernel's parts change it.
         self.runs: dict[str, RunHandle] = {}
 
@@ -117,7 +122,12 @@ class Kernel:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Kernel]:
-        """Migrate, start the writer, recover, start agents; on exit shut down cleanly."""
+        """Migrate, start the writer, recover, start agents; on exit shut down cleanly.
+
+        A store that refuses writes (a full disk) does not stop the start: what start-up had to
+        write is finished in the background once it takes them (``readiness``); reads are served
+        meanwhile. Migrating is the exception: a schema that is not at its head cannot be served.
+        """
         await self.store.migrate()
         try:
             async with asyncio.TaskGroup() as group:
@@ -127,6 +137,9 @@ class Kernel:
                 await started.wait()
                 stops: list[Callable[[], Awaitable[None]]] = []
                 try:
+                    await self.store.probe()  # readiness knows from the start whether the store takes writes
+                    self._service_tasks.append(group.create_task(
+                        self.supervisor.supervise("store-watch", self.readiness.watch_store), name="store-watch"))
                     for start, stop in self._lifecycle:
                         await start()
                         stops.append(stop)
@@ -134,9 +147,9 @@ class Kernel:
                     for spec in self._initial_agents:
                         if not self.agents.exists(spec.name):
                             try:
-                                await self.agents.create(spec)
-                            except Conflict:  # another node of the cluster created it just now
-                                await self.agents.load()
+                                await self._create_initial_agent(spec)
+                            except StoreUnavailable:
+                                self.readiness.retry("agent creation", partial(self._create_initial_agent, spec))
                     if self.ownership is None:
                         await recover(self)  # one node: every session is this node's
                     # (in a cluster, a session is recovered when this node takes it: ``_adopted``)
@@ -152,6 +165,14 @@ class Kernel:
                     self.store.writer.close()
         finally:
             await self.store.aclose()
+
+    async def _create_initial_agent(self, spec: AgentSpec) -> None:
+        if self.agents.exists(spec.name):
+            return  # created meanwhile (a deferred creation: by another node of the cluster)
+        try:
+            await self.agents.create(spec)
+        except Conflict:  # another node of the cluster created it just now
+            await self.agents.load()
 
     def on_run_end(self, listener: Callable[[RunEnd], None]) -> None:
         """Call ``listener`` (synchronously: it must only record or enqueue) after each run's end
@@ -179,6 +200,7 @@ class Kernel:
             task.cancel()
         if self._service_tasks:
             await asyncio.wait(self._service_tasks)  # unlike awaiting each, never mistakes their cancel for ours
+        await self.readiness.stop()
         moving = [h for h in self.runs.values() if h.task is not None and not h.task.done()]
         for handle in moving:
             handle.cancel_reason = CancelReason.SHUTDOWN
@@ -288,7 +310,8 @@ class Kernel:
                 queued["background" if handle.background else "interactive"] += len(handle.slot.input_ids)
         return {"active_runs": sum(1 for h in handles if h.status.is_active), "queued_by_class": queued,
                 "observers": self.hub.observer_count(), "catch_ups": self.hub.catch_ups,
-                "sessions_live": len(self.sessions)}
+                "sessions_live": len(self.sessions), "store_writable": self.store.health.writable is not False,
+                "ready": not self.readiness.reasons()}
 
     def _session_created(self, row: dict[str, Any]) -> None:
         data = {key: value for key, value in row.items() if key != "created_at"}

@@ -6,16 +6,24 @@ What the store says at start:
   a new queued run at the front of the session's queue (invariant 12);
 - `waiting` runs keep waiting for their approvals, holding nothing;
 - `queued` runs are rebuilt into their session's lane in order and the head starts.
+
+A store that refuses the interruption's write (a full disk) does not stop the start: the
+session is held (new inputs get 503 with Retry-After) and the write is repaired in the
+background until it commits, and only then is the lane rebuilt (the repair rule).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from corral.clock import utcnow
+from corral.errors import StoreUnavailable
 from corral.events import NewEvent
 from corral.kernel.lane import Slot
+from corral.kernel.repair import write_until_committed
 from corral.kernel.runs import RunHandle, new_run
 from corral.records import InputMove, RunChange, Writes
 from corral.types import EventType, ExecPolicy, InputStatus, RunStatus, new_id
@@ -23,6 +31,8 @@ from corral.types import EventType, ExecPolicy, InputStatus, RunStatus, new_id
 if TYPE_CHECKING:
     from corral.kernel.kernel import Kernel
     from corral.kernel.sessions import SessionRuntime
+
+log = logging.getLogger(__name__)
 
 INTERRUPTED_ERROR = {"code": "interrupted", "message": "the server stopped while the run was active"}
 
@@ -66,21 +76,60 @@ async def _recover_session(
     inputs_by_run: dict[str, list[Any]],
     pending_by_run: dict[str, set[str]],
 ) -> None:
-    session_id = runtime.id
-    queued: list[Slot] = []
+    """Interrupt what was running (one write), then rebuild the lane. If the store refuses the
+    write for now (a full disk), the session is held -- new inputs get 503 with Retry-After --
+    and the write is repaired in the background until it commits; the lane is rebuilt then."""
+    plan = _plan(kernel, runtime.id, runs, inputs_by_run, pending_by_run)
+    if plan.writes is not None:
+        try:
+            await kernel.store.end_run(plan.writes)
+        except StoreUnavailable as exc:
+            log.warning("session %s: the interruption of its cut-off run could not be written (%s); "
+                        "the session is held until the store takes it", runtime.id, exc)
+            runtime.repairing += 1  # in this step: nothing reaches the empty lane meanwhile
+            kernel.readiness.defer("session recovery", _recover_later(kernel, runtime, plan))
+            return
+    _restore(kernel, runtime, plan)
+
+
+async def _recover_later(kernel: Kernel, runtime: SessionRuntime, plan: _Plan) -> None:
+    assert plan.writes is not None
+    committed = await write_until_committed(kernel.store.end_run, plan.writes, runtime, kernel.config,
+                                            what=f"the recovery of session {runtime.id}")
+    if committed is None:  # refused for good: the session stays held (a restart tries again)
+        log.error("session %s: the store refused its recovery; it takes no inputs until a restart", runtime.id)
+        return
+    _restore(kernel, runtime, plan)
+    runtime.repairing -= 1
+    log.info("session %s recovered once the store took writes again", runtime.id)
+
+
+@dataclass
+class _Plan:
+    """A session's recovery: the write that interrupts its cut-off run (if one was running),
+    and the lane it rebuilds once that write is committed."""
+
+    writes: Writes | None = None
+    contents: dict[str, str] = field(default_factory=dict)
+    queued: list[Slot] = field(default_factory=list)
     active: Slot | None = None
-    waiting_handle: RunHandle | None = None
+    waiting: RunHandle | None = None
+
+
+def _plan(kernel: Kernel, session_id: str, runs: list[Any], inputs_by_run: dict[str, list[Any]],
+          pending_by_run: dict[str, set[str]]) -> _Plan:
+    plan = _Plan()
     for run in runs:
         rows = inputs_by_run.get(run.id, [])
         for row in rows:
             if row.status == InputStatus.PENDING.value or run.status == RunStatus.RUNNING.value:
-                runtime.contents[row.id] = row.content
+                plan.contents[row.id] = row.content
         status = RunStatus(run.status)
         if status is RunStatus.RUNNING:
-            slot = await _interrupt(kernel, session_id, run, rows)
-            if slot is not None:
-                queued.append(slot)
-                kernel.register(runtime, RunHandle(slot.run_id, session_id, slot))
+            writes, requeue = _interrupt(kernel, session_id, run, rows)
+            plan.writes = writes if plan.writes is None else plan.writes + writes
+            if requeue is not None:
+                plan.queued.append(requeue)
             continue
         slot = Slot(run.id, run.position, [r.id for r in rows if r.status == InputStatus.PENDING.value],
                     ExecPolicy(run.policy), collect=run.collect)
@@ -89,21 +138,30 @@ async def _recover_session(
             # What it already consumed: requeued with it should it be interrupted later.
             slot.input_ids = [r.id for r in rows if r.status == InputStatus.CONSUMED.value]
             slot.inbox = [r.id for r in rows if r.status == InputStatus.PENDING.value]
-            active = slot
-            waiting_handle = RunHandle(run.id, session_id, slot, status=RunStatus.WAITING,
-                                       pending_approvals=set(pending_by_run.get(run.id, ())))
-            kernel.register(runtime, waiting_handle)
+            plan.active = slot
+            plan.waiting = RunHandle(run.id, session_id, slot, status=RunStatus.WAITING,
+                                     pending_approvals=set(pending_by_run.get(run.id, ())))
         else:
-            queued.append(slot)
-            kernel.register(runtime, RunHandle(run.id, session_id, slot))
-    to_start = runtime.lane.restore(active, queued)
+            plan.queued.append(slot)
+    return plan
+
+
+def _restore(kernel: Kernel, runtime: SessionRuntime, plan: _Plan) -> None:
+    """Synchronous: the lane as the store now has it, and its head started."""
+    runtime.contents.update(plan.contents)
+    for slot in plan.queued:
+        kernel.register(runtime, RunHandle(slot.run_id, runtime.id, slot))
+    if plan.waiting is not None:
+        kernel.register(runtime, plan.waiting)
+    to_start = runtime.lane.restore(plan.active, plan.queued)
     if to_start is not None:
         kernel.driver.start(runtime.handles[to_start.run_id])
-    if waiting_handle is not None and not waiting_handle.pending_approvals:
-        kernel.driver.start(waiting_handle, resume=True)  # decided just before the stop
+    if plan.waiting is not None and not plan.waiting.pending_approvals:
+        kernel.driver.start(plan.waiting, resume=True)  # decided just before the stop
 
 
-async def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any]) -> Slot | None:
+def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any]) -> tuple[Writes, Slot | None]:
+    """The writes that end a cut-off run ``interrupted`` and the slot its inputs move to."""
     now = utcnow()
     # The cut-off turn's inputs are re-run by policy; steers it never took always are (invariant 6).
     input_ids = [r.id for r in rows if kernel.config.requeue_interrupted or r.status == InputStatus.PENDING.value]
@@ -123,5 +181,4 @@ async def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any])
         writes.events.append(NewEvent(session_id, EventType.INPUT_REQUEUED, requeue.run_id,
                                       {"input_ids": input_ids, "from_run_id": run.id, "run_id": requeue.run_id}))
         writes.events.append(NewEvent(session_id, EventType.RUN_QUEUED, requeue.run_id, {"input_ids": input_ids}))
-    await kernel.store.end_run(writes)
-    return requeue
+    return writes, requeue

@@ -67,7 +67,8 @@ async def write_until_committed(
                 attempt += 1
                 if attempt == 1:
                     runtime.repairing += 1
-                log.warning("%s: write failed (attempt %d), repairing: %s", what, attempt, exc)
+                if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8...: a long outage (a full disk) does not flood the log
+                    log.warning("%s: write failed (attempt %d), repairing: %s", what, attempt, exc)
                 if isinstance(exc, PERMANENT):
                     rejected += 1
                     if rejected >= config.write_attempts:

@@ -226,14 +226,14 @@ class Scheduler:
             raise InvalidInput("the schedule never fires: `at` is in the past")
         job = Job(new_id("job"), owner, agent, session_id, schedule, message, overlap, misfire, first, None, None,
                   now)
-        await self.kernel.store.write([ops.Insert(t.jobs, [job.row()])])
+        await self.kernel.store.write([ops.Insert(t.jobs, [job.row()])], translate=True)  # a full disk: 503
         self._jobs[job.id] = job
         self._changed.set()
         return job
 
     async def remove(self, job_id: str) -> None:
         self.get(job_id)
-        await self.kernel.store.write(lambda conn: repo.delete_job(conn, job_id))
+        await self.kernel.store.write(lambda conn: repo.delete_job(conn, job_id), translate=True)
         self._jobs.pop(job_id, None)
         self._changed.set()
 

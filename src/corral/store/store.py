@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
+from corral.clock import utcnow
 from corral.errors import CorralError, StoreConflict, StoreRejected, StoreUnavailable
 from corral.events import Event, NewEvent
 from corral.records import NewMessage, Writes
 from corral.store import nodes, ops, repo
 from corral.store import tables as t
 from corral.store.engine import Dialect, Lane, dialect_for
+from corral.store.health import WriteHealth
 from corral.store.migrations import SCRIPT_LOCATION, at_head
 from corral.store.plan import message_row, ops_of
 from corral.store.writer import CommitHook, Unit, Writer
@@ -54,6 +57,9 @@ class Store:
         self._read_lane: Lane = self.dialect.reader_lane()
         self._listeners: list[CommitHook] = []
         self.writer = Writer(self._write_lane, self._dispatch)
+        # Whether the store takes writes, as the writer's last commit found (readiness reads it).
+        self.health = WriteHealth()
+        self.writer.outcome_hook = self._write_outcome
 
     def __repr__(self) -> str:
         return f"<Store {self.dialect.name} {self.writer!r} reads={self._read_lane.hand_offs}>"
@@ -75,6 +81,25 @@ class Store:
         for hook in self._listeners:
             hook(events)
 
+    def _write_outcome(self, error: Exception | None) -> None:
+        if error is None:
+            self.health.committed()
+        elif _says_unwritable(error):
+            # SQLite's extended code tells a full disk (SQLITE_FULL) from a file that may not
+            # grow (SQLITE_IOERR_WRITE) where its message says only "disk I/O error".
+            code = getattr(getattr(error, "orig", None), "sqlite_errorname", None)
+            self.health.failed(_first_line(error) + (f" ({code})" if code else ""))
+
+    async def probe(self) -> bool:
+        """Whether the store takes a write now: a row added and removed in one transaction, so
+        the database must really write (a commit with nothing in it writes nothing). Its outcome
+        is recorded in ``health`` like any other write's."""
+        try:
+            await self.writer.submit(_probe, translate=store_error, gated=False)
+        except CorralError:
+            return False
+        return True
+
     async def migrate(self) -> None:
         """Bring the schema to the newest revision (idempotent; alembic loads only if one is due)."""
 
@@ -94,8 +119,10 @@ class Store:
     def submit(self, unit: Unit, events: list[NewEvent] | None = None) -> asyncio.Future[Any]:
         return self.writer.submit(unit, events)
 
-    async def write(self, unit: Unit, events: list[NewEvent] | None = None) -> Any:
-        return await self.writer.write(unit, events)
+    async def write(self, unit: Unit, events: list[NewEvent] | None = None, *, translate: bool = False) -> Any:
+        """Write ``unit`` and wait for its commit. A failure is the driver's exception, or with
+        ``translate`` the kernel's (``store_error``: a full disk is ``StoreUnavailable``, 503)."""
+        return await self.writer.submit(unit, events, translate=store_error if translate else None)
 
     async def read(self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(conn, *args, **kwargs)`` on a reader connection, in one hand-off.
@@ -163,6 +190,13 @@ class Store:
     async def delete_agent(self, name: str) -> None:
         await self.writer.submit(lambda conn: repo.delete_agent(conn, name), translate=store_error)
 
+    async def join_node(self, node_id: str, url: str) -> int:
+        """Register this node of a cluster; its incarnation. Passes the writer's gate (which holds
+        every other write until the node has joined)."""
+        incarnation = await self.writer.submit(lambda conn: nodes.join(conn, node_id, url), translate=store_error,
+                                               gated=False)
+        return int(incarnation)
+
     async def claim_session(self, session_id: str, node_id: str, lease_ttl_s: float) -> nodes.Claim:
         """Take the session's lane for this node unless a live node holds it (a cluster)."""
 
@@ -223,6 +257,22 @@ def store_error(exc: Exception) -> Exception:
         error = StoreUnavailable(f"the store could not write: {_first_line(exc)}")
     error.__cause__ = exc
     return error
+
+
+def _says_unwritable(error: Exception) -> bool:
+    """Whether a failed write says the store cannot write just now (see ``health``), rather than
+    that the unit itself was refused, or the writer closed."""
+    if isinstance(error, CorralError):
+        return isinstance(error, StoreUnavailable)
+    if isinstance(error, sa_exc.DBAPIError):
+        return isinstance(store_error(error), StoreUnavailable)
+    return isinstance(error, OSError)  # the connection failed before the driver said anything
+
+
+def _probe(conn: Connection) -> None:
+    name = f"~probe-{uuid.uuid4().hex}"
+    repo.insert_agent(conn, name, {}, utcnow())
+    repo.delete_agent(conn, name)
 
 
 def _first_line(exc: Exception) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from corral.errors import ShuttingDown
+from corral.errors import ShuttingDown, StoreUnavailable
 from corral.events import Event, NewEvent
 from corral.store import ops as o
 from corral.store import tables as t
@@ -99,21 +99,33 @@ class Writer:
         # on the writer's lane.
         self.fence: Callable[[Connection], None] | None = None
         self.after_commit: Callable[[Connection, dict[str, tuple[int, int]]], None] | None = None
+        # Told, on the loop, the outcome of every commit attempted: None for a committed batch,
+        # the driver's exception for a unit that failed (the store's write health, ``health``).
+        self.outcome_hook: Callable[[Exception | None], None] | None = None
+        # While set (to why), every unit submitted fails at once with ``StoreUnavailable``, without
+        # reaching the database, unless submitted with ``gated=False`` (a cluster node that has
+        # not joined yet).
+        self.gate: str | None = None
 
     def __repr__(self) -> str:
         return f"<Writer pending={len(self._pending)} batches={self.batches} units={self.units}>"
 
     def submit(
-        self, unit: Unit, events: list[NewEvent] | None = None, *, translate: Translate | None = None
+        self, unit: Unit, events: list[NewEvent] | None = None, *, translate: Translate | None = None,
+        gated: bool = True,
     ) -> asyncio.Future[Any]:
         """Queue a unit (operations, or a function of the connection) with its events.
 
         The future resolves once committed: to the function's result, or None. If the unit
-        fails, the future holds the driver's exception, or ``translate(exception)``.
+        fails, the future holds the driver's exception, or ``translate(exception)``; while the
+        ``gate`` is set, it holds ``StoreUnavailable`` at once (unless ``gated`` is False).
         """
         if self._closing:
             raise ShuttingDown("the store is closed for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if gated and self.gate is not None:
+            future.set_exception(StoreUnavailable(self.gate))
+            return future
         holder: list[_Unit] = []
         entry = _Unit(_as_ops(unit, holder), list(events or ()), future, translate=translate)
         holder.append(entry)
@@ -201,13 +213,16 @@ class Writer:
         self.units += len(batch)
         if self.batch_hook is not None:
             self.batch_hook(len(batch), seconds)
+        if self.outcome_hook is not None:
+            self.outcome_hook(None)
         self._publish([event for unit in batch for event in unit.committed])
         for unit in batch:
             if not unit.future.done():
                 unit.future.set_result(unit.result)
 
-    @staticmethod
-    def _failed(unit: _Unit, error: Exception) -> None:
+    def _failed(self, unit: _Unit, error: Exception) -> None:
+        if self.outcome_hook is not None:
+            self.outcome_hook(error)
         if not unit.future.done():
             unit.future.set_exception(unit.translate(error) if unit.translate is not None else error)
 
