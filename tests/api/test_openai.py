@@ -36,6 +36,20 @@ async def test_models_lists_the_agents(settings: Settings) -> None:
         assert all(m.owned_by == "corral" and m.object == "model" for m in models)
 
 
+async def test_a_model_is_retrieved_by_its_id(settings: Settings) -> None:
+    async with sdk(settings) as (ai, http):
+        model = await ai.models.retrieve("assistant")
+        assert (model.id, model.object, model.owned_by) == ("assistant", "model", "corral")
+        listed = [m async for m in ai.models.list()]
+        assert [model] == [m for m in listed if m.id == "assistant"]
+        with pytest.raises(openai.NotFoundError) as caught:
+            await ai.models.retrieve("nobody")
+        assert caught.value.status_code == 404
+        assert (caught.value.code, caught.value.type) == ("model_not_found", "invalid_request_error")
+        assert "nobody" in caught.value.message
+        assert (await http.get("/v1/models/nobody")).json()["error"]["code"] == "model_not_found"
+
+
 async def test_non_streaming_completion(settings: Settings) -> None:
     async with sdk(settings) as (ai, http):
         reply = await ai.chat.completions.with_raw_response.create(

@@ -1,4 +1,8 @@
-"""The one place errors become HTTP responses: ``{"error": {"code", "message"}}``."""
+"""The one place errors become HTTP responses: ``{"error": {"code", "message"}}``.
+
+An error answering a request that already created a run also says whether to retry it
+(``x-should-retry``, see ``corral.api.retry_advice``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from corral import errors as e
+from corral.api.retry_advice import advice_headers
 
 STATUS: list[tuple[type[e.CorralError], int]] = [
     (e.InvalidInput, 400),
@@ -45,9 +50,9 @@ async def _corral_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.CorralError)
     status = status_for(exc)
     body = error_body(exc.code, str(exc), type=OPENAI_TYPES.get(status, "server_error"))
-    headers = None
+    headers = advice_headers(request)
     if isinstance(exc, e.StoreUnavailable):
-        headers = {"retry-after": str(max(1, round(exc.retry_after)))}
+        headers["retry-after"] = str(max(1, round(exc.retry_after)))
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -72,12 +77,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     # A body json_body.py refused carries its own code.
     code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     body = error_body(code, str(exc.detail), type=OPENAI_TYPES.get(exc.status_code, "invalid_request_error"))
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(body, status_code=exc.status_code, headers={**advice_headers(request), **(exc.headers or {})})
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug, not the caller's fault; uvicorn still logs the traceback (Starlette re-raises after this).
-    return JSONResponse(error_body("internal", "internal server error", type="server_error"), status_code=500)
+    body = error_body("internal", "internal server error", type="server_error")
+    return JSONResponse(body, status_code=500, headers=advice_headers(request))
 
 
 def install(app: FastAPI) -> None:

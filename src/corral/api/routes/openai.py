@@ -6,6 +6,11 @@ the ``user`` field) the caller's session of that key keeps the conversation: on 
 use it is seeded with the earlier messages, afterwards only the last user message is
 new, and the stored history is the context. The agent's own tool calls stay inside
 Corral; the client sees the final text.
+
+Retries: OpenAI's SDKs retry a 409, a 5xx and a dropped connection twice by default. Every
+answer after the run exists says ``x-should-retry`` (``api/retry_advice.py``), and a request
+with an ``Idempotency-Key`` attaches to the run its first attempt started: the key is the
+input's key in its session, and without a pinned session it names that session too.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from corral.api.deps import KernelDep, PrincipalDep
 from corral.api.errors import error_body
 from corral.api.json_body import CheckedRoute, UnusableBody
 from corral.api.openai_schemas import ChatCompletionIn, chunk, completion, model_entry, openai_usage
+from corral.api.retry_advice import advice_headers, advise, for_key, outcome_headers
 from corral.errors import InvalidInput, ModelNotFound, NotFound
 from corral.kernel import Kernel
 from corral.store import Event, repo
@@ -37,6 +43,9 @@ _UNFINISHED = {
     RunStatus.CANCELLED.value: (409, "run_cancelled"),
     RunStatus.INTERRUPTED.value: (409, "run_interrupted"),
 }
+# The session of an unpinned request with an Idempotency-Key, so that its retry finds it.
+CALL_SESSION_PREFIX = "idempotency-key:"
+KEY_MAX = 256 - len(CALL_SESSION_PREFIX)  # a session key holds 256 characters
 
 
 @router.get("/v1/models")
@@ -46,12 +55,23 @@ async def list_models(kernel: KernelDep) -> dict[str, Any]:
             "data": [model_entry(a.name, int(a.created_at.timestamp())) for a in kernel.agents.list()]}
 
 
+@router.get("/v1/models/{model_id}")
+async def get_model(model_id: str, kernel: KernelDep) -> dict[str, Any]:
+    """One agent, as an OpenAI model; an unknown one is 404 ``model_not_found``."""
+    try:
+        agent = kernel.agents.get(model_id)
+    except NotFound:
+        raise ModelNotFound(f"The model {model_id!r} does not exist (models are Corral agents)") from None
+    return model_entry(agent.name, int(agent.created_at.timestamp()))
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     request: Request,
     kernel: KernelDep,
     principal: PrincipalDep,
     x_corral_session: Annotated[str | None, Header(max_length=256)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=KEY_MAX)] = None,
 ) -> JSONResponse | EventSourceResponse:
     body = await _parse(request)
     try:
@@ -69,28 +89,40 @@ async def chat_completions(
     history = [("system" if m.role == "developer" else m.role, m.text()) for m in earlier]
 
     key = x_corral_session or body.user
+    if key is None and idempotency_key is not None:
+        key = CALL_SESSION_PREFIX + idempotency_key  # a retry of this call finds the same session
     session, _ = await kernel.sessions.create(
         agent.name, key, {"channel": "openai"}, owner=principal.name, history=history
     )
     if session["agent"] != agent.name:
         raise InvalidInput(f"session {key!r} belongs to agent {session['agent']!r}, not {agent.name!r}")
-    accepted = await kernel.submit(session["id"], content, origin="openai")
+    accepted = await kernel.submit(session["id"], content, origin="openai", idempotency_key=idempotency_key)
+    # The run exists: from here no answer may leave the client to start it again.
+    advise(request, for_key(idempotency_key))
     headers = {"x-corral-session-id": accepted.session_id, "x-corral-run-id": accepted.run_id}
     created = int(time.time())
     events = kernel.hub.observe(kernel.store, accepted.session_id, run_id=accepted.run_id, stop=kernel.stopping)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        frames = _stream(kernel, events, accepted.run_id, agent.name, created, include_usage)
-        return EventSourceResponse(frames, ping=15, headers=headers)
+        # With a key, a client that hangs up may be about to retry: its run goes on for the retry.
+        frames = _stream(kernel, events, accepted.run_id, agent.name, created, include_usage,
+                         cancel_on_hangup=idempotency_key is None)
+        return EventSourceResponse(frames, ping=15, headers=headers | outcome_headers())
 
     async for _ in events:
-        pass  # the run's events end with its terminal event
+        pass  # the run's events end with its terminal event (or the server is stopping)
     run = await kernel.store.read(repo.get_run, accepted.run_id)
     assert run is not None
-    if run.status != RunStatus.COMPLETED.value:
-        status, code = _UNFINISHED.get(run.status, (503, "run_unfinished"))
-        return JSONResponse(_run_error(code, run.status, run.error), status_code=status, headers=headers)
-    return JSONResponse(completion(run.id, agent.name, created, run.output or "", run.usage), headers=headers)
+    if run.status == RunStatus.COMPLETED.value:
+        answer = completion(run.id, agent.name, created, run.output or "", run.usage)
+        return JSONResponse(answer, headers=headers | outcome_headers())
+    if run.status in _UNFINISHED:
+        status, code = _UNFINISHED[run.status]
+        return JSONResponse(_run_error(code, run.status, run.error), status_code=status,
+                            headers=headers | outcome_headers())
+    # Not ended: the server is stopping. With a key a retry finds the run wherever it resumes.
+    return JSONResponse(_run_error("run_unfinished", run.status, run.error), status_code=503,
+                        headers=headers | advice_headers(request))
 
 
 async def _parse(request: Request) -> ChatCompletionIn:
@@ -112,7 +144,8 @@ def _run_error(code: str, status: str, error: dict[str, Any] | None) -> dict[str
 
 
 async def _stream(
-    kernel: Kernel, events: AsyncIterator[Event], run_id: str, model: str, created: int, include_usage: bool
+    kernel: Kernel, events: AsyncIterator[Event], run_id: str, model: str, created: int, include_usage: bool,
+    *, cancel_on_hangup: bool,
 ) -> AsyncIterator[dict[str, str]]:
     finished = False
     try:
@@ -132,5 +165,6 @@ async def _stream(
         finished = True
         yield {"data": "[DONE]"}
     finally:
-        if not finished:  # the client went away (or the server is stopping): stop the work it asked for
+        if not finished and cancel_on_hangup:
+            # The client went away (or the server is stopping): stop the work it asked for.
             kernel.cancel_soon(run_id, CancelMode.SOFT)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 
 from corral.api.deps import KernelDep, PrincipalDep, check_session, kernel_of, owned_session, principal_of
 from corral.api.json_body import CheckedRoute
+from corral.api.retry_advice import outcome_headers
 from corral.api.routes.events import answer_with_stream, wants_stream
 from corral.api.schemas import MAX_INT64, AcceptedOut, ChildOut, MessageIn, MessageOut, SessionIn, SessionOut
 from corral.kernel import Kernel
@@ -89,4 +90,5 @@ async def post_message(
     accepted = await submit()
     out = AcceptedOut(input_id=accepted.input_id, run_id=accepted.run_id, session_id=accepted.session_id,
                       disposition=accepted.disposition)
-    return Response(out.model_dump_json(), status_code=202, media_type="application/json")
+    # Accepted: a retry without the same Idempotency-Key would be a second input (api/retry_advice.py).
+    return Response(out.model_dump_json(), status_code=202, media_type="application/json", headers=outcome_headers())
