@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from corral import __version__
-from corral.api import errors, forward
+from corral.api import a2a, errors, forward
 from corral.api.forward import Forwarder
 from corral.api.limits import Authenticate, BodyLimit
 from corral.api.node_header import NodeHeader
@@ -93,6 +93,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     # Routes are matched in order, one regex each: the busiest (a turn's POST and its stream) go first.
     for module in (sessions, events, runs, agents, jobs, openai, meta, cluster_routes):
         app.include_router(module.router)
+    # A2A (docs/a2a.md): each agent at /a2a/{agent}, its card open to all (Authenticate).
+    app.router.routes.extend(a2a.routes())
 
     @app.get("/", include_in_schema=False)
     async def web_page() -> FileResponse:

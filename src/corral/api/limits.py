@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,6 +80,8 @@ class Authenticate:
 
     OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/favicon.ico"})
     OPEN_PREFIXES = ("/static/",)
+    # An A2A agent card: clients read it before they call, to learn that a token is needed (docs/a2a.md).
+    OPEN_PATTERN = re.compile(r"/a2a/[^/]+/\.well-known/agent-card\.json")
 
     def __init__(self, app: ASGIApp, tokens: TokenTable, cluster_secret: str | None = None):
         self.app = app
@@ -107,4 +110,4 @@ class Authenticate:
         return node
 
     def _is_open(self, path: str) -> bool:
-        return path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES)
+        return path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES) or bool(self.OPEN_PATTERN.fullmatch(path))
