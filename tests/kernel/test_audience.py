@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from corral.kernel import Kernel
 from corral.kernel.audience import SLICE, Tap, TapState
@@ -19,6 +20,7 @@ class FakeSink:
         self.unsent = 0
         self.gone = False
         self.resumed = asyncio.Event()
+        self.on_write: Callable[[], None] = lambda: None
 
     def backlog(self) -> int:
         return self.unsent
@@ -27,6 +29,7 @@ class FakeSink:
         if self.gone:
             return False
         self.chunks.append(data)
+        self.on_write()
         return True
 
     def seqs(self) -> list[int]:
@@ -53,21 +56,23 @@ async def test_a_commit_is_one_write_per_tap_made_once_and_spread_over_turns_of_
     async with asyncio.timeout(10):
         session = await new_session(kernel)
         sinks = [FakeSink() for _ in range(3 * SLICE + 5)]
+        every_one = asyncio.Event()
         for sink in sinks:
+            sink.on_write = lambda: every_one.set() if all(s.chunks for s in sinks) else None
             await live_tap(kernel, session, sink)
         written: list[int] = []  # taps written by the time each commit's publishing returned
         kernel.store.on_commit(lambda events: written.append(sum(1 for sink in sinks if sink.chunks)))
         await kernel.store.write(None, deltas(session, 3))
         assert written == [SLICE]  # the commit's own turn of the loop wrote one slice, and only that
-        for _ in range(3):
-            await asyncio.sleep(0)  # a turn of the loop: a slice more
+        await every_one.wait()  # the next slices, each after a pause for other work
+        assert kernel.hub._audiences[session].rounds == 1
         assert all(len(sink.chunks) == 1 for sink in sinks)
         assert len({id(sink.chunks[0]) for sink in sinks}) == 1  # the batch's bytes joined once for all
         assert sinks[0].seqs() == [1, 2, 3]
         assert kernel.hub.statistics()["kept_events"] == 0  # nothing kept once every tap has it
 
 
-async def test_a_tap_over_its_cap_gets_nothing_more_then_catches_up_from_the_store(kernel: Kernel) -> None:
+async def test_a_tap_over_its_cap_gets_nothing_more_then_goes_on_from_what_was_kept(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
         session = await new_session(kernel)
         slow, fast = FakeSink(), FakeSink()
@@ -79,6 +84,7 @@ async def test_a_tap_over_its_cap_gets_nothing_more_then_catches_up_from_the_sto
         await kernel.store.write(None, deltas(session, 2))
         assert slow_tap.state is TapState.BEHIND and kernel.hub.catch_ups == 1
         assert slow.seqs() == [1, 2] and fast.seqs() == [1, 2, 3, 4, 5, 6]
+        reads = kernel.hub.tap_reads
         catching_up = asyncio.ensure_future(kernel.hub.catch_up(kernel.store, slow_tap, slow.drained))
         await kernel.store.write(None, deltas(session, 1))  # while it waits for its connection
         assert not catching_up.done() and slow.seqs() == [1, 2]
@@ -88,6 +94,29 @@ async def test_a_tap_over_its_cap_gets_nothing_more_then_catches_up_from_the_sto
         await kernel.store.write(None, deltas(session, 2))
         assert slow_tap.state is TapState.LIVE
         assert slow.seqs() == fast.seqs() == list(range(1, 10))  # no gap, no duplicate
+        assert kernel.hub.tap_reads == reads  # the audience kept what it lacked
+        assert kernel.hub.statistics()["kept_events"] == 0  # and lets it go now that nobody lacks it
+
+
+async def test_a_tap_behind_longer_than_the_audience_keeps_reads_the_store(kernel: Kernel) -> None:
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        slow, fast = FakeSink(), FakeSink()
+        slow_tap = await live_tap(kernel, session, slow, cap=1000)
+        await live_tap(kernel, session, fast)
+        kernel.hub._audiences[session].max_recent = 3
+        await kernel.store.write(None, deltas(session, 1))
+        slow.unsent = 5000
+        for _ in range(3):
+            await kernel.store.write(None, deltas(session, 2))
+        assert slow_tap.state is TapState.BEHIND and not slow_tap.kept
+        assert kernel.hub.statistics()["kept_events"] <= 3  # a stalled tap holds the audience's memory no longer
+        slow.unsent = 0
+        slow.resumed.set()
+        reads = kernel.hub.tap_reads
+        assert not await kernel.hub.catch_up(kernel.store, slow_tap, slow.drained)
+        assert kernel.hub.tap_reads == reads + 1
+        assert slow.seqs() == fast.seqs() == list(range(1, 8))
 
 
 async def test_events_committed_while_a_tap_reads_the_store_are_kept_for_it(kernel: Kernel) -> None:

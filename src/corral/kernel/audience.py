@@ -13,8 +13,9 @@ store once the connection drains. A stalled reader therefore holds at most its c
 batch) of memory, whatever the kernel's socket buffers would have taken.
 
 Work per turn of the event loop is bounded too: a commit is written to at most ``SLICE`` taps
-at once and the rest follow in later turns (``loop.call_soon``), so a thousand observers of one
-session delay other sessions' work by one slice, not by a thousand writes.
+at once, and the next slice waits until the loop has had twice that slice's time for other work
+(``PACE``), so a thousand observers of one session take at most a third of the loop however
+slow their writes are, and the events that commit meanwhile go out together in fewer writes.
 
 A tap's states (``TapState``) and who moves it:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import time
 from collections.abc import Iterable
 from enum import Enum
 from typing import Protocol
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 # Taps written per turn of the event loop for one commit; the rest in the next turns.
 SLICE = 64
 # What a sink may hold unsent before its tap falls behind (bytes).
-DEFAULT_CAP = 64 * 1024
+DEFAULT_CAP = 32 * 1024
+# After a slice of writes, the loop gets this many times the slice's time for other work first.
+PACE = 2.0
 # Events kept for joining taps or for a round still under way; past this the audience drops
 # the oldest and whoever still needed them reads the store instead.
 MAX_RECENT = 4096
@@ -79,12 +83,16 @@ class Tap:
         self.cap = cap
         # Every event at or below ``last`` has been written, or was not this tap's (another run's).
         self.last = after
-        self.state = TapState.JOINING
+        self.audience: Audience | None = None  # set once added; told of every change of state
+        self._state = TapState.JOINING
         # How many events the audience had published when this tap last began to join: what it
         # kept from there on, with a store read begun after, leaves no gap.
         self.mark = 0
         # Set when another node committed events of the session while the tap was joining.
         self.hinted = False
+        # Behind, and the audience still keeps every event after ``last``: once its connection
+        # drains it goes live from there, with no store read.
+        self.kept = False
         self.catch_ups = 0
         self.writes = 0
         self.bytes = 0
@@ -94,6 +102,16 @@ class Tap:
     def __repr__(self) -> str:
         return (f"<Tap {self.session_id}{'/' + self.run_id if self.run_id else ''} {self.state.value} "
                 f"last={self.last} writes={self.writes} catch_ups={self.catch_ups}>")
+
+    @property
+    def state(self) -> TapState:
+        return self._state
+
+    @state.setter
+    def state(self, new: TapState) -> None:
+        old, self._state = self._state, new
+        if self.audience is not None and old is not new:
+            self.audience.moved(self, old, new)
 
     def wake(self) -> None:
         self.wakeup.set()
@@ -129,9 +147,15 @@ class Audience:
     def __init__(self, session_id: str):
         self.session_id = session_id
         self.taps: list[Tap] = []  # every tap but the closed, in any state
+        # The live taps (and some that were, until the next round drops them), and how many taps
+        # are joining: kept by ``moved``, so a commit costs in proportion to the live taps only.
+        self.live: list[Tap] = []
+        self.joiners = 0
+        self.behind: list[Tap] = []  # likewise, the taps behind (and some that were)
         # Events published and kept (seq order); ``dropped`` counts those let go before them.
         self.recent: list[Event] = []
         self.dropped = 0
+        self.max_recent = MAX_RECENT
         # A round writes every live tap what it lacks; ``cursor`` is where the next slice starts
         # in ``order`` (the live taps when it began); ``scheduled`` when a later turn continues it.
         self.order: list[Tap] = []
@@ -151,18 +175,32 @@ class Audience:
     def published(self) -> int:
         return self.dropped + len(self.recent)
 
-    def joining(self) -> bool:
-        return any(tap.state is TapState.JOINING for tap in self.taps)
+    def moved(self, tap: Tap, old: TapState, new: TapState) -> None:
+        self.joiners += (new is TapState.JOINING) - (old is TapState.JOINING)
+        if new is TapState.LIVE:
+            self.live.append(tap)
+        elif new is TapState.BEHIND:
+            self.behind.append(tap)
+        if old is TapState.BEHIND:
+            tap.kept = False
+
+    def listening(self) -> bool:
+        """Whether some tap needs what is published now: live, joining, or behind on kept events."""
+        return (self.joiners > 0 or any(tap._state is TapState.LIVE for tap in self.live)
+                or any(tap._state is TapState.BEHIND and tap.kept for tap in self.behind))
 
     def add(self, tap: Tap) -> None:
         tap.mark = self.published
+        tap.audience = self
         self.taps.append(tap)
+        if tap.state is TapState.JOINING:
+            self.joiners += 1
 
     def remove(self, tap: Tap) -> None:
         tap.state = TapState.CLOSED
+        tap.audience = None
         if tap in self.taps:
             self.taps.remove(tap)
-        self._trim()
 
     def rejoin(self, tap: Tap) -> None:
         """The tap's owner is about to read the store again: keep what is published from now on."""
@@ -172,15 +210,25 @@ class Audience:
 
     def publish(self, events: list[Event], loop: asyncio.AbstractEventLoop) -> None:
         """Events committed for this session: kept while needed, written to the live taps."""
-        if not any(tap.state in (TapState.LIVE, TapState.JOINING) for tap in self.taps):
+        if not self.listening():
             self.dropped += len(events)
             return
         self.recent.extend(events)
         self._chunks.clear()
-        if len(self.recent) > MAX_RECENT:
-            self._drop(len(self.recent) - MAX_RECENT)
+        if len(self.recent) > self.max_recent:
+            self._drop(len(self.recent) - self.max_recent)
         if self.cursor == 0 and not self.scheduled:
             self._round(loop)
+
+    def resume(self, tap: Tap) -> bool:
+        """A tap behind whose connection drained: live again from what was kept for it (no store
+        read), or False if that was let go (it joins again: its owner reads the store)."""
+        if not tap.kept or tap.hinted:
+            self.rejoin(tap)
+            return False
+        tap.state = TapState.LIVE
+        self._feed(tap)
+        return True
 
     def go_live(self, tap: Tap) -> bool:
         """After the owner's store read (begun once the tap joined): write what was kept since and
@@ -199,37 +247,43 @@ class Audience:
             if tap.state is TapState.LIVE:
                 tap.state = TapState.BEHIND
                 tap.wake()
-            elif tap.state is TapState.JOINING:
+            if tap.state in (TapState.JOINING, TapState.BEHIND):
                 tap.hinted = True
 
     # --- rounds --------------------------------------------------------------------------
 
     def _round(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Write the next slice of live taps; schedule the rest for the next turn of the loop."""
+        """Write the next slice of live taps; the rest after the loop has had twice this slice's
+        time for everything else (a large audience takes at most a third of the loop, and the
+        events that come meanwhile go out together in the next writes)."""
+        began = time.perf_counter()
         if self.cursor == 0:
-            self.order = [tap for tap in self.taps if tap.state is TapState.LIVE]
+            self.live = list(dict.fromkeys(tap for tap in self.live if tap._state is TapState.LIVE))
+            self.behind = list(dict.fromkeys(tap for tap in self.behind if tap._state is TapState.BEHIND))
+            self.order = list(self.live)
             self.rounds += 1
         end = min(self.cursor + SLICE, len(self.order))
         for tap in self.order[self.cursor:end]:
-            if tap.state is TapState.LIVE:
+            if tap._state is TapState.LIVE:
                 self._feed(tap)
         self.cursor = end
+        pause = PACE * (time.perf_counter() - began)
         if self.cursor < len(self.order):
-            self._schedule(loop)
+            self._schedule(loop, pause)
             return
         self.cursor = 0
         self.order = []
         newest = self.recent[-1].seq if self.recent else 0
-        if any(tap.state is TapState.LIVE and tap.last < newest for tap in self.taps):
-            self._schedule(loop)  # events came during the round: the taps served early lack them
+        if any(tap._state is TapState.LIVE and tap.last < newest for tap in self.live):
+            self._schedule(loop, pause)  # events came during the round: the taps served early lack them
         else:
             self._chunks.clear()
             self._trim()
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _schedule(self, loop: asyncio.AbstractEventLoop, pause: float) -> None:
         if not self.scheduled:
             self.scheduled = True
-            loop.call_soon(self._continue, loop)
+            loop.call_later(pause, self._continue, loop)
 
     def _continue(self, loop: asyncio.AbstractEventLoop) -> None:
         self.scheduled = False
@@ -238,11 +292,13 @@ class Audience:
     def _feed(self, tap: Tap) -> None:
         """Write ``tap`` what it lacks of ``recent``, unless its sink is over its cap (then it
         falls behind) or gone (then it is closed)."""
-        start = bisect.bisect_right(self.recent, tap.last, key=lambda event: event.seq)
-        if start >= len(self.recent):
+        recent = self.recent
+        if not recent or tap.last >= recent[-1].seq:
             return
+        start = 0 if tap.last < recent[0].seq else bisect.bisect_right(recent, tap.last, key=_seq)
         if tap.sink.backlog() > tap.cap:
             tap.state = TapState.BEHIND
+            tap.kept = True  # every event after its ``last`` is kept until it drains, or until MAX_RECENT
             tap.catch_ups += 1
             tap.wake()
             return
@@ -266,12 +322,21 @@ class Audience:
     # --- what is kept ----------------------------------------------------------------------
 
     def _trim(self) -> None:
-        """Let go of kept events nobody needs: no tap joining, no round under way."""
+        """Let go of the kept events no tap needs any more (none while a round is under way): a
+        joining tap needs those published since it began its read, a live one or one behind on
+        kept events those after its ``last``."""
         if self.cursor or self.scheduled or not self.recent:
             return
-        if self.joining():
-            return
-        self._drop(len(self.recent))
+        needed, newest = len(self.recent), self.recent[-1].seq  # the index of the first event still needed
+        for tap in self.taps:
+            state = tap._state
+            if state is TapState.JOINING:
+                needed = min(needed, max(0, tap.mark - self.dropped))
+            elif (state is TapState.LIVE or (state is TapState.BEHIND and tap.kept)) and tap.last < newest:
+                needed = min(needed, bisect.bisect_right(self.recent, tap.last, key=_seq))
+            if needed == 0:
+                return
+        self._drop(needed)
 
     def _drop(self, count: int) -> None:
         """Let go of the ``count`` oldest kept events; a live tap that still lacked one of them
@@ -279,11 +344,18 @@ class Audience:
         if count <= 0:
             return
         cut = self.recent[count - 1].seq
-        for tap in self.taps:
+        for tap in self.live:
             if tap.state is TapState.LIVE and tap.last < cut and tap.take(self.recent[:count]):
                 tap.state = TapState.BEHIND
                 tap.catch_ups += 1
                 tap.wake()
+        for tap in self.behind:
+            if tap.last < cut:
+                tap.kept = False
         del self.recent[:count]
         self.dropped += count
         self._chunks.clear()
+
+
+def _seq(event: Event) -> int:
+    return event.seq

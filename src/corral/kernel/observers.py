@@ -22,6 +22,9 @@ from corral.kernel.ports import KernelStore
 from corral.types import EventType
 
 PAGE = 500
+# A tap reads the store in pages this long, and writes them in pieces of about this many bytes.
+TAP_PAGE = 200
+PIECE = 16 * 1024
 # What a feed carries: every event but the token stream, which only the session's own log serves.
 FEED_EXCLUDED = frozenset({EventType.MESSAGE_DELTA.value})
 
@@ -193,37 +196,33 @@ class EventHub:
     async def catch_up(self, store: KernelStore, tap: Tap, drained: Drained, *, read: bool = True) -> bool:
         """Bring a joining (or fallen behind) tap up to date from the store, then live.
 
-        A tap behind first waits for its connection to drain (``drained``): a reader that stalled
-        costs no store read until it reads again. Each page read is written as one chunk, and the
-        next waits for the connection likewise. Then, with no await in between, the events
-        published since the tap joined are written and the tap goes live; if some of those were
-        let go meanwhile, it reads again. ``read=False`` skips the first read: for a run created
+        Pages are read from the tap's position and written in pieces while its connection holds
+        no more than its cap; past the cap the tap is behind again, keeps nothing of the page
+        (it reads from its position again) and waits for its connection to drain (``drained``):
+        a reader that stalled holds its cap of bytes and costs no store read until it reads
+        again. Once a page comes back short, the events published since the tap's read began
+        are written, with no await in between, and the tap goes live; if some of those were let
+        go meanwhile, it reads again. ``read=False`` skips the first read: for a run created
         after the tap joined, every event comes through the hub.
 
         Returns True once a run's stream has written the run's terminal event.
         """
         audience = self._audiences[tap.session_id]
-        if tap.state is TapState.BEHIND:
-            if not await drained():
-                return False
-            audience.rejoin(tap)
-        while tap.state is TapState.JOINING:
-            while read:
-                page = await store.events_after(tap.session_id, tap.last, run_id=tap.run_id, limit=PAGE)
-                self.tap_reads += 1
-                wanted = tap.take(page)
-                finished = bool(wanted) and tap.run_id is not None and wanted[-1].is_terminal
-                if page and not tap.send(b"".join(e.sse_frame() for e in wanted),
-                                         wanted[-1].seq if finished else page[-1].seq, finished):
-                    tap.state = TapState.CLOSED
-                    return False
-                if finished or len(page) < PAGE:
-                    break
+        while tap.state in (TapState.JOINING, TapState.BEHIND):
+            if tap.state is TapState.BEHIND:
                 if not await drained():
                     return False
+                if audience.resume(tap):
+                    continue  # live again (or behind again, or finished) from what was kept
+            if read:
+                page = await store.events_after(tap.session_id, tap.last, run_id=tap.run_id, limit=TAP_PAGE)
+                self.tap_reads += 1
+                if not _write_page(tap, page) or tap.state is not TapState.JOINING:
+                    continue  # closed, finished, or over its cap (behind: it waits, then reads on)
+                if len(page) == TAP_PAGE:
+                    continue
             read = True
-            if tap.state is TapState.JOINING:
-                audience.go_live(tap)
+            audience.go_live(tap)
         return tap.state is TapState.FINISHED
 
     # --- subscriptions ---------------------------------------------------------------------
@@ -364,6 +363,31 @@ class EventHub:
                     await sub.wait()
         finally:
             self.unsubscribe(sub)
+
+
+def _write_page(tap: Tap, page: list[Event]) -> bool:
+    """Write a page read for ``tap`` in pieces, while its sink holds no more than its cap; what is
+    left when it does is dropped (the tap is behind: it reads from its position again). False
+    if the sink is gone (the tap is closed)."""
+    wanted = tap.take(page)
+    index = 0
+    while index < len(wanted):
+        if tap.sink.backlog() > tap.cap:
+            tap.state = TapState.BEHIND
+            return True
+        size, end = 0, index
+        while end < len(wanted) and (end == index or size < PIECE):
+            size += len(wanted[end].sse_frame())
+            end += 1
+        piece = wanted[index:end]
+        finished = tap.run_id is not None and piece[-1].is_terminal
+        if not tap.send(b"".join(event.sse_frame() for event in piece), piece[-1].seq, finished):
+            tap.state = TapState.CLOSED
+            return False
+        index = end
+    if page and tap.state is TapState.JOINING:
+        tap.last = max(tap.last, page[-1].seq)
+    return True
 
 
 def _cut_at_terminal(batch: list[Event], run_id: str | None) -> tuple[list[Event], bool]:
