@@ -207,6 +207,24 @@ async def test_an_approval_is_input_required_then_answered(settings: Settings) -
         assert run["status"] == "completed" and "denied" in run["output"]
 
 
+async def test_a_message_on_a_working_task_steers_it(settings: Settings) -> None:
+    async with asyncio.timeout(LIMIT), uvicorn_server(settings) as (base, _kernel, _server), client(base) as http:
+        async with a2a(base) as streaming, a2a(base, streaming=False) as sdk:
+            # Two steps of a 1 s wait each: the steer arrives well before the run's next boundary.
+            events = streaming.send_message(message("/steps 2 1000"))
+            async for event in events:
+                if event.HasField("status_update") and event.status_update.metadata["event"] == "tool.started":
+                    task_id = event.status_update.task_id
+                    break
+            await events.aclose()
+            steered = await send(sdk, message("faster", task_id=task_id))
+            assert steered.id == task_id and steered.status.state == TaskState.TASK_STATE_COMPLETED
+            assert output_of(steered) == 'done 2 steps; steering seen: ["faster"]'
+            assert [m.parts[0].text for m in steered.history if m.role == Role.ROLE_USER] == ["/steps 2 1000", "faster"]
+        runs = (await http.get("/v1/runs", params={"session_id": steered.context_id})).json()["runs"]
+        assert [r["id"] for r in runs] == [task_id]  # one run carried both messages
+
+
 async def test_cancel_a_long_run(settings: Settings) -> None:
     async with asyncio.timeout(LIMIT), uvicorn_server(settings) as (base, _kernel, _server), client(base) as http:
         await create_agent(http, "slow", provider_options={"token_ms": 200})
@@ -238,7 +256,7 @@ async def test_cancel_a_long_run(settings: Settings) -> None:
 
 async def test_resubscribe_mid_run(settings: Settings) -> None:
     async with asyncio.timeout(LIMIT), uvicorn_server(settings) as (base, _kernel, _server), client(base) as http:
-        await create_agent(http, "talker", provider_options={"token_ms": 20})
+        await create_agent(http, "talker", provider_options={"token_ms": 50})  # 2 s: time to resubscribe
         async with a2a(base, "talker") as sdk:
             events = sdk.send_message(message(WORDS))
             seen: list[StreamResponse] = []

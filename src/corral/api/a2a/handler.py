@@ -291,5 +291,5 @@ def _translated() -> Iterator[None]:
         if isinstance(exc, errors.StoreUnavailable):
             data["retry_after"] = exc.retry_after
         if isinstance(exc, errors.OwnedElsewhere):
-            data["node"] = exc.node_id
+            data.update(node=exc.node_id, url=exc.url)
         raise InternalError(message=str(exc), data=data) from exc
