@@ -37,6 +37,7 @@ from google.protobuf.struct_pb2 import Value
 
 from corral.settings import PrincipalToken, Settings
 from tests.helpers import client, create_agent, uvicorn_server
+from tests.test_import_weight import among, loaded_by
 
 LIMIT = 30
 ALICE = "alice-token-0123456789"
@@ -371,3 +372,8 @@ async def test_a2a_0_3_method_names(settings: Settings) -> None:
         assert got["result"]["contextId"] == task["contextId"]
         refused = await call(http, "tasks/cancel", {"id": task["id"]})
         assert refused["error"]["code"] == -32002  # TaskNotCancelableError
+
+
+def test_the_sdk_loads_with_the_first_a2a_request_not_with_the_server() -> None:
+    # Most of a second of imports (protobuf and all), paid by the first A2A call instead of every start.
+    assert among(loaded_by("import corral.api.app; corral.api.app.create_app"), ("a2a", "google.protobuf")) == []
