@@ -114,8 +114,9 @@ class CorralRequestHandler(RequestHandler):
         with _translated():
             validate_history_length(params.configuration)
             run_id = await _accept(caller, params.message)
-        async for event in self._updates(caller, run_id):
-            yield event
+        async with aclosing(self._updates(caller, run_id)) as updates:
+            async for event in updates:
+                yield event
 
     # --- tasks --------------------------------------------------------------------------
 
@@ -159,8 +160,9 @@ class CorralRequestHandler(RequestHandler):
         if record.status.is_terminal:
             raise UnsupportedOperationError(message=f"task {params.id} has ended ({record.status.value}): "
                                                     "tasks/get reads it")
-        async for event in self._updates(caller, record.run_id, record):
-            yield event
+        async with aclosing(self._updates(caller, record.run_id, record)) as updates:
+            async for event in updates:
+                yield event
 
     async def _updates(self, caller: Caller, run_id: str,
                        record: TaskRecord | None = None) -> AsyncGenerator[A2AEvent]:
