@@ -26,7 +26,16 @@ from anthropic.types import (
 from anthropic.types import TextDelta as TextDelta_
 
 from corral.errors import ProviderError, ProviderUnavailable
-from corral.providers.base import ChatMessage, ModelRequest, StreamPart, TextDelta, ToolCall, ToolCallsPart, Usage
+from corral.providers.base import (
+    ChatMessage,
+    ModelRequest,
+    StreamPart,
+    TextDelta,
+    ToolCall,
+    ToolCallsPart,
+    ToolChoice,
+    Usage,
+)
 from corral.providers.remote import RemoteProvider, ToolNames, classify, parse_arguments
 
 DEFAULT_MAX_TOKENS = 4096
@@ -59,6 +68,13 @@ class AnthropicProvider(RemoteProvider[anthropic.AsyncAnthropic]):
         if request.tools:
             extra["tools"] = [{"name": names.outgoing(s.name), "description": s.description,
                                "input_schema": s.parameters} for s in request.tools]
+            if request.tool_choice is not None:
+                extra["tool_choice"] = _tool_choice(request.tool_choice, names)
+        if request.response_format is not None and request.response_format.type == "json_schema":
+            # Structured outputs: the reply's text is JSON that follows the schema. ``json_object``
+            # has no counterpart in the Messages API and is not passed on.
+            extra["output_config"] = {"format": {"type": "json_schema",
+                                                 "schema": request.response_format.schema or {}}}
         if self.options.temperature is not None:
             extra["temperature"] = self.options.temperature
         uses: dict[int, _PartialUse] = {}
@@ -120,6 +136,13 @@ def _to_messages(messages: Sequence[ChatMessage], names: ToolNames) -> tuple[str
         else:
             add("user", [{"type": "text", "text": message.content}])
     return "\n\n".join(system), turns
+
+
+def _tool_choice(choice: ToolChoice, names: ToolNames) -> dict[str, Any]:
+    """OpenAI's choices in the Messages API's words: ``required`` is ``any``, a function is a ``tool``."""
+    if choice.mode == "function" and choice.name is not None:
+        return {"type": "tool", "name": names.outgoing(choice.name)}
+    return {"type": "any" if choice.mode == "required" else choice.mode}
 
 
 def _finish(use: _PartialUse) -> ToolCall:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from corral.types import CallId
 
@@ -42,6 +42,73 @@ class ToolSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """Which tools a model call may or must use: ``auto`` (its choice), ``none`` (no tool),
+    ``required`` (at least one), or ``function`` (the tool ``name``)."""
+
+    mode: Literal["auto", "none", "required", "function"]
+    name: str | None = None
+
+    @property
+    def forces(self) -> bool:
+        """Whether it makes the model call a tool (so it binds one model call, not a whole run)."""
+        return self.mode in ("required", "function")
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """What the reply's text must be: JSON following ``schema`` (``json_schema``), or any JSON
+    object (``json_object``)."""
+
+    type: Literal["json_schema", "json_object"]
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOptions:
+    """What a client's request adds to the model calls of its run (the OpenAI endpoints): tools
+    of its own, which the client runs (a call to one parks the run until the client sends the
+    result), ``tool_choice`` and ``response_format``. Stored with the run, as ``as_json``."""
+
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(spec.name for spec in self.tools)
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"tools": [{"name": s.name, "description": s.description, "parameters": s.parameters}
+                                          for s in self.tools]}
+        if self.tool_choice is not None:
+            data["tool_choice"] = {"mode": self.tool_choice.mode, "name": self.tool_choice.name}
+        if self.response_format is not None:
+            f = self.response_format
+            data["response_format"] = {"type": f.type, "name": f.name, "schema": f.schema, "strict": f.strict,
+                                       "description": f.description}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> ModelOptions | None:
+        if data is None:
+            return None
+        tools = tuple(ToolSpec(t["name"], t.get("description") or "", dict(t.get("parameters") or {}))
+                      for t in data.get("tools") or ())
+        choice = data.get("tool_choice")
+        fmt = data.get("response_format")
+        return cls(
+            tools,
+            ToolChoice(choice["mode"], choice.get("name")) if choice else None,
+            ResponseFormat(fmt["type"], fmt.get("name") or "response", fmt.get("schema"), fmt.get("strict"),
+                           fmt.get("description")) if fmt else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     text: str
 
@@ -65,11 +132,15 @@ StreamPart = TextDelta | ToolCallsPart | Usage
 @dataclass(frozen=True, slots=True)
 class ModelRequest:
     """One model call. ``purpose`` is ``reply`` for a turn's step and ``summary`` for a
-    context compaction; real providers treat both alike, the demo model answers each in kind."""
+    context compaction; real providers treat both alike, the demo model answers each in kind.
+    ``tool_choice`` and ``response_format`` come from a client's request (``ModelOptions``)."""
 
     messages: Sequence[ChatMessage]
     tools: Sequence[ToolSpec] = field(default_factory=tuple)
     purpose: str = "reply"
+    # None: the provider's default (``auto`` when there are tools).
+    tool_choice: ToolChoice | None = None
+    response_format: ResponseFormat | None = None
 
 
 class Provider(Protocol):

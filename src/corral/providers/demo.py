@@ -9,12 +9,21 @@ the next step), ``/steps N MS``,
 ``/spawn TEXT``, ``/fail``, and ``/recall`` (lists the user messages of earlier turns,
 so a test can see what context a conversation kept). Asked for a compaction summary, it
 lists what the user said.
+
+A client's request (the OpenAI endpoints) may add ``tool_choice`` and ``response_format``
+(``_obey_request``): ``none`` makes it call no tool; ``required`` and a named function make it
+call one before the turn has any tool result, with the smallest instance of the tool's
+parameters schema unless a ``/tool`` line gives the arguments; a JSON schema makes its text
+reply the smallest instance of that schema, and ``json_object`` makes it ``{"echo": TEXT}``.
+Call ids are ``call_<tag><n>_<i>``, with a tag drawn per provider, so a call id stays unique
+across restarts (clients send results back by call id).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +39,7 @@ from corral.providers.base import (
     ToolCallsPart,
     Usage,
 )
+from corral.providers.json_instance import minimal_instance
 
 
 class DemoOptions(BaseModel):
@@ -49,6 +59,8 @@ class _Turn:
     directive: str | None
     after_directive: list[ChatMessage]
     earlier_users: list[str]
+    # The tool results of the turn so far.
+    results: list[ChatMessage]
 
 
 def _current_turn(messages: Sequence[ChatMessage]) -> _Turn:
@@ -59,13 +71,14 @@ def _current_turn(messages: Sequence[ChatMessage]) -> _Turn:
     turn = list(messages[start:])
     users = [m.content for m in turn if m.role == "user"]
     earlier = [m.content for m in messages[:start] if m.role == "user"]
+    results = [m for m in turn if m.role == "tool"]
     for index, message in enumerate(turn):
         if message.role == "user":
             first_line = message.content.strip().splitlines()[0] if message.content.strip() else ""
             if first_line.startswith("/"):
-                return _Turn(users, message.content.strip(), turn[index + 1 :], earlier)
+                return _Turn(users, message.content.strip(), turn[index + 1 :], earlier, results)
             break
-    return _Turn(users, None, [], earlier)
+    return _Turn(users, None, [], earlier, results)
 
 
 class DemoProvider:
@@ -77,6 +90,7 @@ class DemoProvider:
         self.options = options
         self.max_concurrent_calls = options.max_concurrent_calls
         self._calls = 0
+        self._tag = secrets.token_hex(4)  # call ids unique across providers and restarts
 
     def __repr__(self) -> str:
         return f"<DemoProvider latency_ms={self.options.latency_ms} calls={self._calls}>"
@@ -101,7 +115,7 @@ class DemoProvider:
         turn = _current_turn(request.messages)
         if self.options.latency_ms:
             await asyncio.sleep(self.options.latency_ms / 1000)
-        calls, text = self._respond(turn)
+        calls, text = _obey_request(request, turn, *self._respond(turn), f"{self._tag}{self._calls}")
         if calls:
             yield ToolCallsPart(tuple(calls))
         else:
@@ -126,6 +140,8 @@ class DemoProvider:
         echo = "echo: " + "\n".join(turn.users)
         directive = turn.directive
         if directive is None:
+            if turn.results:  # a tool the request forced (``_obey_request``) has answered
+                return [], "tool results: " + "; ".join(r.content for r in turn.results)
             return [], echo
         head = directive.split(maxsplit=1)[0]
         results = [m for m in turn.after_directive if m.role == "tool"]
@@ -135,7 +151,7 @@ class DemoProvider:
         if head == "/recall":
             return [], "recall: " + json.dumps(turn.earlier_users)
         if head == "/tool":
-            steps = _parse_tool_steps(directive, self._calls)
+            steps = _parse_tool_steps(directive, f"{self._tag}{self._calls}")
             if steps_done >= len(steps):
                 return [], "tool results: " + "; ".join(r.content for r in results)
             return steps[steps_done], ""
@@ -143,14 +159,47 @@ class DemoProvider:
             if steps_done:
                 return [], "subagent: " + "; ".join(r.content for r in results)
             task = directive[len("/spawn") :].strip()
-            return [ToolCall(f"call_{self._calls}_0", "spawn_subagent", {"task": task})], ""
+            return [ToolCall(f"call_{self._tag}{self._calls}_0", "spawn_subagent", {"task": task})], ""
         if head == "/steps":
             count, wait_ms = _parse_steps(directive)
             if steps_done < count:
-                return [ToolCall(f"call_{self._calls}_0", "wait", {"ms": wait_ms})], ""
+                return [ToolCall(f"call_{self._tag}{self._calls}_0", "wait", {"ms": wait_ms})], ""
             steers = [m.content for m in turn.after_directive if m.role == "user"]
             return [], f"done {count} steps; steering seen: {json.dumps(steers)}"
         return [], echo
+
+
+def _obey_request(request: ModelRequest, turn: _Turn, calls: list[ToolCall], text: str,
+                  call_number: str) -> tuple[list[ToolCall], str]:
+    """What a client's ``tool_choice`` and ``response_format`` make of the directed reply."""
+    choice = request.tool_choice
+    if choice is not None and choice.mode == "none":
+        calls = []
+        text = text or "echo: " + "\n".join(turn.users)
+    elif choice is not None and choice.forces and not turn.results and request.tools:
+        name = choice.name if choice.mode == "function" and choice.name else (
+            calls[0].name if calls else request.tools[0].name)
+        chosen = [c for c in calls if c.name == name]
+        if not chosen:
+            explicit = _arguments_for(turn.directive, name) if turn.directive else None
+            spec = next((s for s in request.tools if s.name == name), None)
+            arguments = explicit if explicit is not None else minimal_instance(spec.parameters) if spec else {}
+            chosen = [ToolCall(f"call_{call_number}_0", name, arguments if isinstance(arguments, dict) else {})]
+        calls = chosen if choice.mode == "function" else (calls or chosen)
+    if calls or request.response_format is None:
+        return calls, text
+    if request.response_format.type == "json_object":
+        return [], json.dumps({"echo": text})
+    return [], json.dumps(minimal_instance(request.response_format.schema or {}))
+
+
+def _arguments_for(directive: str, name: str) -> dict[str, object] | None:
+    """The arguments of the first ``/tool NAME`` line of ``directive``, if it has one."""
+    for step in _parse_tool_steps(directive, "x"):
+        for call in step:
+            if call.name == name:
+                return call.arguments
+    return None
 
 
 def _summary(messages: Sequence[ChatMessage]) -> str:
@@ -186,7 +235,7 @@ def _parse_steps(directive: str) -> tuple[int, float]:
         raise ProviderError("usage: /steps N MS") from None
 
 
-def _parse_tool_steps(directive: str, call_number: int) -> list[list[ToolCall]]:
+def _parse_tool_steps(directive: str, call_number: str) -> list[list[ToolCall]]:
     """``/tool`` lines are parallel calls of one step; a ``/next`` line starts the next step."""
     steps: list[list[ToolCall]] = [[]]
     for line in directive.splitlines():

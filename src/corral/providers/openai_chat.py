@@ -17,7 +17,17 @@ import openai
 from openai.types.chat import ChatCompletionChunk
 
 from corral.errors import ProviderError, ProviderUnavailable
-from corral.providers.base import ChatMessage, ModelRequest, StreamPart, TextDelta, ToolCall, ToolCallsPart, Usage
+from corral.providers.base import (
+    ChatMessage,
+    ModelRequest,
+    ResponseFormat,
+    StreamPart,
+    TextDelta,
+    ToolCall,
+    ToolCallsPart,
+    ToolChoice,
+    Usage,
+)
 from corral.providers.remote import RemoteProvider, ToolNames, classify, parse_arguments
 
 
@@ -55,6 +65,10 @@ class OpenAIChatProvider(RemoteProvider[openai.AsyncOpenAI]):
                                                   "parameters": spec.parameters}}
                 for spec in request.tools
             ]
+            if request.tool_choice is not None:
+                extra["tool_choice"] = _tool_choice(request.tool_choice, names)
+        if request.response_format is not None:
+            extra["response_format"] = _response_format(request.response_format)
         if self.options.max_tokens is not None:
             extra["max_tokens"] = self.options.max_tokens
         if self.options.temperature is not None:
@@ -107,6 +121,23 @@ def _message(message: ChatMessage, names: ToolNames) -> dict[str, Any]:
             ],
         }
     return {"role": message.role, "content": message.content}
+
+
+def _tool_choice(choice: ToolChoice, names: ToolNames) -> str | dict[str, Any]:
+    if choice.mode == "function" and choice.name is not None:
+        return {"type": "function", "function": {"name": names.outgoing(choice.name)}}
+    return choice.mode
+
+
+def _response_format(fmt: ResponseFormat) -> dict[str, Any]:
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    schema: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema or {}}
+    if fmt.strict is not None:
+        schema["strict"] = fmt.strict
+    if fmt.description:
+        schema["description"] = fmt.description
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def _finish(index: int, call: _PartialCall, names: ToolNames) -> ToolCall:
