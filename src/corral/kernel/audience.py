@@ -42,7 +42,7 @@ from corral.events import Event
 log = logging.getLogger(__name__)
 
 # Taps written per turn of the event loop for one commit; the rest in the next turns.
-SLICE = 64
+SLICE = 128
 # What a sink may hold unsent before its tap falls behind (bytes).
 DEFAULT_CAP = 32 * 1024
 # After a slice of writes, the loop gets this many times the slice's time for other work first.
