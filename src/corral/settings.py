@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from corral.channels.config import ChannelSpec, unique_names
 from corral.kernel.config import KernelConfig
 from corral.principals import Principal, TokenTable
 from corral.services.limits import SubagentLimits
@@ -68,6 +69,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "human"] = Field("auto", description="auto: human on a terminal, else JSON")
     otel: bool = Field(False, description="OpenTelemetry spans (needs corral[otel]); OTEL_* variables turn them on too")
     agents: list[AgentSpec] = Field(default_factory=list, description="extra agents to create at start")
+    # Chat channels (docs/channels.md): Telegram, Slack, Discord, a signed webhook; one runtime each.
+    channels: list[ChannelSpec] = Field(default_factory=list, description="chat channels ([[channels]])")
     # The cluster (Postgres only). A SQLite database is served by one process (single_process.py).
     advertise_url: str | None = Field(
         None, description="the URL other nodes reach this one at; default: http://HOST:PORT")
@@ -96,6 +99,11 @@ class Settings(BaseSettings):
         if scheme not in ("http", "https") or not sep or not rest.split("/", 1)[0]:
             raise ValueError(f"must be an http:// or https:// URL with a host, not {value!r}")
         return value.rstrip("/")
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_channels(cls, value: list[ChannelSpec]) -> list[ChannelSpec]:
+        return unique_names(value)
 
     @field_validator("cluster_secret")
     @classmethod

@@ -21,7 +21,9 @@ from corral.api.limits import Authenticate, BodyLimit
 from corral.api.node_header import NodeHeader
 from corral.api.request_log import LogContext
 from corral.api.routes import agents, events, jobs, meta, openai, runs, sessions
+from corral.api.routes import channels as channel_routes
 from corral.api.routes import cluster as cluster_routes
+from corral.channels import install_channels
 from corral.cluster import Membership, Node
 from corral.cluster import join as join_cluster
 from corral.cluster.remote import HttpRemote
@@ -75,6 +77,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
             kernel.add_service("cluster-jobs", lambda: scheduler.reload_forever(JOBS_RELOAD_S))
         install_subagents(kernel, settings.subagent_limits())
         install_reflector(kernel, ReflectorConfig(settings.reflector_max_concurrent, settings.reflector_summary_every))
+        # Chat channels (docs/channels.md): one supervised runtime each, the kernel's services.
+        app.state.channels = install_channels(kernel, settings.channels)
         try:
             async with kernel.running():
                 app.state.kernel = kernel
@@ -91,7 +95,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     if forwarder is not None:
         forward.install(app, forwarder)
     # Routes are matched in order, one regex each: the busiest (a turn's POST and its stream) go first.
-    for module in (sessions, events, runs, agents, jobs, openai, meta, cluster_routes):
+    for module in (sessions, events, runs, agents, jobs, openai, meta, cluster_routes, channel_routes):
         app.include_router(module.router)
     # A2A (docs/a2a.md): each agent at /a2a/{agent}, its card open to all (Authenticate).
     app.router.routes.extend(a2a.routes())

@@ -109,5 +109,13 @@ class Authenticate:
                 node = LOCAL if hmac.compare_digest(value, self._cluster_secret) else None
         return node
 
+    # What a chat platform pushes to a channel (/v1/channels/NAME/inbound, .../telegram, .../slack/events):
+    # checked by the channel itself (a signature, a secret token).
+    CHANNEL_PUSH = frozenset({"inbound", "telegram", "slack/events"})
+
     def _is_open(self, path: str) -> bool:
+        if path.startswith("/v1/channels/"):
+            name, _, rest = path[len("/v1/channels/"):].partition("/")
+            if name and rest in self.CHANNEL_PUSH:
+                return True
         return path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES) or bool(self.OPEN_PATTERN.fullmatch(path))

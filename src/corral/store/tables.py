@@ -271,3 +271,71 @@ approvals = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("resolved_at", UTCDateTime, nullable=True),
 )
+
+# --- chat channels (corral/channels, docs/channels.md) ---------------------------------------
+
+# Each chat's current session (``/new`` moves it on) and its arrival mode (``/mode``).
+channel_chats = sa.Table(
+    "channel_chats",
+    metadata,
+    sa.Column("channel", StoredString(32), primary_key=True),
+    # The chat's scope (chat[:thread], a DM's user, or the channel's shared DMs): one session each.
+    sa.Column("chat_key", StoredString(256), primary_key=True),
+    sa.Column("session_id", StoredString(40), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("mode", StoredString(16), nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Platform messages already taken in: a redelivered update is recognised and never runs twice.
+channel_inbound = sa.Table(
+    "channel_inbound",
+    metadata,
+    sa.Column("channel", StoredString(32), primary_key=True),
+    sa.Column("message_key", StoredString(256), primary_key=True),
+    sa.Column("session_id", StoredString(40), nullable=True),
+    sa.Column("run_id", StoredString(40), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_channel_inbound_created_at", "created_at"),
+)
+
+# Runs whose reply a channel owes a chat; ``open`` until every chunk of the reply is in the outbox.
+channel_runs = sa.Table(
+    "channel_runs",
+    metadata,
+    sa.Column("run_id", StoredString(40), primary_key=True),
+    sa.Column("channel", StoredString(32), nullable=False),
+    sa.Column("chat_id", StoredString(128), nullable=False),
+    sa.Column("thread_id", StoredString(128), nullable=True),
+    sa.Column("session_id", StoredString(40), nullable=False),
+    sa.Column("reply_to", StoredString(128), nullable=True),
+    sa.Column("status", StoredString(8), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_channel_runs_channel_status", "channel", "status"),
+)
+
+# The durable outbox: every chunk and edit is a row, with its idempotency key, before it is sent.
+channel_outbox = sa.Table(
+    "channel_outbox",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("channel", StoredString(32), nullable=False),
+    sa.Column("key", StoredString(256), nullable=False),
+    sa.Column("chat_id", StoredString(128), nullable=False),
+    sa.Column("thread_id", StoredString(128), nullable=True),
+    # send | edit | answer (a button press acknowledged)
+    sa.Column("kind", StoredString(16), nullable=False),
+    # An edit's message: the key of the send row that created it.
+    sa.Column("target", StoredString(256), nullable=True),
+    sa.Column("text", StoredText, nullable=False),
+    sa.Column("extra", JSON, nullable=True),
+    # pending | sent | failed | superseded (an edit a later edit of the same message replaced)
+    sa.Column("status", StoredString(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("platform_id", StoredString(128), nullable=True),
+    sa.Column("error", StoredText, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("sent_at", UTCDateTime, nullable=True),
+    sa.UniqueConstraint("channel", "key"),
+    sa.Index("ix_channel_outbox_channel_status_id", "channel", "status", "id"),
+)
