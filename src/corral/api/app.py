@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from corral import __version__
-from corral.api import a2a, errors, forward
+from corral.api import a2a, errors, forward, openapi
 from corral.api.forward import Forwarder
 from corral.api.limits import Authenticate, BodyLimit
 from corral.api.node_header import NodeHeader
@@ -89,9 +89,11 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
                 if client is not None:
                     await client.aclose()
 
-    app = FastAPI(title="Corral", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="Corral", version=__version__, lifespan=lifespan,
+                  generate_unique_id_function=openapi.operation_id)
     app.state.auth_required = settings.auth_enabled
     errors.install(app)
+    openapi.install(app)  # the document clients are generated from (api/openapi.py)
     if forwarder is not None:
         forward.install(app, forwarder)
     # Routes are matched in order, one regex each: the busiest (a turn's POST and its stream) go first.

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from corral import errors as e
 from corral.api.retry_advice import advice_headers
@@ -77,7 +78,20 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     # A body json_body.py refused carries its own code.
     code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     body = error_body(code, str(exc.detail), type=OPENAI_TYPES.get(exc.status_code, "invalid_request_error"))
-    return JSONResponse(body, status_code=exc.status_code, headers={**advice_headers(request), **(exc.headers or {})})
+    headers = {**advice_headers(request), **(exc.headers or {})}
+    if exc.status_code == 405:  # Starlette names the methods of the first route on the path only
+        headers["allow"] = _allowed_methods(request)
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes on this path (``PUT /v1/agents`` is told GET and POST)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
