@@ -179,6 +179,9 @@ async def test_cors_is_off_unless_configured(tmp_path: Path, settings: Settings)
         assert answered.headers["access-control-allow-origin"] == "https://app.example"
         other = await http.options("/v1/sessions", headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+        a2a = await http.options("/a2a/assistant", headers={**preflight,
+                                 "Access-Control-Request-Headers": "authorization,content-type,a2a-version"})
+        assert a2a.status_code == 200 and "a2a-version" in a2a.headers["access-control-allow-headers"].lower()
         # CORS does not open the API: the real request still needs a token.
         assert_error(await http.get("/v1/agents", headers={"Origin": "https://app.example"}), 401)
 

@@ -117,7 +117,9 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["authorization", "content-type", "idempotency-key", "last-event-id", "x-corral-session"],
+            allow_headers=["authorization", "content-type", "idempotency-key", "last-event-id", "x-corral-session",
+                           "a2a-version", "a2a-extensions"],  # a browser's A2A client (docs/a2a.md)
+            expose_headers=["x-should-retry", "retry-after", "x-corral-run-id"],
         )
     app.add_middleware(LogContext)  # outermost: a refused request logs with its session or run id too
     if node is not None:
