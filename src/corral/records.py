@@ -29,6 +29,8 @@ class NewRun:
     policy: ExecPolicy
     collect: bool
     created_at: datetime
+    # What the client's request adds to the run's model calls (``ModelOptions.as_json``), or None.
+    model_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,27 @@ class NewApproval:
 
 
 @dataclass(frozen=True, slots=True)
+class NewClientCall:
+    """A call of one of the client's own tools: the run waits until the client sends its result."""
+
+    run_id: str
+    call_id: str
+    session_id: str
+    tool: str
+    arguments: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClientResult:
+    """The client sent the result of one of its calls (the result itself is a tool message)."""
+
+    run_id: str
+    call_id: str
+    answered_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class RunChange:
     """Set some of a run's columns; ``None`` leaves a column as it is."""
 
@@ -84,6 +107,7 @@ class RunChange:
     usage: dict[str, int] | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    model_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +160,8 @@ class Writes:
     roll_backs: list[str] = field(default_factory=list)
     resolutions: list[Resolution] = field(default_factory=list)
     events: list[NewEvent] = field(default_factory=list)
+    client_calls: list[NewClientCall] = field(default_factory=list)
+    client_results: list[ClientResult] = field(default_factory=list)
 
     def __add__(self, other: Writes) -> Writes:
         return Writes(
@@ -143,4 +169,5 @@ class Writes:
             self.approvals + other.approvals, self.compactions + other.compactions,
             self.run_changes + other.run_changes, self.input_moves + other.input_moves,
             self.roll_backs + other.roll_backs, self.resolutions + other.resolutions, self.events + other.events,
+            self.client_calls + other.client_calls, self.client_results + other.client_results,
         )

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     max_tool_processes: int = Field(8, ge=1)
     conversation_cache_sessions: int = Field(
         1000, ge=0, description="sessions whose conversation stays in memory between runs; 0: none")
+    client_tools_timeout_s: float = Field(
+        600.0, ge=0, description="a run waiting for an OpenAI client's tool results is cancelled after this; 0: never")
     tools: ToolSettings = Field(default_factory=ToolSettings, description="limits of the built-in tools")
     workspace_root: Path | None = Field(None, description="default: data_dir/workspaces; one directory per agent")
     subagent_max_depth: int = Field(3, ge=1, le=20)
@@ -158,6 +160,7 @@ class Settings(BaseSettings):
             max_tool_processes=self.max_tool_processes,
             conversation_cache_sessions=self.conversation_cache_sessions,
             workspace_root=(self.workspace_root or self.data_dir / "workspaces").resolve(),
+            client_tools_timeout_s=self.client_tools_timeout_s,
         )
 
     def subagent_limits(self) -> SubagentLimits:

@@ -29,3 +29,6 @@ class KernelConfig:
     write_retry_min_s: float = 0.05
     write_retry_max_s: float = 2.0
     write_attempts: int = 3
+    # A run waiting for the results of its client's tool calls is cancelled after this long
+    # without them (``kernel/client_tools.py``); 0: it waits for ever.
+    client_tools_timeout_s: float = 600.0

@@ -103,8 +103,13 @@ class Control:
         if waiter is not None and not waiter.done():
             waiter.set_result(status)  # a run that stayed alive for this answer (an ACP agent's)
             return
-        if not handle.pending_approvals and handle.status is RunStatus.WAITING and handle.task is None:
+        if (not handle.pending_approvals and not handle.pending_client_calls and handle.status is RunStatus.WAITING
+                and handle.task is None):
             self._k.driver.start(handle, resume=True)
+
+    async def handle_of(self, run_id: str) -> RunHandle:
+        """An unfinished run's handle (see ``_handle_elsewhere`` for a run this node does not hold)."""
+        return self._k.runs.get(run_id) or await self._handle_elsewhere(run_id)
 
     async def _handle_elsewhere(self, run_id: str) -> RunHandle:
         """A run this node does not hold: ended (``Conflict``), unknown (``NotFound``), or, in a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from corral import logs, tracing
@@ -23,7 +23,7 @@ from corral.kernel.ports import Finished, Parked, RunContext, Runner, SteerInput
 from corral.kernel.repair import write_until_committed
 from corral.kernel.runs import RunHandle
 from corral.kernel.sessions import SessionRuntime
-from corral.records import InputMove, NewApproval, NewMessage, RunChange, Writes
+from corral.records import InputMove, NewApproval, NewClientCall, NewMessage, RunChange, Writes
 from corral.types import ApprovalStatus, CancelMode, EventType, InputStatus, RunStatus
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class Driver:
                                      error=cancel_error(handle), usage=runner.usage)
                     return
                 assert isinstance(outcome, Parked)
-                if await self._park(handle, outcome.calls):
+                if await self._park(handle, outcome):
                     return
         except asyncio.CancelledError:
             if handle.cancel_mode is not CancelMode.HARD:
@@ -195,12 +195,17 @@ class Driver:
         handle.move(RunStatus.RUNNING)
         await self._k.store.record(Writes(run_changes=[RunChange(handle.run_id, status=RunStatus.RUNNING)]))
 
-    async def _park(self, handle: RunHandle, calls: list[ToolCall]) -> bool:
-        """Record the wait for approvals; True if the run should now sleep (holding nothing)."""
-        handle.pending_approvals = {call.id for call in calls}
-        await self._k.store.record(self.approvals_requested(handle, calls))
-        if handle.pending_approvals and handle.cancel_mode is None:
-            handle.task = None  # parked: decide() or cancel() picks it up
+    async def _park(self, handle: RunHandle, parked: Parked) -> bool:
+        """Record the wait for approvals and for the client's results; True if the run should now
+        sleep (holding nothing)."""
+        handle.pending_approvals = {call.id for call in parked.calls}
+        handle.pending_client_calls = {call.id: call for call in parked.client_calls}
+        await self._k.store.record(self.approvals_requested(handle, parked.calls, client_calls=parked.client_calls,
+                                                            usage=parked.usage))
+        if (handle.pending_approvals or handle.pending_client_calls) and handle.cancel_mode is None:
+            handle.task = None  # parked: decide(), the client's results or cancel() pick it up
+            if handle.pending_client_calls:
+                self._k.client_tools.start_timer(handle)
             return True
         if handle.cancel_mode is not None:
             await self._k.ending.end(handle, self.stop_status(handle), error=cancel_error(handle))
@@ -208,19 +213,33 @@ class Driver:
         await self.resume(handle)
         return False
 
-    def approvals_requested(self, handle: RunHandle, calls: list[ToolCall]) -> Writes:
-        """What asking a human about ``calls`` writes: the pending approvals and their events, and
-        the run's move to ``waiting`` unless it is there already (moved here, in memory, at once)."""
+    def approvals_requested(self, handle: RunHandle, calls: Sequence[ToolCall], *,
+                            client_calls: Sequence[ToolCall] = (), usage: dict[str, int] | None = None) -> Writes:
+        """What asking a human about ``calls`` (and the client for the results of ``client_calls``)
+        writes: the pending approvals and client calls and their events, and the run's move to
+        ``waiting`` unless it is there already (moved here, in memory, at once).
+
+        A client call is a ``tool.started`` (with ``client: true``) now and its ``tool.completed``
+        when the result comes; ``run.waiting`` lists the client calls, the calls a client's answer
+        returns (``finish_reason: tool_calls``), with the usage of the run's model calls so far."""
         now, sid, run_id = utcnow(), handle.session_id, handle.run_id
         writes = Writes(
             approvals=[NewApproval(run_id, c.id, sid, c.name, c.arguments, now) for c in calls],
+            client_calls=[NewClientCall(run_id, c.id, sid, c.name, c.arguments, now) for c in client_calls],
             events=[NewEvent(sid, EventType.APPROVAL_REQUESTED, run_id,
                              {"call_id": c.id, "tool": c.name, "arguments": c.arguments}) for c in calls],
         )
+        writes.events += [NewEvent(sid, EventType.TOOL_STARTED, run_id,
+                                   {"call_id": c.id, "tool": c.name, "arguments": c.arguments, "client": True})
+                          for c in client_calls]
         if handle.status is not RunStatus.WAITING:
             handle.move(RunStatus.WAITING)
             writes.run_changes.append(RunChange(run_id, status=RunStatus.WAITING))
-            writes.events.append(NewEvent(sid, EventType.RUN_WAITING, run_id, {"pending": [c.id for c in calls]}))
+            waiting: dict[str, Any] = {"pending": [c.id for c in [*calls, *client_calls]]}
+            if client_calls:
+                waiting["client_calls"] = [c.as_json() for c in client_calls]
+                waiting["usage"] = usage or {}
+            writes.events.append(NewEvent(sid, EventType.RUN_WAITING, run_id, waiting))
         return writes
 
     async def wait_in_run(self, run_id: str, reason: dict[str, Any], until: Awaitable[None]) -> None:

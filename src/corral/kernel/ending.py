@@ -103,6 +103,8 @@ class Ending:
         handle.move(status)
         if handle.hard_timer is not None:
             handle.hard_timer.cancel()
+        if handle.client_timer is not None:
+            handle.client_timer.cancel()
         handle.finished.set()
         for waiter in handle.approval_waiters.values():
             waiter.cancel()  # a question of a finished run has nobody left to ask
@@ -113,7 +115,7 @@ class Ending:
         requeue: Slot | None = None
         if status is RunStatus.INTERRUPTED and began and self._k.config.requeue_interrupted and handle.slot.input_ids:
             requeue = Slot(new_id("run"), handle.slot.position - 0.5, list(handle.slot.input_ids),
-                           handle.slot.policy, urgent=True)
+                           handle.slot.policy, urgent=True, model_options=handle.slot.model_options)
         if status is RunStatus.COMPLETED:
             runtime.completed_runs += 1  # here, before the write: counted in commit order
         unstarted = queued_slot is not None or not began

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from corral.clock import utcnow
-from corral.errors import SessionBusy, ShuttingDown, TooManyPending
+from corral.errors import InvalidInput, SessionBusy, ShuttingDown, TooManyPending
 from corral.events import NewEvent
 from corral.kernel.lane import Acceptance
 from corral.kernel.repair import refused_while_repairing
@@ -24,6 +24,7 @@ from corral.types import Disposition, EventType, ExecPolicy, Mode, new_id
 
 if TYPE_CHECKING:
     from corral.kernel.kernel import Kernel
+    from corral.providers.base import ModelOptions
 
 # Inputs from these origins run in the background class (see kernel/slots.py).
 BACKGROUND_ORIGINS = frozenset({"scheduler"})
@@ -43,9 +44,17 @@ class Intake:
         debounce_ms: int = 0,
         idempotency_key: str | None = None,
         origin: str = "api",
+        model_options: ModelOptions | None = None,
     ) -> Accepted:
-        """Accept one input durably; returns once it is committed (HTTP 202)."""
+        """Accept one input durably; returns once it is committed (HTTP 202).
+
+        ``model_options`` (a client's own tools, tool_choice, response_format) belong to the run
+        the input starts, so they need a mode that gives it one: ``queue``, ``interrupt``,
+        ``rollback`` or ``reject``."""
         k = self._k
+        if model_options is not None and mode in (Mode.STEER, Mode.COLLECT):
+            raise InvalidInput(f"a message with its own tools or response format needs a run of its own; mode "
+                               f"{mode.value!r} may join another run")
         self._check_accepting()
         runtime = await k.sessions.get(session_id)
         if idempotency_key is not None:
@@ -70,6 +79,8 @@ class Intake:
         except (SessionBusy, TooManyPending) as exc:
             k.metrics.inputs_rejected.labels(exc.code).inc()
             raise
+        if acceptance.created:
+            acceptance.slot.model_options = model_options
         runtime.last_input_seq += 1
         runtime.contents[input_id] = content
         accepted = Accepted(session_id, input_id, acceptance.slot.run_id, acceptance.disposition)

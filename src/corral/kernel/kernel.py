@@ -18,7 +18,7 @@ the I/O it implies goes to the store afterwards. Nothing holds a lock across an 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from corral.errors import Conflict, OwnedElsewhere, StoreUnavailable
 from corral.events import Event
 from corral.kernel.agents import AgentManager
+from corral.kernel.client_tools import Answered, ClientTools
 from corral.kernel.config import KernelConfig
 from corral.kernel.control import Control
 from corral.kernel.conversations import Conversations
@@ -43,7 +44,7 @@ from corral.metrics import Metrics
 from corral.types import ApprovalStatus, CancelMode, Decision, ExecPolicy, Mode, RunStatus
 
 if TYPE_CHECKING:
-    from corral.providers.base import ToolCall
+    from corral.providers.base import ModelOptions, ToolCall
     from corral.specs import AgentSpec
     from corral.store import Store
     from corral.tools.base import ToolRegistry
@@ -98,6 +99,8 @@ class Kernel:
         self.supervisor = Supervisor()
         self.agents = AgentManager(store, self.tools, self.supervisor.spawn, self.config.workspace_root, backends)
         self.intake, self.driver, self.ending, self.control = Intake(self), Driver(self), Ending(self), Control(self)
+        # Runs waiting for the results of their client's own tools (the OpenAI endpoints).
+        self.client_tools = ClientTools(self)
         self.run_end_listeners: list[Callable[[RunEnd], None]] = []
         # Told (synchronously) the id of each session this node took over from nobody (a cluster).
         self.adopted_listeners: list[Callable[[str], None]] = []
@@ -224,10 +227,19 @@ class Kernel:
 
     async def submit(self, session_id: str, content: str, *, mode: Mode = Mode.QUEUE,
                      policy: ExecPolicy = ExecPolicy.CONTINUE, debounce_ms: int = 0,
-                     idempotency_key: str | None = None, origin: str = "api") -> Accepted:
-        """Accept one input durably; returns once it is committed (HTTP 202)."""
+                     idempotency_key: str | None = None, origin: str = "api",
+                     model_options: ModelOptions | None = None) -> Accepted:
+        """Accept one input durably; returns once it is committed (HTTP 202). ``model_options``:
+        what the client's request adds to the new run's model calls (its own tools, tool_choice,
+        response_format); a call of one of its tools parks the run until ``answer_client_calls``."""
         return await self.intake.submit(session_id, content, mode=mode, policy=policy, debounce_ms=debounce_ms,
-                                        idempotency_key=idempotency_key, origin=origin)
+                                        idempotency_key=idempotency_key, origin=origin, model_options=model_options)
+
+    async def answer_client_calls(self, run_id: str, results: Mapping[str, str], *,
+                                  model_options: ModelOptions | None = None) -> Answered:
+        """Record the client's results of its tool calls (call id -> text) for a run waiting for
+        them, and resume it once it waits for nothing else (``ClientTools.answer``)."""
+        return await self.client_tools.answer(run_id, results, model_options=model_options)
 
     async def submit_anywhere(self, session_id: str, content: str, *, mode: Mode = Mode.QUEUE,
                               policy: ExecPolicy = ExecPolicy.CONTINUE, idempotency_key: str | None = None,

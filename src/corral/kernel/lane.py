@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from corral.errors import SessionBusy, TooManyPending
 from corral.types import Disposition, ExecPolicy, InputId, Mode, RunId
+
+if TYPE_CHECKING:
+    from corral.providers.base import ModelOptions
 
 
 @dataclass(eq=False)
@@ -30,6 +34,9 @@ class Slot:
     started: bool = False
     # Steer inputs accepted for this (active) run, not yet taken at a step boundary.
     inbox: list[InputId] = field(default_factory=list)
+    # What the client's request adds to the run's model calls (its own tools, tool_choice,
+    # response_format); a run that carries its inputs on (re-queued) takes it along.
+    model_options: ModelOptions | None = None
 
     def __repr__(self) -> str:
         return f"<Slot {self.run_id} inputs={len(self.input_ids)} inbox={len(self.inbox)}>"

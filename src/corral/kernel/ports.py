@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,9 +64,13 @@ class Stopped:
 
 @dataclass(frozen=True)
 class Parked:
-    """The step needs decisions on these calls; the run should wait, holding nothing."""
+    """The step needs decisions on ``calls`` and the client's results of ``client_calls`` (calls of
+    the tools its request brought); the run should wait, holding nothing. ``usage``: the tokens its
+    model calls took so far."""
 
     calls: list[ToolCall]
+    client_calls: list[ToolCall] = field(default_factory=list)
+    usage: dict[str, int] | None = None
 
 
 Outcome = Finished | Stopped | Parked
@@ -214,6 +218,17 @@ class KernelStore(Protocol):
     async def all_agents(self) -> Any: ...
 
     async def approvals_of_run(self, run_id: str) -> Any: ...
+
+    async def unanswered_client_calls(self, run_ids: list[str]) -> Any:
+        """The calls of client tools these runs still wait on (rows with ``run_id, call_id, tool,
+        arguments, created_at``), oldest first."""
+        ...
+
+    async def client_calls_by_id(self, call_ids: list[str]) -> Any:
+        """Client calls with these ids, answered or not, with ``run_status``, ``owner``, ``agent``."""
+        ...
+
+    async def last_event_seq(self, session_id: str) -> int: ...
 
     async def events_after(self, session_id: str, after: int, *, run_id: str | None = None,
                            limit: int = 1000) -> list[Event]: ...

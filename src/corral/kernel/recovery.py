@@ -4,7 +4,8 @@ What the store says at start:
 - `running` runs were cut off mid-flight: each becomes `interrupted` (with its event),
   its messages are rolled back out of the context, and by default its inputs move to
   a new queued run at the front of the session's queue (invariant 12);
-- `waiting` runs keep waiting for their approvals, holding nothing;
+- `waiting` runs keep waiting for their approvals and their client's tool results, holding
+  nothing (the wait for a client starts its timer again, with what was left of it);
 - `queued` runs are rebuilt into their session's lane in order and the head starts.
 
 A store that refuses the interruption's write (a full disk) does not stop the start: the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from corral.clock import utcnow
@@ -25,6 +27,7 @@ from corral.events import NewEvent
 from corral.kernel.lane import Slot
 from corral.kernel.repair import write_until_committed
 from corral.kernel.runs import RunHandle, new_run
+from corral.providers.base import ModelOptions, ToolCall
 from corral.records import InputMove, RunChange, Writes
 from corral.types import EventType, ExecPolicy, InputStatus, RunStatus, new_id
 
@@ -40,7 +43,8 @@ INTERRUPTED_ERROR = {"code": "interrupted", "message": "the server stopped while
 async def recover(kernel: Kernel) -> None:
     """Recover every session (one node: all of them are this node's)."""
     runs, inputs, approvals = await kernel.store.unfinished_work()
-    for session_id, work in _by_session(runs, inputs, approvals).items():
+    client_calls = await _client_calls(kernel, runs)
+    for session_id, work in _by_session(runs, inputs, approvals, client_calls).items():
         await _recover_session(kernel, await kernel.sessions.get(session_id), *work)
 
 
@@ -48,25 +52,35 @@ async def recover_session(kernel: Kernel, runtime: SessionRuntime) -> None:
     """Recover one session this node has just taken over (a cluster: from a node that left or
     died, or from nobody), before its lane serves anything."""
     runs, inputs, approvals = await kernel.store.unfinished_work(runtime.id)
-    work = _by_session(runs, inputs, approvals).get(runtime.id)
+    work = _by_session(runs, inputs, approvals, await _client_calls(kernel, runs)).get(runtime.id)
     if work is not None:
         await _recover_session(kernel, runtime, *work)
 
 
-Work = tuple[list[Any], dict[str, list[Any]], dict[str, set[str]]]
+Work = tuple[list[Any], dict[str, list[Any]], dict[str, set[str]], dict[str, list[Any]]]
 
 
-def _by_session(runs: list[Any], inputs: Any, approvals: Any) -> dict[str, Work]:
+async def _client_calls(kernel: Kernel, runs: list[Any]) -> Any:
+    """The client calls that waiting runs still wait for."""
+    waiting = [run.id for run in runs if run.status == RunStatus.WAITING.value]
+    return await kernel.store.unanswered_client_calls(waiting) if waiting else []
+
+
+def _by_session(runs: list[Any], inputs: Any, approvals: Any, client_calls: Any) -> dict[str, Work]:
     inputs_by_run: dict[str, list[Any]] = defaultdict(list)
     for row in inputs:
         inputs_by_run[row.run_id].append(row)
     pending_by_run: dict[str, set[str]] = defaultdict(set)
     for row in approvals:
         pending_by_run[row.run_id].add(row.call_id)
+    client_by_run: dict[str, list[Any]] = defaultdict(list)
+    for row in client_calls:
+        client_by_run[row.run_id].append(row)
     by_session: dict[str, list[Any]] = defaultdict(list)
     for run in runs:
         by_session[run.session_id].append(run)
-    return {sid: (session_runs, inputs_by_run, pending_by_run) for sid, session_runs in by_session.items()}
+    return {sid: (session_runs, inputs_by_run, pending_by_run, client_by_run)
+            for sid, session_runs in by_session.items()}
 
 
 async def _recover_session(
@@ -75,11 +89,12 @@ async def _recover_session(
     runs: list[Any],
     inputs_by_run: dict[str, list[Any]],
     pending_by_run: dict[str, set[str]],
+    client_by_run: dict[str, list[Any]],
 ) -> None:
     """Interrupt what was running (one write), then rebuild the lane. If the store refuses the
     write for now (a full disk), the session is held -- new inputs get 503 with Retry-After --
     and the write is repaired in the background until it commits; the lane is rebuilt then."""
-    plan = _plan(kernel, runtime.id, runs, inputs_by_run, pending_by_run)
+    plan = _plan(kernel, runtime.id, runs, inputs_by_run, pending_by_run, client_by_run)
     if plan.writes is not None:
         try:
             await kernel.store.end_run(plan.writes)
@@ -114,10 +129,12 @@ class _Plan:
     queued: list[Slot] = field(default_factory=list)
     active: Slot | None = None
     waiting: RunHandle | None = None
+    # When the oldest client call the waiting run waits for was made (its timer counts from then).
+    client_since: datetime | None = None
 
 
 def _plan(kernel: Kernel, session_id: str, runs: list[Any], inputs_by_run: dict[str, list[Any]],
-          pending_by_run: dict[str, set[str]]) -> _Plan:
+          pending_by_run: dict[str, set[str]], client_by_run: dict[str, list[Any]]) -> _Plan:
     plan = _Plan()
     for run in runs:
         rows = inputs_by_run.get(run.id, [])
@@ -132,15 +149,21 @@ def _plan(kernel: Kernel, session_id: str, runs: list[Any], inputs_by_run: dict[
                 plan.queued.append(requeue)
             continue
         slot = Slot(run.id, run.position, [r.id for r in rows if r.status == InputStatus.PENDING.value],
-                    ExecPolicy(run.policy), collect=run.collect)
+                    ExecPolicy(run.policy), collect=run.collect,
+                    model_options=ModelOptions.from_json(run.model_options))
         if status is RunStatus.WAITING:
             slot.started = True
             # What it already consumed: requeued with it should it be interrupted later.
             slot.input_ids = [r.id for r in rows if r.status == InputStatus.CONSUMED.value]
             slot.inbox = [r.id for r in rows if r.status == InputStatus.PENDING.value]
             plan.active = slot
+            client_calls = client_by_run.get(run.id, [])
             plan.waiting = RunHandle(run.id, session_id, slot, status=RunStatus.WAITING,
-                                     pending_approvals=set(pending_by_run.get(run.id, ())))
+                                     pending_approvals=set(pending_by_run.get(run.id, ())),
+                                     pending_client_calls={c.call_id: ToolCall(c.call_id, c.tool, dict(c.arguments))
+                                                           for c in client_calls},
+                                     choice_pending=False)
+            plan.client_since = min((c.created_at for c in client_calls), default=None)
         else:
             plan.queued.append(slot)
     return plan
@@ -156,8 +179,10 @@ def _restore(kernel: Kernel, runtime: SessionRuntime, plan: _Plan) -> None:
     to_start = runtime.lane.restore(plan.active, plan.queued)
     if to_start is not None:
         kernel.driver.start(runtime.handles[to_start.run_id])
-    if plan.waiting is not None and not plan.waiting.pending_approvals:
-        kernel.driver.start(plan.waiting, resume=True)  # decided just before the stop
+    if plan.waiting is not None and plan.waiting.pending_client_calls:
+        kernel.client_tools.start_timer(plan.waiting, since=plan.client_since)
+    elif plan.waiting is not None and not plan.waiting.pending_approvals:
+        kernel.driver.start(plan.waiting, resume=True)  # decided (or answered) just before the stop
 
 
 def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any]) -> tuple[Writes, Slot | None]:
@@ -167,7 +192,8 @@ def _interrupt(kernel: Kernel, session_id: str, run: Any, rows: list[Any]) -> tu
     input_ids = [r.id for r in rows if kernel.config.requeue_interrupted or r.status == InputStatus.PENDING.value]
     requeue = None
     if input_ids:
-        requeue = Slot(new_id("run"), run.position - 0.5, input_ids, ExecPolicy(run.policy), urgent=True)
+        requeue = Slot(new_id("run"), run.position - 0.5, input_ids, ExecPolicy(run.policy), urgent=True,
+                       model_options=ModelOptions.from_json(run.model_options))
 
     writes = Writes(
         run_changes=[RunChange(run.id, status=RunStatus.INTERRUPTED, error=INTERRUPTED_ERROR, ended_at=now)],

@@ -6,12 +6,15 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from corral.errors import InvalidTransition
 from corral.kernel.lane import Slot
 from corral.records import NewRun
 from corral.types import ApprovalStatus, CancelMode, RunStatus
+
+if TYPE_CHECKING:
+    from corral.providers.base import ToolCall
 
 S = RunStatus
 ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
@@ -50,6 +53,8 @@ class CancelReason:
     USER = "cancelled by request"
     INTERRUPTED = "interrupted by a newer message"
     SHUTDOWN = "the server is shutting down"
+    CLIENT_TIMEOUT = "the client sent no result of its tool calls in time"
+    CLIENT_MOVED_ON = "the client sent a new message without the results of its tool calls"
 
 
 @dataclass(eq=False)
@@ -78,6 +83,15 @@ class RunHandle:
     queued_at: float = field(default_factory=time.monotonic)
     # Approvals this run waits for (call ids), while parked in `waiting`.
     pending_approvals: set[str] = field(default_factory=set)
+    # Calls of the client's own tools whose results this run waits for, by call id, while parked
+    # in `waiting` (``kernel/client_tools.py``); the run resumes when this and
+    # ``pending_approvals`` are both empty. ``client_timer`` ends the wait if no result comes.
+    pending_client_calls: dict[str, ToolCall] = field(default_factory=dict)
+    client_timer: asyncio.TimerHandle | None = None
+    # Whether a forcing ``tool_choice`` of the run's model options (``required``, a function)
+    # still binds its next model call: it binds the first call after the request that brought
+    # it (a new input, or the client's results), so a forced tool cannot loop within a run.
+    choice_pending: bool = True
     # Decisions awaited by a run that stays alive while a human decides (an ACP agent's
     # permission request), by call id; ``decide`` resolves them.
     approval_waiters: dict[str, asyncio.Future[ApprovalStatus]] = field(default_factory=dict)
@@ -114,4 +128,5 @@ class RunHandle:
 
 def new_run(session_id: str, slot: Slot, now: datetime) -> NewRun:
     """The record of a run that has just been queued for ``slot``."""
-    return NewRun(slot.run_id, session_id, slot.position, slot.policy, slot.collect, now)
+    options = slot.model_options.as_json() if slot.model_options is not None else None
+    return NewRun(slot.run_id, session_id, slot.position, slot.policy, slot.collect, now, options)

@@ -11,6 +11,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from itertools import islice
 from typing import Any
 
@@ -21,8 +22,22 @@ from corral.kernel.ports import KernelStore, Ownership
 from corral.kernel.runs import RunHandle
 from corral.lru import Lru
 from corral.principals import LOCAL
+from corral.providers.base import ChatMessage
 from corral.records import NewMessage
 from corral.types import Disposition, new_id
+
+# A message a new session starts with: (role, content), or a whole message with tool calls or a tool result.
+History = tuple[str, str] | ChatMessage
+
+
+def _seeded(session_id: str, entry: History, now: datetime) -> NewMessage:
+    """Messages no run produced carry the empty run id, so no rollback ever touches them."""
+    if isinstance(entry, ChatMessage):
+        calls = [call.as_json() for call in entry.tool_calls] or None
+        return NewMessage(session_id, "", entry.role, entry.content, tool_calls=calls,
+                          tool_call_id=entry.tool_call_id, created_at=now)
+    role, content = entry
+    return NewMessage(session_id, "", role, content, created_at=now)
 
 
 @dataclass(frozen=True)
@@ -136,13 +151,14 @@ class SessionTable:
         key: str | None,
         metadata: dict[str, Any],
         owner: str = LOCAL.name,
-        history: Sequence[tuple[str, str]] = (),
+        history: Sequence[History] = (),
     ) -> tuple[dict[str, Any], bool]:
         """The session's row and whether this call created it (invariant 15).
 
         Keys are per owner: the same key from two principals names two sessions.
-        ``history`` (role, content) pairs become the start of a new session's context,
-        written with the session itself; a session that already exists keeps its own.
+        ``history`` (role, content) pairs, or whole messages (an assistant's tool calls, a
+        tool's result), become the start of a new session's context, written with the session
+        itself; a session that already exists keeps its own.
         """
         if key is None:
             return await self._insert(agent, None, metadata, owner, history), True
@@ -163,7 +179,7 @@ class SessionTable:
             del self._creating[owner, key]
 
     async def _get_or_insert(
-        self, agent: str, key: str, metadata: dict[str, Any], owner: str, history: Sequence[tuple[str, str]]
+        self, agent: str, key: str, metadata: dict[str, Any], owner: str, history: Sequence[History]
     ) -> tuple[dict[str, Any], bool]:
         existing = await self._store.session_by_key(owner, key)
         if existing is not None:
@@ -177,7 +193,7 @@ class SessionTable:
             return dict(existing._mapping), False
 
     async def _insert(
-        self, agent: str, key: str | None, metadata: dict[str, Any], owner: str, history: Sequence[tuple[str, str]]
+        self, agent: str, key: str | None, metadata: dict[str, Any], owner: str, history: Sequence[History]
     ) -> dict[str, Any]:
         session_id, now = new_id("ses"), utcnow()
         row = {"id": session_id, "agent": agent, "owner": owner, "key": key, "metadata": metadata, "created_at": now,
@@ -185,7 +201,7 @@ class SessionTable:
         if self._ownership is not None:
             row["node_id"] = self._ownership.node_id  # its creator's lane holds it
         # Messages no run produced: they carry the empty run id, so no rollback ever touches them.
-        messages = [NewMessage(session_id, "", role, content, created_at=now) for role, content in history]
+        messages = [_seeded(session_id, entry, now) for entry in history]
         await self._store.create_session(row, messages)
         self._admit(self._runtime(session_id, agent, owner, 0))
         if self._on_created is not None:

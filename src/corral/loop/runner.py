@@ -7,6 +7,10 @@ parked for an approval can be resumed from the store alone, even after a restart
 State transitions belong to the kernel: the loop returns an outcome and the kernel
 records it.
 
+A client's request may add tools of its own (the run's ``ModelOptions``): they are offered
+with the agent's, and a call of one is not run here: the run parks (``Parked.client_calls``)
+until the client sends the result (``kernel/client_tools.py``), as it parks for an approval.
+
 What a step records (its tool calls, their results, the steers it took) is written
 without waiting, but never forgotten: before each model call and before the outcome,
 the loop waits for those writes, and one that failed fails the run
@@ -139,8 +143,8 @@ class StepLoop(ContextRunner):
             approvals = await self.store.approvals_of_run(self.run_id)
             decided = {a.call_id: ApprovalStatus(a.status) for a in approvals}
             parked = await self._run_calls(pending, context, decided)
-            if parked:
-                return Parked(parked)
+            if parked is not None:
+                return parked
         while True:
             # Cancel first: a stopping run must leave its steers untaken, so they are
             # requeued as the next run instead of dying (or being rolled back) with it.
@@ -157,8 +161,8 @@ class StepLoop(ContextRunner):
             context.append(ChatMessage("assistant", text, tuple(calls)))
             self._record_step(text, calls)
             parked = await self._run_calls(calls, context, {})
-            if parked:
-                return Parked(parked)
+            if parked is not None:
+                return parked
 
     def _record_step(self, text: str, calls: list[ToolCall]) -> None:
         tool_calls = [c.as_json() for c in calls]
@@ -211,9 +215,24 @@ class StepLoop(ContextRunner):
         self.writes.record(steer_writes(self.handle, steers))
         context.extend(ChatMessage("user", s.content) for s in steers)
 
+    def _request(self, context: list[ChatMessage]) -> ModelRequest:
+        """The model call: the agent's tools, and what the client's request added (its own tools
+        first, shadowing an agent tool of the same name; its tool_choice; its response_format)."""
+        specs = [tool.spec() for tool in self.agent.tools.values()]
+        options = self.handle.slot.model_options
+        if options is None:
+            return ModelRequest(list(context), specs)
+        names = options.tool_names
+        choice = options.tool_choice
+        if choice is not None and choice.forces and not self.handle.choice_pending:
+            choice = None  # a forced tool binds the request's first model call only
+        return ModelRequest(list(context), [*options.tools, *(s for s in specs if s.name not in names)],
+                            tool_choice=choice, response_format=options.response_format)
+
     async def _call_model(self, context: list[ChatMessage]) -> tuple[str, list[ToolCall]]:
         provider = self._provider()
-        specs = [tool.spec() for tool in self.agent.tools.values()]
+        request = self._request(context)
+        self.handle.choice_pending = False
         parts: list[str] = []
         calls: list[ToolCall] = []
         asked = time.perf_counter()
@@ -221,7 +240,7 @@ class StepLoop(ContextRunner):
             began = time.perf_counter()
             priority = "background" if self.handle.background else "interactive"
             self.context.metrics.provider_slot_wait.labels(priority).observe(began - asked)
-            async with aclosing(provider.stream(ModelRequest(list(context), specs))) as stream:
+            async with aclosing(provider.stream(request)) as stream:
                 async for part in stream:
                     if isinstance(part, TextDelta):
                         delta = clean(part.text)  # corral/text.py: what a model says must be storable
@@ -252,14 +271,20 @@ class StepLoop(ContextRunner):
 
     async def _run_calls(
         self, calls: list[ToolCall], context: list[ChatMessage], decided: dict[str, ApprovalStatus]
-    ) -> list[ToolCall]:
-        """Run what may run now, concurrently; return the calls that need a decision."""
+    ) -> Parked | None:
+        """Run what may run now, concurrently; return what the run must wait for: the calls that
+        need a decision, and the calls of the client's own tools (the client runs them)."""
         needs_decision: list[ToolCall] = []
+        client_calls: list[ToolCall] = []
         runnable: list[ToolCall] = []
         results: dict[str, str] = {}
+        options = self.handle.slot.model_options
+        client_names = options.tool_names if options is not None else frozenset()
         for call in calls:
             verdict = decided.get(call.id)
-            if verdict is ApprovalStatus.DENIED:
+            if call.name in client_names and verdict is None:
+                client_calls.append(call)
+            elif verdict is ApprovalStatus.DENIED:
                 results[call.id] = f"error: the call to {call.name} was denied by a human"
             elif verdict is ApprovalStatus.APPROVED:
                 runnable.append(call)
@@ -285,7 +310,9 @@ class StepLoop(ContextRunner):
         for call in calls:
             if call.id in results:
                 context.append(ChatMessage("tool", results[call.id], tool_call_id=call.id))
-        return needs_decision
+        if not needs_decision and not client_calls:
+            return None
+        return Parked(needs_decision, client_calls, dict(self.usage))
 
     def _approval_for(self, tool: str) -> Approval:
         if self.policy is ExecPolicy.PAUSE:

@@ -9,7 +9,7 @@ foreign keys and the one-active-run index:
 2. run updates, merged per run (later values win) and applied in order of each run's
    first appearance, so a run that ends is always updated before the next run of its
    session starts;
-3. input moves, message roll-backs, approval resolutions;
+3. input moves, message roll-backs, approval resolutions, client calls answered;
 4. free-form functions (``Call``), in submission order.
 """
 
@@ -46,6 +46,7 @@ class UpdateRun:
     usage: dict[str, Any] | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    model_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,18 +74,25 @@ class ResolveApproval:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerClientCall:
+    run_id: str
+    call_id: str
+    answered_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """Anything else: a function of the connection, run after the batch's other operations."""
 
     fn: WriteFn
 
 
-Op = Insert | UpdateRun | MoveInputs | RollBack | ResolveApproval | Call
+Op = Insert | UpdateRun | MoveInputs | RollBack | ResolveApproval | AnswerClientCall | Call
 
-INSERT_ORDER = (t.agents, t.sessions, t.runs, t.inputs, t.messages, t.approvals, t.compactions, t.jobs,
-                t.job_fires, t.subagents)
+INSERT_ORDER = (t.agents, t.sessions, t.runs, t.inputs, t.messages, t.approvals, t.client_calls, t.compactions,
+                t.jobs, t.job_fires, t.subagents)
 _INSERTABLE = frozenset(table.name for table in INSERT_ORDER)
-RUN_COLUMNS = ("status", "output", "error", "usage", "started_at", "ended_at")
+RUN_COLUMNS = ("status", "output", "error", "usage", "started_at", "ended_at", "model_options")
 
 
 def _keep(column: str) -> Any:
@@ -107,6 +115,11 @@ RESOLVE = (
     .where(t.approvals.c.run_id == sa.bindparam("k_run"), t.approvals.c.call_id == sa.bindparam("k_call"))
     .values(status=sa.bindparam("v_status"), resolved_at=sa.bindparam("v_at", type_=t.approvals.c.resolved_at.type))
 )
+ANSWER = (
+    t.client_calls.update()
+    .where(t.client_calls.c.run_id == sa.bindparam("k_run"), t.client_calls.c.call_id == sa.bindparam("k_call"))
+    .values(answered_at=sa.bindparam("v_at", type_=t.client_calls.c.answered_at.type))
+)
 
 
 @dataclass
@@ -116,6 +129,7 @@ class _Plan:
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     roll_backs: list[str] = field(default_factory=list)
     approvals: list[dict[str, Any]] = field(default_factory=list)
+    answers: list[dict[str, Any]] = field(default_factory=list)
     calls: list[WriteFn] = field(default_factory=list)
 
     def add(self, op: Op) -> None:
@@ -141,6 +155,8 @@ class _Plan:
             self.approvals.append(
                 {"k_run": op.run_id, "k_call": op.call_id, "v_status": op.status, "v_at": op.resolved_at}
             )
+        elif isinstance(op, AnswerClientCall):
+            self.answers.append({"k_run": op.run_id, "k_call": op.call_id, "v_at": op.answered_at})
         else:
             self.calls.append(op.fn)
 
@@ -165,5 +181,7 @@ def apply(conn: Connection, ops: Sequence[Op]) -> None:
         conn.execute(ROLL_BACK, [{"k_run": run_id} for run_id in plan.roll_backs])
     if plan.approvals:
         conn.execute(RESOLVE, plan.approvals)
+    if plan.answers:
+        conn.execute(ANSWER, plan.answers)
     for fn in plan.calls:
         fn(conn)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from corral.records import NewApproval, NewCompaction, NewInput, NewMessage, NewRun, Writes
+from corral.records import NewApproval, NewClientCall, NewCompaction, NewInput, NewMessage, NewRun, Writes
 from corral.store import ops
 from corral.store import tables as t
 
 
 def run_row(run: NewRun) -> dict[str, Any]:
     return {"id": run.id, "session_id": run.session_id, "status": "queued", "position": run.position,
-            "policy": run.policy.value, "collect": run.collect, "created_at": run.created_at}
+            "policy": run.policy.value, "collect": run.collect, "created_at": run.created_at,
+            "model_options": run.model_options}
 
 
 def input_row(new: NewInput) -> dict[str, Any]:
@@ -36,6 +37,11 @@ def approval_row(approval: NewApproval) -> dict[str, Any]:
             "created_at": approval.created_at}
 
 
+def client_call_row(call: NewClientCall) -> dict[str, Any]:
+    return {"run_id": call.run_id, "call_id": call.call_id, "session_id": call.session_id, "tool": call.tool,
+            "arguments": call.arguments, "created_at": call.created_at, "answered_at": None}
+
+
 def compaction_row(compaction: NewCompaction) -> dict[str, Any]:
     return {"session_id": compaction.session_id, "run_id": compaction.run_id,
             "through_message_id": compaction.through_message_id, "summary": compaction.summary,
@@ -53,12 +59,15 @@ def ops_of(writes: Writes) -> list[ops.Op]:
         unit.append(ops.Insert(t.messages, [message_row(m) for m in writes.messages]))
     if writes.approvals:
         unit.append(ops.Insert(t.approvals, [approval_row(a) for a in writes.approvals]))
+    if writes.client_calls:
+        unit.append(ops.Insert(t.client_calls, [client_call_row(c) for c in writes.client_calls]))
     if writes.compactions:
         unit.append(ops.Insert(t.compactions, [compaction_row(c) for c in writes.compactions]))
     for change in writes.run_changes:
         unit.append(ops.UpdateRun(change.run_id, status=change.status.value if change.status else None,
                                   output=change.output, error=change.error, usage=change.usage,
-                                  started_at=change.started_at, ended_at=change.ended_at))
+                                  started_at=change.started_at, ended_at=change.ended_at,
+                                  model_options=change.model_options))
     for move in writes.input_moves:
         unit.append(ops.MoveInputs(list(move.input_ids), move.status.value, move.run_id))
     for run_id in writes.roll_backs:
@@ -66,4 +75,6 @@ def ops_of(writes: Writes) -> list[ops.Op]:
     for resolution in writes.resolutions:
         unit.append(ops.ResolveApproval(resolution.run_id, resolution.call_id, resolution.status.value,
                                         resolution.resolved_at))
+    for result in writes.client_results:
+        unit.append(ops.AnswerClientCall(result.run_id, result.call_id, result.answered_at))
     return unit

@@ -327,3 +327,36 @@ def pending_approvals(conn: Connection, session_id: str | None = None) -> Sequen
     if session_id is not None:
         query = query.where(t.approvals.c.session_id == session_id)
     return conn.execute(query).all()
+
+
+# --- client calls -------------------------------------------------------------------
+
+
+def unanswered_client_calls(conn: Connection, run_ids: Sequence[str]) -> Sequence[Row]:
+    """The calls of client tools that these runs still wait on, oldest first."""
+    if not run_ids:
+        return []
+    query = (sa.select(t.client_calls)
+             .where(t.client_calls.c.run_id.in_(run_ids), t.client_calls.c.answered_at.is_(None))
+             .order_by(t.client_calls.c.created_at))
+    return conn.execute(query).all()
+
+
+def client_calls_by_id(conn: Connection, call_ids: Sequence[str]) -> Sequence[Row]:
+    """Client calls with these ids, answered or not, with their run's status and their session's
+    owner and agent (a call id names a run for a client that pins no session)."""
+    if not call_ids:
+        return []
+    query = (
+        sa.select(t.client_calls, t.runs.c.status.label("run_status"), t.sessions.c.owner, t.sessions.c.agent)
+        .join(t.runs, t.runs.c.id == t.client_calls.c.run_id)
+        .join(t.sessions, t.sessions.c.id == t.client_calls.c.session_id)
+        .where(t.client_calls.c.call_id.in_(call_ids))
+    )
+    return conn.execute(query).all()
+
+
+def last_event_seq(conn: Connection, session_id: str) -> int:
+    """The session's newest event seq (0: none yet)."""
+    query = sa.select(sa.func.max(t.events.c.seq)).where(t.events.c.session_id == session_id)
+    return int(conn.execute(query).scalar() or 0)

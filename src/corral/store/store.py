@@ -231,6 +231,15 @@ class Store:
     async def approvals_of_run(self, run_id: str) -> Any:
         return await self.read(repo.approvals_of_run, run_id)
 
+    async def unanswered_client_calls(self, run_ids: list[str]) -> Any:
+        return await self.read(repo.unanswered_client_calls, run_ids)
+
+    async def client_calls_by_id(self, call_ids: list[str]) -> Any:
+        return await self.read(repo.client_calls_by_id, call_ids)
+
+    async def last_event_seq(self, session_id: str) -> int:
+        return await self.read(repo.last_event_seq, session_id)
+
     async def events_after(self, session_id: str, after: int, *, run_id: str | None = None,
                            limit: int = 1000) -> list[Event]:
         return await self.read(repo.events_after, session_id, after, run_id=run_id, limit=limit)

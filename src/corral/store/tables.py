@@ -136,6 +136,9 @@ runs = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("started_at", UTCDateTime, nullable=True),
     sa.Column("ended_at", UTCDateTime, nullable=True),
+    # What the client's request adds to the run's model calls: its own tools, tool_choice,
+    # response_format (``ModelOptions.as_json``); None for a run whose request brought none.
+    sa.Column("model_options", JSON, nullable=True),
     sa.Index("ix_runs_session_id_created_at", "session_id", "created_at"),
     sa.Index("ix_runs_status", "status"),
     # Invariant 1 as a database fact: one running-or-waiting run per session.
@@ -257,6 +260,21 @@ events = sa.Table(
     sa.Column("data", JSON, nullable=False),
     sa.Column("ts", UTCDateTime, nullable=False),
     sa.Index("ix_events_run_id_seq", "run_id", "seq"),
+)
+
+# Calls of a client's own tools (the OpenAI endpoints' ``tools``): the run waits in `waiting`
+# until the client sends each result back (``answered_at``), found by its call id.
+client_calls = sa.Table(
+    "client_calls",
+    metadata,
+    sa.Column("run_id", StoredString(40), primary_key=True),
+    sa.Column("call_id", StoredString(64), primary_key=True),
+    sa.Column("session_id", StoredString(40), nullable=False),
+    sa.Column("tool", StoredString(128), nullable=False),
+    sa.Column("arguments", JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("answered_at", UTCDateTime, nullable=True),
+    sa.Index("ix_client_calls_call_id", "call_id"),
 )
 
 approvals = sa.Table(
