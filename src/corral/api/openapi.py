@@ -91,7 +91,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/chat/completions"): Operation(
         "Create a chat completion",
         "OpenAI's chat completions: `model` is an agent, the last message is the turn's input, "
-        "`X-Corral-Session` (or `user`) keeps a durable conversation. Bad requests answer 400, as OpenAI's do. "
+        "`X-Corral-Session` (or `user`) keeps a durable conversation. The request's own `tools` are run by the "
+        "client: a call of one comes back as `tool_calls`, and messages ending with `role: tool` results resume "
+        "the same run. Bad requests answer 400, as OpenAI's do. "
         "`x-should-retry: false` says when a retry would start another run.",
         {404: "no agent of this `model`", 409: "the run was stopped (`run_cancelled`) or interrupted",
          502: "the run failed (`run_failed`)"},

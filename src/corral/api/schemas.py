@@ -140,6 +140,10 @@ class RunOut(BaseModel):
     pending_approvals: list[PendingApproval] = Field(
         default_factory=list, description="the calls a waiting run needs decisions on (GET /v1/runs/{id} only)"
     )
+    pending_client_calls: list[PendingApproval] = Field(
+        default_factory=list,
+        description="calls of an OpenAI client's own tools whose results a waiting run needs (GET /v1/runs/{id} only)",
+    )
 
 
 class RunList(BaseModel):

@@ -5,7 +5,9 @@ whose context is the request's earlier messages. With ``X-Corral-Session: KEY`` 
 the ``user`` field) the caller's session of that key keeps the conversation: on first
 use it is seeded with the earlier messages, afterwards only the last user message is
 new, and the stored history is the context. The agent's own tool calls stay inside
-Corral; the client sees the final text.
+Corral; the client sees the final text. A request with tools, a tool choice or a response
+format of its own, or with tool calls in its history, is served by ``api/chat_tools.py``: a
+call of one of its tools comes back as ``tool_calls``, and its results resume the same run.
 
 Retries: OpenAI's SDKs retry a 409, a 5xx and a dropped connection twice by default. Every
 answer after the run exists says ``x-should-retry`` (``api/retry_advice.py``), and a request
@@ -25,10 +27,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
+from corral.api.chat_tools import client_tools_completion, uses_client_tools
 from corral.api.deps import KernelDep, PrincipalDep
-from corral.api.errors import error_body
 from corral.api.json_body import CheckedRoute, UnusableBody
+from corral.api.openai_schemas import UNFINISHED as _UNFINISHED
 from corral.api.openai_schemas import ChatCompletionIn, chunk, completion, model_entry, openai_usage
+from corral.api.openai_schemas import run_error as _run_error
 from corral.api.retry_advice import advice_headers, advise, for_key, outcome_headers
 from corral.errors import InvalidInput, ModelNotFound, NotFound
 from corral.kernel import Kernel
@@ -37,12 +41,6 @@ from corral.types import CancelMode, EventType, RunStatus
 
 router = APIRouter(tags=["openai"], route_class=CheckedRoute)
 
-# How an ended run that did not complete is reported to an OpenAI client.
-_UNFINISHED = {
-    RunStatus.FAILED.value: (502, "run_failed"),
-    RunStatus.CANCELLED.value: (409, "run_cancelled"),
-    RunStatus.INTERRUPTED.value: (409, "run_interrupted"),
-}
 # The session of an unpinned request with an Idempotency-Key, so that its retry finds it.
 CALL_SESSION_PREFIX = "idempotency-key:"
 KEY_MAX = 256 - len(CALL_SESSION_PREFIX)  # a session key holds 256 characters
@@ -78,6 +76,11 @@ async def chat_completions(
         agent = kernel.agents.get(body.model)
     except NotFound:
         raise ModelNotFound(f"The model {body.model!r} does not exist (models are Corral agents)") from None
+    if uses_client_tools(body):  # the client's own tools, their results, a response format
+        call_session = CALL_SESSION_PREFIX + idempotency_key if idempotency_key is not None else None
+        return await client_tools_completion(request, kernel, principal, agent.name, body,
+                                             pin=x_corral_session or body.user, call_session=call_session,
+                                             idempotency_key=idempotency_key)
     *earlier, last = body.messages
     if last.role != "user":
         raise InvalidInput("the last message must have role 'user': it is what the agent answers")
@@ -96,6 +99,7 @@ async def chat_completions(
     )
     if session["agent"] != agent.name:
         raise InvalidInput(f"session {key!r} belongs to agent {session['agent']!r}, not {agent.name!r}")
+    await kernel.client_tools.abandon_in(session["id"])  # a run waiting for tool results the client never sent
     accepted = await kernel.submit(session["id"], content, origin="openai", idempotency_key=idempotency_key)
     # The run exists: from here no answer may leave the client to start it again.
     advise(request, for_key(idempotency_key))
@@ -136,11 +140,6 @@ async def _parse(request: Request) -> ChatCompletionIn:
     except ValidationError as exc:
         summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise InvalidInput(summary) from None
-
-
-def _run_error(code: str, status: str, error: dict[str, Any] | None) -> dict[str, Any]:
-    message = (error or {}).get("message") or f"the run ended {status}"
-    return error_body(code, message, type="server_error", param=None)
 
 
 async def _stream(

@@ -47,6 +47,9 @@ async def get_run(run_id: str, kernel: KernelDep, principal: PrincipalDep) -> Ru
         approvals = await kernel.store.read(repo.approvals_of_run, run_id)
         out.pending_approvals = [PendingApproval(call_id=a.call_id, tool=a.tool, arguments=a.arguments)
                                  for a in approvals if a.status == ApprovalStatus.PENDING.value]
+        calls = await kernel.store.unanswered_client_calls([run_id])
+        out.pending_client_calls = [PendingApproval(call_id=c.call_id, tool=c.tool, arguments=c.arguments)
+                                    for c in calls]
     return out
 
 
