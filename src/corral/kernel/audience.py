@@ -12,10 +12,11 @@ of bytes not yet taken by the connection (``Sink.backlog``) is not written to ag
 store once the connection drains. A stalled reader therefore holds at most its cap (plus one
 batch) of memory, whatever the kernel's socket buffers would have taken.
 
-Work per turn of the event loop is bounded too: a commit is written to at most ``SLICE`` taps
-at once, and the next slice waits until the loop has had twice that slice's time for other work
-(``PACE``), so a thousand observers of one session take at most a third of the loop however
-slow their writes are, and the events that commit meanwhile go out together in fewer writes.
+Work per turn of the event loop is bounded too: a commit is written to its taps for at most
+about ``SLICE_S`` (2 ms) at once, and the next slice waits until the loop has had twice that
+slice's time for other work (``PACE``), so a thousand observers of one session take at most a
+third of the loop however slow their writes are, and the events that commit meanwhile go out
+together in fewer writes.
 
 A tap's states (``TapState``) and who moves it:
 
@@ -41,8 +42,10 @@ from corral.events import Event
 
 log = logging.getLogger(__name__)
 
-# Taps written per turn of the event loop for one commit; the rest in the next turns.
-SLICE = 128
+# A commit is written to its taps for at most about this long per turn of the event loop (in
+# groups of SLICE taps, at least one group); the rest in later turns.
+SLICE_S = 0.002
+SLICE = 16
 # What a sink may hold unsent before its tap falls behind (bytes).
 DEFAULT_CAP = 32 * 1024
 # After a slice of writes, the loop gets this many times the slice's time for other work first.
@@ -156,6 +159,7 @@ class Audience:
         self.recent: list[Event] = []
         self.dropped = 0
         self.max_recent = MAX_RECENT
+        self.slice_s = SLICE_S
         # A round writes every live tap what it lacks; ``cursor`` is where the next slice starts
         # in ``order`` (the live taps when it began); ``scheduled`` when a later turn continues it.
         self.order: list[Tap] = []
@@ -262,11 +266,15 @@ class Audience:
             self.behind = list(dict.fromkeys(tap for tap in self.behind if tap._state is TapState.BEHIND))
             self.order = list(self.live)
             self.rounds += 1
-        end = min(self.cursor + SLICE, len(self.order))
-        for tap in self.order[self.cursor:end]:
-            if tap._state is TapState.LIVE:
-                self._feed(tap)
-        self.cursor = end
+        # A slice: taps in groups of SLICE until the slice has taken ``slice_s`` (at least one group).
+        end = len(self.order)
+        while self.cursor < end:
+            for tap in self.order[self.cursor:self.cursor + SLICE]:
+                if tap._state is TapState.LIVE:
+                    self._feed(tap)
+            self.cursor = min(self.cursor + SLICE, end)
+            if time.perf_counter() - began >= self.slice_s:
+                break
         pause = PACE * (time.perf_counter() - began)
         if self.cursor < len(self.order):
             self._schedule(loop, pause)
@@ -327,15 +335,15 @@ class Audience:
         kept events those after its ``last``."""
         if self.cursor or self.scheduled or not self.recent:
             return
-        needed, newest = len(self.recent), self.recent[-1].seq  # the index of the first event still needed
+        needed, lowest = len(self.recent), self.recent[-1].seq  # the first event still needed: index, seq
         for tap in self.taps:
             state = tap._state
             if state is TapState.JOINING:
                 needed = min(needed, max(0, tap.mark - self.dropped))
-            elif (state is TapState.LIVE or (state is TapState.BEHIND and tap.kept)) and tap.last < newest:
-                needed = min(needed, bisect.bisect_right(self.recent, tap.last, key=_seq))
-            if needed == 0:
-                return
+            elif state is TapState.LIVE or (state is TapState.BEHIND and tap.kept):
+                lowest = min(lowest, tap.last)
+        if lowest < self.recent[-1].seq:
+            needed = min(needed, bisect.bisect_right(self.recent, lowest, key=_seq))
         self._drop(needed)
 
     def _drop(self, count: int) -> None:
