@@ -92,6 +92,18 @@ async def _chat(options: Options) -> dict[str, Any]:
     return await chat.run()
 
 
+async def _channels(options: Options) -> dict[str, Any]:
+    from bench import channels
+
+    return await channels.run(channels.QUICK if options.quick else channels.Plan())
+
+
+def _channels_rows(results: dict[str, Any]) -> list[Row]:
+    from bench import channels
+
+    return channels.rows(results)
+
+
 async def _web(options: Options) -> dict[str, Any]:
     from bench import web
 
@@ -141,6 +153,7 @@ SCENARIOS: dict[str, Scenario] = {
     "chat": Scenario(_chat, _chat_rows, "chat"),
     "web": Scenario(_web, _web_rows, "web"),
     "cluster": Scenario(_cluster, cluster.rows, "cluster", cluster.markdown),
+    "channels": Scenario(_channels, _channels_rows, "channels"),
 }
 GROUPS: dict[str, list[str]] = {
     "suite": [name for name, s in SCENARIOS.items() if s.block in ("suite", "startup", "peer")],
@@ -194,7 +207,7 @@ def rows_of(results: dict[str, Any], block: str | None = None) -> list[Row]:
 
 
 BLOCK_SCENARIOS = {block: [n for n, s in SCENARIOS.items() if s.block == block]
-                   for block in ("suite", "startup", "peer", "chat", "web", "cluster")}
+                   for block in ("suite", "startup", "peer", "chat", "web", "cluster", "channels")}
 
 
 def doc_blocks(run: dict[str, Any]) -> tuple[dict[str, str], list[str]]:

@@ -382,3 +382,16 @@ async def test_each_chat_maps_to_a_session_by_scope(
         assert keys == ["channel:tg:-100:5", "channel:tg:dm"]
         inputs = await select_all(kernel.store, __import__("corral.store.tables", fromlist=["inputs"]).inputs.select())
         assert {row.origin for row in inputs} == {"channel"}
+
+
+async def test_a_burst_into_an_idle_chat_is_debounced_into_one_run(
+        tmp_path: Path, token_env: str, fake_telegram: tuple[FakeTelegram, str]) -> None:
+    fake, base = fake_telegram
+    spec = telegram_spec("tg", base, debounce_ms=500)
+    async with asyncio.timeout(LIMIT), service(tmp_path, [spec]) as (http, kernel, channels):
+        await channels.get("tg").wait_running()
+        for part in ("one", "two", "three"):
+            fake.push_text(1, 7, part)
+        await fake.wait_for(lambda: bool(fake.texts(1)))
+        await fake.wait_for(lambda: fake.texts(1) == ["echo: one\ntwo\nthree"])
+        assert len((await http.get("/v1/runs")).json()["runs"]) == 1

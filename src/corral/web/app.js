@@ -7,9 +7,10 @@
 //
 // One feed (GET /v1/feed) keeps the sidebar and the runs view live for every session; only the
 // open session has a stream of its own (with token deltas). Routes are hashes, so a reload
-// keeps the view: #/s/<session id>, #/agents, #/runs.
+// keeps the view: #/s/<session id>, #/agents, #/runs, #/channels.
 
 import {AgentsView} from './agents.js';
+import {ChannelsView} from './channels.js';
 import {ApiError, auth, get, post} from './api.js';
 import {Chat} from './chat.js';
 import {h, toast} from './dom.js';
@@ -30,6 +31,7 @@ const app = {
   chat: null,
   agents: null,
   runs: null,
+  channels: null,
   booted: false,
 };
 
@@ -61,6 +63,7 @@ function boot() {
     onChat: (agent) => createSession(agent, ''),
     admin: () => Boolean(app.me && app.me.admin),
   });
+  app.channels = new ChannelsView($('[data-view="channels"]'));
   bindSessionDialog();
   $('[data-testid="sign-out"]').addEventListener('click', () => {
     auth.set(null);
@@ -102,7 +105,7 @@ function openFeed() {
 function route() {
   const hash = location.hash.replace(/^#\/?/, '');
   const [view, id] = hash.split('/');
-  const name = view === 'agents' || view === 'runs' ? view : 'chat';
+  const name = ['agents', 'runs', 'channels'].includes(view) ? view : 'chat';
   for (const section of document.querySelectorAll('[data-view]')) section.hidden = section.dataset.view !== name;
   for (const link of document.querySelectorAll('[data-nav]')) {
     link.classList.toggle('active', link.dataset.nav === name);
@@ -112,6 +115,7 @@ function route() {
   if (name === 'chat') app.chat.open(sessionId);
   app.agents.show(name === 'agents');
   app.runs.show(name === 'runs');
+  app.channels.show(name === 'channels');
   document.title = name === 'chat' ? 'Corral' : `Corral · ${name[0].toUpperCase()}${name.slice(1)}`;
 }
 
