@@ -20,7 +20,7 @@ from corral.api.forward import Forwarder
 from corral.api.limits import Authenticate, BodyLimit
 from corral.api.node_header import NodeHeader
 from corral.api.request_log import LogContext
-from corral.api.routes import agents, events, jobs, meta, openai, runs, sessions
+from corral.api.routes import agents, events, jobs, meta, openai, responses, runs, sessions
 from corral.api.routes import channels as channel_routes
 from corral.api.routes import cluster as cluster_routes
 from corral.channels import install_channels
@@ -97,7 +97,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     if forwarder is not None:
         forward.install(app, forwarder)
     # Routes are matched in order, one regex each: the busiest (a turn's POST and its stream) go first.
-    for module in (sessions, events, runs, agents, jobs, openai, meta, cluster_routes, channel_routes):
+    for module in (sessions, events, runs, agents, jobs, openai, responses, meta, cluster_routes, channel_routes):
         app.include_router(module.router)
     # A2A (docs/a2a.md): each agent at /a2a/{agent}, its card open to all (Authenticate).
     app.router.routes.extend(a2a.routes())

@@ -39,6 +39,8 @@ class Operation:
     own_bodies: tuple[int, ...] = ()
 
 
+STATUS_TEXT_400_OPENAI = "the body is not valid JSON, or any invalid request (OpenAI's routes answer 400)"
+
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/sessions"): Operation(
         "Create a session",
@@ -98,6 +100,20 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {404: "no agent of this `model`", 409: "the run was stopped (`run_cancelled`) or interrupted",
          502: "the run failed (`run_failed`)"},
         stream=True),
+    ("POST", "/v1/responses"): Operation(
+        "Create a response",
+        "OpenAI's Responses API: `model` is an agent, a response is a run (`resp_<run id>`), its session the "
+        "conversation (`previous_response_id` continues it). `stream` answers with OpenAI's response events; "
+        "`background` answers at once. A run that fails or is cancelled is a response with that `status`. "
+        "Bad requests answer 400, as OpenAI's do.",
+        {400: STATUS_TEXT_400_OPENAI, 404: "no agent of this `model`, or no such `previous_response_id`"},
+        stream=True),
+    ("GET", "/v1/responses/{response_id}"): Operation(
+        "Get a response",
+        "The response as it stands; with `?stream=true` its events from `starting_after + 1` (the same "
+        "`sequence_number`s as the first stream), then live until it ends.", stream=True),
+    ("POST", "/v1/responses/{response_id}/cancel"): Operation(
+        "Cancel a response", "Stops the run (a soft cancel) and answers the response once it has ended."),
     ("GET", "/healthz"): Operation(
         "Liveness", "200 while the process serves; the body tells whether the store takes writes.", open=True),
     ("GET", "/readyz"): Operation(

@@ -1,0 +1,153 @@
+"""OpenAI's Responses API (``/v1/responses``), driven by the official ``openai`` SDK over real HTTP,
+and by the OpenAI Agents SDK with its default Responses model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from corral.kernel import Kernel
+from corral.settings import Settings
+from tests.helpers import client, http_server
+
+LIMIT = 30
+
+
+@asynccontextmanager
+async def sdk(settings: Settings) -> AsyncIterator[tuple[openai.AsyncOpenAI, httpx.AsyncClient, Kernel]]:
+    async with asyncio.timeout(LIMIT), http_server(settings) as (base, kernel):
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as ai, \
+                client(base) as http:
+            yield ai, http, kernel
+
+
+async def test_create_with_text_and_with_items(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, _):
+        raw = await ai.responses.with_raw_response.create(model="assistant", input="hello")
+        assert raw.headers["x-should-retry"] == "false"
+        response = raw.parse()
+        assert response.status == "completed"
+        assert response.output_text == "echo: hello"
+        assert response.id == "resp_" + raw.headers["x-corral-run-id"]
+        assert response.usage is not None and response.usage.total_tokens > 0
+        items = await ai.responses.create(model="assistant", input=[
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "an earlier answer"},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "second"}]}])
+        assert items.output_text == "echo: second"
+
+
+async def test_instructions_are_the_new_sessions_system_message(settings: Settings) -> None:
+    async with sdk(settings) as (ai, http, _):
+        raw = await ai.responses.with_raw_response.create(model="assistant", input="hi",
+                                                          instructions="Answer like a pirate.")
+        assert raw.parse().instructions == "Answer like a pirate."
+        messages = (await http.get(f"/v1/sessions/{raw.headers['x-corral-session-id']}/messages")).json()
+        roles = [(m["role"], m["content"]) for m in messages]
+        assert roles[0] == ("system", "Answer like a pirate.")
+
+
+async def test_previous_response_id_continues_the_same_session(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, _):
+        first = await ai.responses.with_raw_response.create(model="assistant", input="my name is Ada")
+        second = await ai.responses.with_raw_response.create(model="assistant", input="/recall",
+                                                             previous_response_id=first.parse().id)
+        assert second.headers["x-corral-session-id"] == first.headers["x-corral-session-id"]
+        assert second.parse().previous_response_id == first.parse().id
+        assert "my name is Ada" in second.parse().output_text
+        with pytest.raises(openai.NotFoundError):
+            await ai.responses.create(model="assistant", input="x", previous_response_id="resp_nope")
+
+
+async def test_stream_with_the_sdks_helper(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, _):
+        async with ai.responses.stream(model="assistant", input="stream me") as stream:
+            kinds = [event.type async for event in stream]
+            final = await stream.get_final_response()
+        assert final.output_text == "echo: stream me"
+        assert final.status == "completed"
+        assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                             "response.content_part.added"]
+        assert "response.output_text.delta" in kinds
+        assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                              "response.output_item.done", "response.completed"]
+
+
+async def test_background_retrieve_and_resume_the_stream(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, _):
+        started = await ai.responses.create(model="assistant", input="/sleep 0.3\nlater", background=True)
+        assert started.status in ("queued", "in_progress")
+        assert started.background is True
+        # Following the background response's stream to its end.
+        first: list[Any] = []
+        async with ai.responses.stream(response_id=started.id) as stream:
+            first = [event async for event in stream]
+            final = await stream.get_final_response()
+        assert final.output_text == "echo: /sleep 0.3\nlater"
+        numbers = [event.sequence_number for event in first]
+        assert numbers == list(range(len(first)))
+        retrieved = await ai.responses.retrieve(started.id)
+        assert retrieved.status == "completed" and retrieved.output_text == "echo: /sleep 0.3\nlater"
+        # Resumed after the fact: the same events, numbered alike, from starting_after + 1.
+        resumed = await ai.responses.retrieve(started.id, stream=True, starting_after=2)
+        again = [event async for event in resumed]
+        assert [e.sequence_number for e in again] == numbers[3:]
+        def shape(events: list[Any]) -> list[tuple[str, int, str | None]]:
+            return [(e.type, e.sequence_number, getattr(e, "delta", None)) for e in events]
+
+        assert shape(again) == shape(first[3:])
+        assert again[-1].type == "response.completed" and again[-1].response.output_text == final.output_text
+
+
+async def test_cancel_a_long_run(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, kernel):
+        started = await ai.responses.create(model="assistant", input="/sleep 30\nnever", background=True)
+        async with asyncio.timeout(10):
+            cancelled = await ai.responses.cancel(started.id)
+        assert cancelled.status == "cancelled"
+        assert (await ai.responses.retrieve(started.id)).status == "cancelled"
+
+
+async def test_a_failing_run_is_a_failed_response(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, _):
+        raw = await ai.responses.with_raw_response.create(model="assistant", input="/fail")
+        assert raw.headers["x-should-retry"] == "false"
+        failed = raw.parse()
+        assert failed.status == "failed"
+        assert failed.error is not None and failed.error.message
+        async with ai.responses.stream(model="assistant", input="/fail") as stream:
+            kinds = [event.type async for event in stream]
+        assert kinds[-1] == "response.failed"
+
+
+async def test_bad_requests_are_400(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, _):
+        with pytest.raises(openai.BadRequestError):
+            await ai.responses.create(model="assistant", input=[{"role": "assistant", "content": "no user"}])
+        with pytest.raises(openai.NotFoundError):
+            await ai.responses.create(model="nobody", input="hi")
+        with pytest.raises(openai.NotFoundError):
+            await ai.responses.retrieve("resp_nope")
+
+
+async def test_idempotency_key_attaches_a_retry_to_the_same_run(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, _):
+        headers = {"Idempotency-Key": "resp-key-1"}
+        one = await ai.responses.create(model="assistant", input="once", extra_headers=headers)
+        two = await ai.responses.create(model="assistant", input="once", extra_headers=headers)
+        assert one.id == two.id and two.output_text == "echo: once"
+
+
+async def test_the_agents_sdk_with_its_default_responses_model(settings: Settings) -> None:
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)
+    async with sdk(settings) as (ai, _, _):
+        agent = agents.Agent(name="echo", model=agents.OpenAIResponsesModel(model="assistant", openai_client=ai))
+        result = await agents.Runner.run(agent, "hello agents")
+        assert result.final_output == "echo: hello agents"
