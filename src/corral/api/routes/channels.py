@@ -1,6 +1,7 @@
 """Chat channels: their state (admin), a restart, their outbox, and the routes platforms push to.
 
-The push routes (``/inbound`` for the webhook channel, ``/telegram`` for a Telegram webhook)
+The push routes (``/inbound`` for the webhook channel, ``/telegram`` for a Telegram webhook,
+``/slack/events`` for Slack's Events API)
 need no API token: the platform cannot send one. Each request is checked by its channel's
 client instead (an HMAC signature and a fresh timestamp, Telegram's secret token), and
 answers only once what it carried is durable, so a platform retries what a crash cut off.
@@ -18,6 +19,7 @@ from corral.api.errors import error_body
 from corral.api.json_body import CheckedRoute
 from corral.channels import ChannelRuntime, Channels, Kind
 from corral.channels.errors import ChannelNotRunning
+from corral.channels.platforms.slack import UrlVerification
 from corral.errors import NotFound
 from corral.store import channels as rows
 
@@ -80,6 +82,13 @@ async def telegram_webhook(name: str, request: Request) -> JSONResponse:
     return await _push(request, name, Kind.TELEGRAM)
 
 
+@router.post("/{name}/slack/events")
+async def slack_events(name: str, request: Request) -> JSONResponse:
+    """Slack's Events API and interactivity requests for a channel with ``transport = "events"``:
+    signed, answered within Slack's 3 s once durable; a retry (``x-slack-retry-num``) is a duplicate."""
+    return await _push(request, name, Kind.SLACK)
+
+
 async def _push(request: Request, name: str, kind: Kind) -> JSONResponse:
     runtime = _pushed_to(request, name, kind)
     body = await request.body()
@@ -88,6 +97,8 @@ async def _push(request: Request, name: str, kind: Kind) -> JSONResponse:
     except ChannelNotRunning as exc:
         return JSONResponse(error_body(exc.code, str(exc), type="server_error"), status_code=503,
                             headers={"retry-after": str(NOT_RUNNING_RETRY_S)})
+    except UrlVerification as check:
+        return JSONResponse({"challenge": check.challenge})
     return JSONResponse({"taken": [{"outcome": t.outcome.value, "run_id": t.run_id, "session_id": t.session_id}
                                    for t in taken]})
 

@@ -16,6 +16,10 @@ def platform_for(spec: ChannelSpec) -> Platform:
         from corral.channels.platforms.telegram import Telegram
 
         return Telegram(spec)
+    if spec.kind is Kind.SLACK:
+        from corral.channels.platforms.slack import Slack
+
+        return Slack(spec)
     if spec.kind is Kind.WEBHOOK:
         from corral.channels.platforms.webhook import Webhook
 
