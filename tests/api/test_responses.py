@@ -4,6 +4,7 @@ and by the OpenAI Agents SDK with its default Responses model."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -134,6 +135,11 @@ async def test_bad_requests_are_400(settings: Settings) -> None:
             await ai.responses.create(model="nobody", input="hi")
         with pytest.raises(openai.NotFoundError):
             await ai.responses.retrieve("resp_nope")
+        with pytest.raises(openai.BadRequestError):  # results nobody waits for
+            await ai.responses.create(model="assistant", input=[
+                {"type": "function_call_output", "call_id": "call_nobody", "output": "x"}])
+        with pytest.raises(openai.BadRequestError):
+            await ai.responses.create(model="assistant", input="hi", tools=[{"type": "web_search"}])
 
 
 async def test_idempotency_key_attaches_a_retry_to_the_same_run(settings: Settings) -> None:
@@ -144,10 +150,59 @@ async def test_idempotency_key_attaches_a_retry_to_the_same_run(settings: Settin
         assert one.id == two.id and two.output_text == "echo: once"
 
 
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+ASK = '/tool get_weather {"city": "Paris"}'
+
+
+async def test_a_function_call_comes_back_and_its_output_resumes_the_same_run(settings: Settings) -> None:
+    async with sdk(settings) as (ai, http, _):
+        raw = await ai.responses.with_raw_response.create(model="assistant", input=ASK, tools=[WEATHER])
+        asked = raw.parse()
+        assert asked.status == "completed"
+        [call] = [item for item in asked.output if item.type == "function_call"]
+        assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+        run_id = raw.headers["x-corral-run-id"]
+        assert (await http.get(f"/v1/runs/{run_id}")).json()["status"] == "waiting"
+        output = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+        raw2 = await ai.responses.with_raw_response.create(model="assistant", previous_response_id=asked.id,
+                                                           input=[output], tools=[WEATHER])
+        answer = raw2.parse()
+        assert raw2.headers["x-corral-run-id"] == run_id  # the same run went on
+        assert answer.id != asked.id and answer.output_text == "tool results: sunny"
+        assert (await ai.responses.retrieve(answer.id)).output_text == "tool results: sunny"
+        assert [i.type for i in (await ai.responses.retrieve(asked.id)).output] == ["function_call"]
+        # Streamed: the call as output items, then the answer's stream.
+        async with ai.responses.stream(model="assistant", input=ASK, tools=[WEATHER]) as stream:
+            kinds = [event.type async for event in stream]
+            final = await stream.get_final_response()
+        assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+        [streamed_call] = [item for item in final.output if item.type == "function_call"]
+        output = {"type": "function_call_output", "call_id": streamed_call.call_id, "output": "rain"}
+        async with ai.responses.stream(model="assistant", input=[output], tools=[WEATHER]) as stream:
+            assert (await stream.get_final_response()).output_text == "tool results: rain"
+
+
 async def test_the_agents_sdk_with_its_default_responses_model(settings: Settings) -> None:
     agents = pytest.importorskip("agents")
-    agents.set_tracing_disabled(True)
+    agents.set_tracing_disabled(True)  # no trace export to a remote service from a test
+    calls: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
     async with sdk(settings) as (ai, _, _):
-        agent = agents.Agent(name="echo", model=agents.OpenAIResponsesModel(model="assistant", openai_client=ai))
-        result = await agents.Runner.run(agent, "hello agents")
-        assert result.final_output == "echo: hello agents"
+        model = agents.OpenAIResponsesModel(model="assistant", openai_client=ai)
+        echo = agents.Agent(name="echo", model=model)
+        assert (await agents.Runner.run(echo, "hello agents")).final_output == "echo: hello agents"
+        forecaster = agents.Agent(name="forecaster", instructions="Answer with the weather.", model=model,
+                                  tools=[get_weather])
+        result = await agents.Runner.run(forecaster, ASK)
+        assert calls == ["Paris"] and result.final_output == "tool results: sunny in Paris"
+        streamed = agents.Runner.run_streamed(forecaster, '/tool get_weather {"city": "Oslo"}')
+        async for _ in streamed.stream_events():
+            pass
+        assert calls == ["Paris", "Oslo"] and streamed.final_output == "tool results: sunny in Oslo"
