@@ -106,6 +106,21 @@ async def test_background_retrieve_and_resume_the_stream(settings: Settings) -> 
         assert again[-1].type == "response.completed" and again[-1].response.output_text == final.output_text
 
 
+async def test_a_resumed_stream_follows_a_running_response_live(settings: Settings) -> None:
+    async with sdk(settings) as (ai, _, _):
+        started = await ai.responses.create(model="assistant", input="/sleep 0.5\nlive", background=True,
+                                            store=False)
+        assert started.store is False
+        resumed = await ai.responses.retrieve(started.id, stream=True, starting_after=1)
+        events = [event async for event in resumed]
+        assert events[0].sequence_number == 2
+        assert [e.sequence_number for e in events] == list(range(2, 2 + len(events)))
+        assert events[-1].type == "response.completed"
+        assert events[-1].response.output_text == "echo: /sleep 0.5\nlive"
+        # store: false still stores it (Corral's sessions are durable).
+        assert (await ai.responses.retrieve(started.id)).status == "completed"
+
+
 async def test_cancel_a_long_run(settings: Settings) -> None:
     async with sdk(settings) as (ai, _, kernel):
         started = await ai.responses.create(model="assistant", input="/sleep 30\nnever", background=True)
@@ -113,6 +128,8 @@ async def test_cancel_a_long_run(settings: Settings) -> None:
             cancelled = await ai.responses.cancel(started.id)
         assert cancelled.status == "cancelled"
         assert (await ai.responses.retrieve(started.id)).status == "cancelled"
+        replay = [event async for event in await ai.responses.retrieve(started.id, stream=True)]
+        assert replay[-1].type == "response.failed" and replay[-1].response.status == "cancelled"
 
 
 async def test_a_failing_run_is_a_failed_response(settings: Settings) -> None:
