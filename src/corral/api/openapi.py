@@ -21,9 +21,11 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from corral import __version__
 from corral.api.openai_schemas import ChatCompletionIn
+from corral.api.routes.responses import ResponseIn
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {401: "the secret token header is wrong"}, open=True),
 }
 
+# The routes that parse their own bodies, by hand: the body each takes.
+OWN_BODIES: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatCompletionIn, "/v1/responses": ResponseIn}
+
 STATUS_TEXT = {
     400: "the body is not valid JSON (`malformed_json`), or, on OpenAI's routes, any invalid request",
     401: "no valid API token (`unauthorized`); only when tokens are configured",
@@ -193,7 +198,7 @@ def _rewrite(path: str, method: str, op: dict[str, Any], spec: Operation) -> Non
         op["security"] = []
     responses: dict[str, Any] = op["responses"]
     answers = {**_shared_errors(path, op, spec), **spec.answers}
-    if path == "/v1/chat/completions":
+    if path in OWN_BODIES:
         answers.pop(422, None)  # OpenAI's route answers 400 for any bad request
         answers[400] = STATUS_TEXT[400]
     for status, when in sorted(answers.items()):
@@ -222,9 +227,10 @@ def document(app: FastAPI) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     schemas["Error"] = ERROR_SCHEMA
-    chat = ChatCompletionIn.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas.update(chat.pop("$defs", {}))
-    schemas["ChatCompletionIn"] = chat
+    for model in OWN_BODIES.values():  # the OpenAI routes parse their own bodies (to answer 400)
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
     components["securitySchemes"] = {"bearer": {
         "type": "http", "scheme": "bearer",
         "description": "`Authorization: Bearer TOKEN`, required once any token is configured"}}
@@ -233,9 +239,9 @@ def document(app: FastAPI) -> dict[str, Any]:
         for method, op in operations.items():
             # A route without an entry keeps FastAPI's text; tests/api/test_openapi.py refuses one.
             spec = OPERATIONS.get((method.upper(), path)) or Operation(op.get("summary", ""))
-            if path == "/v1/chat/completions":
+            if path in OWN_BODIES:
                 op["requestBody"] = {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/ChatCompletionIn"}}}}
+                    "schema": {"$ref": f"#/components/schemas/{OWN_BODIES[path].__name__}"}}}}
             _rewrite(path, method.upper(), op, spec)
     return doc
 
