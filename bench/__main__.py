@@ -1,10 +1,11 @@
 """`python -m bench [NAME ...] [--quick] [--write-docs]`: run benchmarks, print a table, write JSON.
 
 Names: throughput, first-event, isolation, fanout, idle, agent-start, stop, recovery, startup,
-peer, chat, web, cluster, channels; groups: `suite` (the default: the first ten), `all` (every one),
-`foundation`. Each scenario starts its own `corral serve` on loopback with a fresh SQLite file
-and drives it from separate processes; `cluster` starts 1 to 3 nodes on a new database of the
-local Postgres server (`CORRAL_TEST_PG`'s, 127.0.0.1:5432 by default) per configuration.
+peer, chat, web, cluster, channels, audience, per-turn; groups: `suite` (the default: the first
+ten), `all` (every one), `foundation`, `streams` (audience and per-turn). Each scenario starts its
+own `corral serve` on loopback with a fresh SQLite file and drives it from separate processes;
+`cluster` starts 1 to 3 nodes on a new database of the local Postgres server (`CORRAL_TEST_PG`'s,
+127.0.0.1:5432 by default) per configuration.
 `--quick` runs every scenario small (about 3 minutes for the suite, against about 12; `cluster`
 about 2 against about 4); `--write-docs` regenerates docs/benchmarks.md's tables from this run;
 `--from-json FILE` regenerates them from a saved run instead of running anything.

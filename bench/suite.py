@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, latency, lifecycle, peer, scale, startup, throughput
+from bench import cluster, latency, lifecycle, peer, scale, startup, streams, throughput
 from bench.monitor import FLAG_CORES
 from bench.report import Row, machine_line, markdown_table
 
@@ -84,6 +84,16 @@ async def _peer(options: Options) -> dict[str, Any]:
 
 async def _cluster(options: Options) -> dict[str, Any]:
     return await cluster.run(_generators(cluster.QUICK if options.quick else cluster.Plan(), options))
+
+
+async def _audience(options: Options) -> dict[str, Any]:
+    return await streams.audience(_generators(streams.AUDIENCE_QUICK if options.quick else streams.AudiencePlan(),
+                                              options))
+
+
+async def _per_turn(options: Options) -> dict[str, Any]:
+    return await streams.per_turn(_generators(streams.PER_TURN_QUICK if options.quick else streams.PerTurnPlan(),
+                                              options))
 
 
 async def _chat(options: Options) -> dict[str, Any]:
@@ -154,11 +164,14 @@ SCENARIOS: dict[str, Scenario] = {
     "web": Scenario(_web, _web_rows, "web"),
     "cluster": Scenario(_cluster, cluster.rows, "cluster", cluster.markdown),
     "channels": Scenario(_channels, _channels_rows, "channels"),
+    "audience": Scenario(_audience, streams.audience_rows, "streams"),
+    "per-turn": Scenario(_per_turn, streams.per_turn_rows, "streams"),
 }
 GROUPS: dict[str, list[str]] = {
     "suite": [name for name, s in SCENARIOS.items() if s.block in ("suite", "startup", "peer")],
     "all": list(SCENARIOS),
     "foundation": ["agent-start", "first-event", "throughput"],  # the names of the first bench, kept
+    "streams": ["audience", "per-turn"],
 }
 
 
@@ -207,7 +220,7 @@ def rows_of(results: dict[str, Any], block: str | None = None) -> list[Row]:
 
 
 BLOCK_SCENARIOS = {block: [n for n, s in SCENARIOS.items() if s.block == block]
-                   for block in ("suite", "startup", "peer", "chat", "web", "cluster", "channels")}
+                   for block in ("suite", "startup", "peer", "chat", "web", "cluster", "channels", "streams")}
 
 
 def doc_blocks(run: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
