@@ -200,6 +200,19 @@ async def test_a_function_call_comes_back_and_its_output_resumes_the_same_run(se
             assert (await stream.get_final_response()).output_text == "tool results: rain"
 
 
+async def test_a_retried_continuation_that_parked_attaches_to_its_run(settings: Settings) -> None:
+    async with sdk(settings) as (ai, http, _):
+        first = await ai.responses.create(model="assistant", input="hi")
+        headers = {"Idempotency-Key": "continue-1"}
+        asked = await ai.responses.create(model="assistant", input=ASK, tools=[WEATHER],
+                                          previous_response_id=first.id, extra_headers=headers)
+        again = await ai.responses.create(model="assistant", input=ASK, tools=[WEATHER],
+                                          previous_response_id=first.id, extra_headers=headers)
+        assert again.id == asked.id
+        run_id = asked.id.removeprefix("resp_")
+        assert (await http.get(f"/v1/runs/{run_id}")).json()["status"] == "waiting"  # not abandoned by the retry
+
+
 async def test_the_agents_sdk_with_its_default_responses_model(settings: Settings) -> None:
     agents = pytest.importorskip("agents")
     agents.set_tracing_disabled(True)  # no trace export to a remote service from a test

@@ -524,7 +524,9 @@ async def create_response(
             if earlier:
                 raise InvalidInput("input: with previous_response_id send only the new user message")
             session_id = previous.session_id
-            await kernel.client_tools.abandon_in(session_id)  # a run waiting for results the client never sent
+            seen = await kernel.store.input_by_key(session_id, idempotency_key) if idempotency_key else None
+            if seen is None:  # not a retry: a run waiting for results the client never sent is abandoned
+                await kernel.client_tools.abandon_in(session_id)
             accepted = await kernel.submit(session_id, content, origin="openai", idempotency_key=idempotency_key,
                                            model_options=options)
             run_id = accepted.run_id
