@@ -43,6 +43,7 @@ class Operation:
 
 STATUS_TEXT_400_OPENAI = "the body is not valid JSON, or any invalid request (OpenAI's routes answer 400)"
 
+NOT_RUNNING = "the channel is not running now; `Retry-After` says when to send again"
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/sessions"): Operation(
         "Create a session",
@@ -134,10 +135,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {403: "the caller is no admin"}),
     ("POST", "/v1/channels/{name}/inbound"): Operation(
         "Webhook channel: a message in", "Signed with the channel's secret (docs/channels.md).",
-        {401: "the signature or timestamp is wrong"}, open=True),
+        {401: "the signature or timestamp is wrong", 503: NOT_RUNNING}, open=True),
     ("POST", "/v1/channels/{name}/telegram"): Operation(
         "Telegram channel: an update in", "Telegram's webhook; checked by its secret token header.",
-        {401: "the secret token header is wrong"}, open=True),
+        {401: "the secret token header is wrong", 503: NOT_RUNNING}, open=True),
+    ("POST", "/v1/channels/{name}/slack/events"): Operation(
+        "Slack channel: an Events API request in", "Slack's Events API and interactivity; checked by its "
+        "signing secret. Retries are recognised by `x-slack-retry-num` and acknowledged once.",
+        {401: "the signature or timestamp is wrong", 503: NOT_RUNNING}, open=True),
 }
 
 # The routes that parse their own bodies, by hand: the body each takes.
