@@ -374,6 +374,8 @@ async def test_each_chat_maps_to_a_session_by_scope(
         await channels.get("tg").wait_running()
         fake.push_text(1, 7, "dm one")
         await fake.wait_for(lambda: len(fake.texts(1)) == 1)
+        [first] = (await http.get("/v1/runs")).json()["runs"]
+        await wait_run(kernel, first["id"])  # else "dm two" would steer it, and its answer go to chat 1
         fake.push_text(2, 8, "dm two")
         await fake.wait_for(lambda: len(fake.texts(2)) == 1)
         fake.push_text(-100, 7, "in a group", chat_type="supergroup", thread_id=5)

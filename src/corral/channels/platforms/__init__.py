@@ -20,8 +20,12 @@ def platform_for(spec: ChannelSpec) -> Platform:
         from corral.channels.platforms.slack import Slack
 
         return Slack(spec)
+    if spec.kind is Kind.DISCORD:
+        from corral.channels.platforms.discord import Discord
+
+        return Discord(spec)
     if spec.kind is Kind.WEBHOOK:
         from corral.channels.platforms.webhook import Webhook
 
         return Webhook(spec)
-    raise NotBuilt(f"{spec.kind.value} channels are not built yet")
+    raise NotBuilt(f"{spec.kind.value} channels are not built")
