@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 CHAT_MARGIN_S = 0.01
 GLOBAL_WINDOW_S = 1.1
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 60.0
-MAX_IN_FLIGHT = 32
+MAX_IN_FLIGHT = 8
 Clock = Callable[[], float]
 
 

@@ -166,8 +166,10 @@ class ChannelRuntime:
             for task in (attempt, restart):
                 task.cancel()
             await asyncio.wait({attempt, restart})
-        if not attempt.cancelled() and attempt.exception() is not None:
-            raise attempt.exception()  # type: ignore[misc]
+            # Taken here, also when this task is being cancelled (else asyncio logs it as never retrieved).
+            error = None if attempt.cancelled() else attempt.exception()
+        if error is not None:
+            raise error
         if restart.done() and not restart.cancelled():
             raise _Restart()
 

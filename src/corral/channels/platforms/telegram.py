@@ -27,6 +27,7 @@ from corral.errors import InvalidInput, Unauthorized
 log = logging.getLogger(__name__)
 
 ALLOWED_UPDATES = ["message", "callback_query"]
+SEND_LIMITS = httpx.Limits(max_connections=16, max_keepalive_connections=4)
 RECEIVE_BACKOFF_MAX_S = 60.0
 
 
@@ -39,17 +40,21 @@ class Telegram:
         hide_in_logs(self._token)
         self._secret = spec.secret("secret_env") if spec.transport == "webhook" else ""
         self._base = f"{spec.api_base}{self._token}/"
-        self._http = httpx.AsyncClient(timeout=spec.request_timeout_s)
+        # Two clients: the long poll holds a connection for up to poll_timeout_s, and a pool that
+        # stays small is cheap (httpcore checks every idle connection of its pool per request).
+        self._http = httpx.AsyncClient(timeout=spec.request_timeout_s, limits=SEND_LIMITS)
+        self._poll = httpx.AsyncClient(timeout=spec.request_timeout_s, limits=httpx.Limits(max_connections=1))
         self.username: str | None = None
 
     def __repr__(self) -> str:
         return f"<Telegram {self.spec.name} @{self.username}>"
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, *, wait_s: float | None = None) -> Any:
+    async def call(self, method: str, params: dict[str, Any] | None = None, *, wait_s: float | None = None,
+                   client: httpx.AsyncClient | None = None) -> Any:
         """One Bot API method; its ``result``, or a classified error. ``wait_s``: how long it may
         take (a long poll's own timeout and then some), else ``request_timeout_s``."""
         try:
-            response = await self._http.post(self._base + method, json=params or {},
+            response = await (client or self._http).post(self._base + method, json=params or {},
                                              timeout=wait_s or self.spec.request_timeout_s)
         except httpx.HTTPError as exc:
             raise transport_error(exc, self._token) from None
@@ -94,7 +99,8 @@ class Telegram:
             if offset is not None:
                 params["offset"] = offset
             try:
-                updates = await self.call("getUpdates", params, wait_s=timeout + self.spec.request_timeout_s)
+                updates = await self.call("getUpdates", params, wait_s=timeout + self.spec.request_timeout_s,
+                                          client=self._poll)
             except (Transient, RetryAfter) as exc:
                 on_trouble(exc)
                 wait = exc.retry_after if isinstance(exc, RetryAfter) else delay
@@ -185,3 +191,4 @@ class Telegram:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._poll.aclose()
