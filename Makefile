@@ -26,10 +26,13 @@ browser:
 # The Postgres tests use the server CORRAL_TEST_PG names (postgresql://postgres@127.0.0.1:5432/test by
 # default) when it answers, else a throwaway one scripts/test_postgres.py starts (installing Debian's
 # postgresql with apt when it is missing) and removes after pytest.
+# Most tests wait on real servers and processes, not the CPU: several workers finish sooner even on
+# two cores. A file's tests stay on one worker (--dist loadfile): some share a module's server.
+PYTEST_WORKERS ?= 3
 test: dev browser
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
-	$(BIN)/python scripts/test_postgres.py $(BIN)/pytest
+	$(BIN)/python scripts/test_postgres.py $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # The benchmark suite (docs/benchmarks.md): `make bench`, or e.g. `make bench BENCH="--quick"`,
 # `make bench BENCH="throughput isolation"`, `make bench BENCH="--write-docs"`.
