@@ -144,3 +144,17 @@ def test_unreachable_server_is_a_clean_error() -> None:
         assert result.returncode == 1
         assert result.stderr.startswith(f"error: cannot connect to the Corral server at {url}"), result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_the_sessions_table_never_cuts_what_a_reader_copies() -> None:
+    """On an 80-column terminal with a run active, the id, agent and key stay whole (/switch KEY)."""
+    from rich.console import Console
+
+    from corral.cli.render import sessions_table
+
+    session = {"id": "ses_" + "a" * 20, "agent": "assistant", "key": "other-12345678",
+               "created_at": "2026-12-03T08:55:51", "active_run_id": "run_" + "b" * 20, "queued": 3}
+    console = Console(width=80, record=True)
+    console.print(sessions_table([session], current=session["id"]))
+    assert any(line.split()[:4] == ["*", session["id"], "assistant", "other-12345678"]
+               for line in console.export_text().splitlines())

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from corral.cli.client import Agent, Event, Run, Session
@@ -156,7 +156,9 @@ def _status(value: str) -> Text:
 
 
 def sessions_table(sessions: Sequence[Session], current: str | None = None) -> Table:
-    table = Table("", "id", "agent", "key", "created", "active run", "queued", box=None, header_style="bold")
+    # Ids, agents and keys are what a reader copies (/switch KEY): on a narrow terminal the rest wraps.
+    table = Table("", Column("id", no_wrap=True), Column("agent", no_wrap=True), Column("key", no_wrap=True), "created",
+                  "active run", "queued", box=None, header_style="bold")
     for s in sessions:
         table.add_row("*" if s["id"] == current else "", s["id"], s["agent"], s.get("key") or "",
                       _when(s.get("created_at")), s.get("active_run_id") or "", str(s.get("queued", 0)))
