@@ -24,7 +24,10 @@ async def test_a_tiny_cluster_run_on_the_local_postgres() -> None:
         assert config["created_elsewhere"] == config["answered_elsewhere"] == 0  # owners name themselves
         assert len(config["node_cpu"]) == 2 and config["cpu_ms_per_turn"] > 0
         assert config["logs"]["errors"] == 0, config["logs"]
-    assert owner["forwarded_share"] == 0 and spread["forwarded_share"] > 0
+    assert owner["forwarded_share"] == 0
+    # Each write of the spread goes to a node drawn at random: with only a few turns in the window
+    # (a loaded machine), every draw may be the owner, so only a longer run must have forwarded some.
+    assert spread["forwarded_share"] > 0 or spread["turns"] < 20, spread["turns"]
 
     forward = results["forwarding"]
     assert forward["owner"]["n"] == forward["forwarded"]["n"] == 5
