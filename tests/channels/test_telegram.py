@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -384,6 +385,38 @@ async def test_each_chat_maps_to_a_session_by_scope(
         assert keys == ["channel:tg:-100:5", "channel:tg:dm"]
         inputs = await select_all(kernel.store, __import__("corral.store.tables", fromlist=["inputs"]).inputs.select())
         assert {row.origin for row in inputs} == {"channel"}
+
+
+async def test_each_message_of_a_burst_restarts_the_wait_until_the_run_begins(
+        tmp_path: Path, token_env: str, fake_telegram: tuple[FakeTelegram, str]) -> None:
+    """The window is between messages, not from the first: a message arriving (in an update batch
+    of its own) while the burst's run still settles joins that run's opening and restarts its
+    wait. It used to steer the unstarted run, so a burst whose messages took longer than the
+    window in all (a loaded machine) was split in two."""
+    fake, base = fake_telegram
+    spec = telegram_spec("tg", base, debounce_ms=60_000)  # the run stays settling for the whole test
+    async with asyncio.timeout(LIMIT), service(tmp_path, [spec]) as (http, kernel, channels):
+        await channels.get("tg").wait_running()
+
+        def settling() -> Any:
+            [runtime] = kernel.sessions.all_live()
+            return runtime.lane.active
+
+        def accepted() -> int:
+            chats = channels.get("tg").chats
+            return chats.counts["accepted"] if chats is not None else 0
+
+        opened_at = 0.0
+        for count, part in enumerate(("one", "two", "three"), start=1):
+            fake.push_text(1, 7, part)
+            await fake.wait_for(lambda count=count: accepted() == count)
+            slot = settling()
+            assert not slot.started and slot.collect
+            assert (len(slot.input_ids), slot.inbox) == (count, [])
+            assert slot.last_input_at > opened_at  # each message restarted the wait
+            opened_at = slot.last_input_at
+        [run] = (await http.get("/v1/runs")).json()["runs"]
+        assert run["status"] == "queued"
 
 
 async def test_a_burst_into_an_idle_chat_is_debounced_into_one_run(

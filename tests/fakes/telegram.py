@@ -151,8 +151,8 @@ class FakeTelegram:
         return sum(1 for c in self.calls if c.method == method and (chat_id is None or c.chat_id == str(chat_id)))
 
     async def wait_for(self, predicate: Any) -> None:
-        """Until ``predicate()`` holds (checked after every call the fake answers and every update
-        pushed); the caller's ``asyncio.timeout`` bounds it."""
+        """Until ``predicate()`` holds (checked as every call arrives and is answered, and after
+        every update pushed); the caller's ``asyncio.timeout`` bounds it."""
         if predicate():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -193,6 +193,7 @@ class FakeTelegram:
         if method != "getUpdates":
             chat = params.get("chat_id")
             self.calls.append(Call(method, params, loop.time(), str(chat) if chat is not None else None))
+        self._notify()  # a call arriving says the channel is done with what came before (a batch taken)
         if self.is_down:
             self._notify()
             return _error(502, "Bad Gateway")

@@ -6,7 +6,8 @@ message id, redelivered) is dropped. ``/stop``, ``/new``, ``/mode``, ``/help`` a
 here; anything else is submitted to the chat's session under the idempotency key of its
 platform id, with the chat's arrival mode (``mode``, ``/mode``): a message landing while the
 chat's run is busy steers it by default. With ``debounce_ms`` a burst that starts while the
-chat is idle is collected into one run once it settles.
+chat is idle is collected into one run once it settles: each message of the burst, until the run
+begins, restarts the wait, so the window is between messages, not from the first.
 
 Each chat (its scope: a chat and thread, or for direct messages per ``dm_scope`` a chat, a
 user, or all of them) has a session keyed ``channel:NAME:SCOPE`` (``#N`` after the N-th
@@ -119,7 +120,7 @@ class Chats:
 
     async def _submit(self, chat: Chat, message: Inbound, text: str) -> Taken:
         mode, debounce = chat.mode or self.spec.mode, 0
-        if self.spec.debounce_ms and self.kernel.session_view(chat.session_id)["active_run_id"] is None:
+        if self.spec.debounce_ms and _settling(self.kernel.session_view(chat.session_id)):
             mode, debounce = Mode.COLLECT, self.spec.debounce_ms  # a burst into an idle chat: one run
         try:
             accepted = await self.kernel.submit(chat.session_id, text, mode=mode, debounce_ms=debounce,
@@ -302,3 +303,8 @@ class Chats:
 def _idempotency_key(channel: str, key: str) -> str:
     full = f"channel:{channel}:{key}"
     return full if len(full) <= 200 else f"channel:{channel}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _settling(view: dict[str, Any]) -> bool:
+    """Whether a message joins a burst: the chat is idle, or its run has not begun (still settling)."""
+    return view["active_run_id"] is None or view["active_status"] == RunStatus.QUEUED
