@@ -120,6 +120,63 @@ async def test_a_tap_behind_longer_than_the_audience_keeps_reads_the_store(kerne
         assert slow.seqs() == fast.seqs() == list(range(1, 8))
 
 
+async def test_taps_stalled_past_what_is_kept_are_outside_everything_a_commit_walks(kernel: Kernel) -> None:
+    """A commit walks the joining, the live and the taps behind on kept events; a stalled tap
+    whose events were let go is in none of them, so 200 stalled observers cost a stream nothing
+    (before, every round walked every tap, and the stream ran at 81% of its rate)."""
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        fast = FakeSink()
+        fast_tap = await live_tap(kernel, session, fast)
+        stalled = [FakeSink() for _ in range(50)]
+        stalled_taps = [await live_tap(kernel, session, sink, cap=1000) for sink in stalled]
+        audience = kernel.hub._audiences[session]
+        audience.max_recent = 4
+        await kernel.store.write(None, deltas(session, 1))
+        for sink in stalled:
+            sink.unsent = 5000
+        await kernel.store.write(None, deltas(session, 2))
+        assert all(tap.state is TapState.BEHIND and tap.kept for tap in stalled_taps)
+        assert len(audience.keeping) == 50
+        for _ in range(3):
+            await kernel.store.write(None, deltas(session, 2))
+        assert all(tap.state is TapState.BEHIND and not tap.kept for tap in stalled_taps)
+        assert (list(audience.live), audience.keeping, audience.joining) == ([fast_tap], {}, {})
+        assert fast.seqs() == list(range(1, 10))
+        stalled[0].unsent = 0
+        stalled[0].resumed.set()
+        assert not await kernel.hub.catch_up(kernel.store, stalled_taps[0], stalled[0].drained)
+        assert list(audience.live) == [fast_tap, stalled_taps[0]] and stalled[0].seqs() == list(range(1, 10))
+
+
+async def test_what_is_kept_follows_the_lowest_tap_behind_as_taps_come_and_go(kernel: Kernel) -> None:
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        first, second, fast = FakeSink(), FakeSink(), FakeSink()
+        first_tap = await live_tap(kernel, session, first, cap=1000)
+        second_tap = await live_tap(kernel, session, second, cap=1000)
+        await live_tap(kernel, session, fast)
+        await kernel.store.write(None, deltas(session, 2))
+        first.unsent = 5000
+        await kernel.store.write(None, deltas(session, 2))  # the first falls behind at 2
+        second.unsent = 5000
+        await kernel.store.write(None, deltas(session, 2))  # the second at 4
+        await kernel.store.write(None, deltas(session, 2))
+        assert (first_tap.last, second_tap.last) == (2, 4) and first_tap.kept and second_tap.kept
+        assert kernel.hub.statistics()["kept_events"] == 6  # 3-8, for the first
+        first.unsent = 0
+        first.resumed.set()
+        assert not await kernel.hub.catch_up(kernel.store, first_tap, first.drained)  # live from what was kept
+        await kernel.store.write(None, deltas(session, 1))
+        assert first.seqs() == fast.seqs() == list(range(1, 10))
+        assert kernel.hub.statistics()["kept_events"] == 5  # 5-9, for the second only
+        second.unsent = 0
+        second.resumed.set()
+        assert not await kernel.hub.catch_up(kernel.store, second_tap, second.drained)
+        await kernel.store.write(None, deltas(session, 1))
+        assert second.seqs() == list(range(1, 11)) and kernel.hub.statistics()["kept_events"] == 0
+
+
 async def test_events_committed_while_a_tap_reads_the_store_are_kept_for_it(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
         session = await new_session(kernel)

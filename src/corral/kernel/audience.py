@@ -150,11 +150,15 @@ class Audience:
     def __init__(self, session_id: str):
         self.session_id = session_id
         self.taps: list[Tap] = []  # every tap but the closed, in any state
-        # The live taps (and some that were, until the next round drops them), and how many taps
-        # are joining: kept by ``moved``, so a commit costs in proportion to the live taps only.
-        self.live: list[Tap] = []
-        self.joiners = 0
-        self.behind: list[Tap] = []  # likewise, the taps behind (and some that were)
+        # The taps a commit concerns, by state, kept exact by ``moved``: joining, live, and behind
+        # with every event after their ``last`` still kept. A tap behind whose events were let go
+        # is in none of them, so a stalled observer costs a commit nothing, however many there are.
+        self.joining: dict[Tap, None] = {}
+        self.live: dict[Tap, None] = {}
+        self.keeping: dict[Tap, None] = {}
+        # The lowest ``last`` of ``keeping`` (None: to be found again). A tap behind is not written
+        # to, so its ``last`` stands still: this changes only as taps enter or leave ``keeping``.
+        self._keeping_low: int | None = None
         # Events published and kept (seq order); ``dropped`` counts those let go before them.
         self.recent: list[Event] = []
         self.dropped = 0
@@ -180,25 +184,26 @@ class Audience:
         return self.dropped + len(self.recent)
 
     def moved(self, tap: Tap, old: TapState, new: TapState) -> None:
-        self.joiners += (new is TapState.JOINING) - (old is TapState.JOINING)
-        if new is TapState.LIVE:
-            self.live.append(tap)
-        elif new is TapState.BEHIND:
-            self.behind.append(tap)
-        if old is TapState.BEHIND:
-            tap.kept = False
+        if old is TapState.JOINING:
+            self.joining.pop(tap, None)
+        elif old is TapState.LIVE:
+            self.live.pop(tap, None)
+        elif old is TapState.BEHIND:
+            self._unkeep(tap)
+        if new is TapState.JOINING:
+            self.joining[tap] = None
+        elif new is TapState.LIVE:
+            self.live[tap] = None
 
     def listening(self) -> bool:
         """Whether some tap needs what is published now: live, joining, or behind on kept events."""
-        return (self.joiners > 0 or any(tap._state is TapState.LIVE for tap in self.live)
-                or any(tap._state is TapState.BEHIND and tap.kept for tap in self.behind))
+        return bool(self.joining or self.live or self.keeping)
 
     def add(self, tap: Tap) -> None:
         tap.mark = self.published
         tap.audience = self
         self.taps.append(tap)
-        if tap.state is TapState.JOINING:
-            self.joiners += 1
+        self.moved(tap, TapState.CLOSED, tap.state)
 
     def remove(self, tap: Tap) -> None:
         tap.state = TapState.CLOSED
@@ -262,8 +267,6 @@ class Audience:
         events that come meanwhile go out together in the next writes)."""
         began = time.perf_counter()
         if self.cursor == 0:
-            self.live = list(dict.fromkeys(tap for tap in self.live if tap._state is TapState.LIVE))
-            self.behind = list(dict.fromkeys(tap for tap in self.behind if tap._state is TapState.BEHIND))
             self.order = list(self.live)
             self.rounds += 1
         # A slice: taps in groups of SLICE until the slice has taken ``slice_s`` (at least one group).
@@ -282,7 +285,7 @@ class Audience:
         self.cursor = 0
         self.order = []
         newest = self.recent[-1].seq if self.recent else 0
-        if any(tap._state is TapState.LIVE and tap.last < newest for tap in self.live):
+        if any(tap.last < newest for tap in self.live):
             self._schedule(loop, pause)  # events came during the round: the taps served early lack them
         else:
             self._chunks.clear()
@@ -306,7 +309,7 @@ class Audience:
         start = 0 if tap.last < recent[0].seq else bisect.bisect_right(recent, tap.last, key=_seq)
         if tap.sink.backlog() > tap.cap:
             tap.state = TapState.BEHIND
-            tap.kept = True  # every event after its ``last`` is kept until it drains, or until MAX_RECENT
+            self._keep(tap)  # every event after its ``last`` is kept until it drains, or until MAX_RECENT
             tap.catch_ups += 1
             tap.wake()
             return
@@ -336,12 +339,13 @@ class Audience:
         if self.cursor or self.scheduled or not self.recent:
             return
         needed, lowest = len(self.recent), self.recent[-1].seq  # the first event still needed: index, seq
-        for tap in self.taps:
-            state = tap._state
-            if state is TapState.JOINING:
-                needed = min(needed, max(0, tap.mark - self.dropped))
-            elif state is TapState.LIVE or (state is TapState.BEHIND and tap.kept):
-                lowest = min(lowest, tap.last)
+        for tap in self.joining:
+            needed = min(needed, max(0, tap.mark - self.dropped))
+        for tap in self.live:
+            lowest = min(lowest, tap.last)
+        kept_from = self._lowest_kept()
+        if kept_from is not None:
+            lowest = min(lowest, kept_from)
         if lowest < self.recent[-1].seq:
             needed = min(needed, bisect.bisect_right(self.recent, lowest, key=_seq))
         self._drop(needed)
@@ -352,17 +356,34 @@ class Audience:
         if count <= 0:
             return
         cut = self.recent[count - 1].seq
-        for tap in self.live:
-            if tap.state is TapState.LIVE and tap.last < cut and tap.take(self.recent[:count]):
+        for tap in [tap for tap in self.live if tap.last < cut]:
+            if tap.take(self.recent[:count]):
                 tap.state = TapState.BEHIND
                 tap.catch_ups += 1
                 tap.wake()
-        for tap in self.behind:
-            if tap.last < cut:
-                tap.kept = False
+        kept_from = self._lowest_kept()
+        if kept_from is not None and kept_from < cut:
+            for tap in [tap for tap in self.keeping if tap.last < cut]:
+                self._unkeep(tap)
         del self.recent[:count]
         self.dropped += count
         self._chunks.clear()
+
+    def _keep(self, tap: Tap) -> None:
+        tap.kept = True
+        self.keeping[tap] = None
+        if self._keeping_low is not None:
+            self._keeping_low = min(self._keeping_low, tap.last)
+
+    def _unkeep(self, tap: Tap) -> None:
+        tap.kept = False
+        if self.keeping.pop(tap, False) is None and tap.last == self._keeping_low:
+            self._keeping_low = None
+
+    def _lowest_kept(self) -> int | None:
+        if self._keeping_low is None and self.keeping:
+            self._keeping_low = min(tap.last for tap in self.keeping)
+        return self._keeping_low if self.keeping else None
 
 
 def _seq(event: Event) -> int:
