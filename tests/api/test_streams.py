@@ -129,12 +129,32 @@ async def test_a_stalled_observer_falls_behind_within_a_bounded_number_of_bytes(
 # --- a run's stream ------------------------------------------------------------------------------
 
 
-async def test_a_run_stream_reads_the_store_once_from_the_runs_own_events(settings: Settings) -> None:
+async def test_a_young_run_stream_takes_the_runs_head_from_memory_not_the_store(settings: Settings) -> None:
+    """``POST`` then ``GET /v1/runs/{id}/events``, as docs/api.md shows: the run's events so far
+    are kept from its creation (``RunHeads``), so its stream reads nothing from the store."""
+    async with asyncio.timeout(60), http_server(settings) as (base, kernel), client(base) as http:
+        sid = await new_http_session(http)
+        await post(http, sid, "an earlier turn")
+        accepted = await post(http, sid, "/steps 2 50")
+        reads = kernel.hub.tap_reads
+        frames = await read_run(http, accepted["run_id"])
+        assert frames[0].event == "run.queued" and frames[-1].event == "run.completed"
+        assert {f.json["run_id"] for f in frames} == {accepted["run_id"]}
+        assert kernel.hub.tap_reads == reads
+        assert kernel.hub.heads.after(accepted["run_id"], 0) is None  # let go at the run's end
+        assert frames == [f for f in await read_session_until(http, sid, frames[-1].seq)
+                          if f.json.get("run_id") == accepted["run_id"]]  # whole, in order
+
+
+async def test_a_run_stream_past_the_kept_head_reads_the_store_once_from_the_runs_own_events(
+        settings: Settings) -> None:
     async with asyncio.timeout(60), http_server(settings) as (base, kernel), client(base) as http:
         sid = await new_http_session(http)
         for index in range(30):  # a history for the run to skip
             await post(http, sid, f"turn {index}")
+        kernel.hub.heads.max_events = 0  # the run outgrows its head with its first event
         accepted = await post(http, sid, "/steps 2 50")
+        assert kernel.hub.heads.after(accepted["run_id"], 0) is None
         reads = kernel.hub.tap_reads
         frames = await read_run(http, accepted["run_id"])
         assert frames[0].event == "run.queued" and frames[-1].event == "run.completed"

@@ -25,7 +25,7 @@ class FakeSink:
     def backlog(self) -> int:
         return self.unsent
 
-    def write(self, data: bytes) -> bool:
+    def write(self, data: bytes, *, final: bool = False) -> bool:
         if self.gone:
             return False
         self.chunks.append(data)

@@ -62,8 +62,9 @@ class Sink(Protocol):
         """Bytes written and not yet taken by the connection."""
         ...
 
-    def write(self, data: bytes) -> bool:
-        """Queue ``data`` for the connection; False when the connection is gone."""
+    def write(self, data: bytes, *, final: bool = False) -> bool:
+        """Queue ``data`` for the connection; False when the connection is gone. ``final``: only
+        the stream's end follows, so the sink may hold these bytes to send them with it."""
         ...
 
 
@@ -132,7 +133,7 @@ class Tap:
 
     def send(self, chunk: bytes, last: int, finished: bool) -> bool:
         """Write ``chunk`` (the frames through ``last``); False if the connection is gone."""
-        if chunk and not self.sink.write(chunk):
+        if chunk and not self.sink.write(chunk, final=finished):
             return False
         if chunk:
             self.writes += 1

@@ -134,6 +134,7 @@ class Ending:
         simpler = _final(runtime.id, handle.run_id, RunStatus.FAILED, None, failure, None) + carried
         if handover.requeued is not None:
             self._k.register(runtime, RunHandle(handover.requeued.run_id, runtime.id, handover.requeued))
+            self._k.hub.heads.track(handover.requeued.run_id, runtime.id)
         runtime.unsettled += 1
         if handover.to_start is not None:
             runtime.held = runtime.handles[handover.to_start.run_id]

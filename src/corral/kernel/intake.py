@@ -92,6 +92,7 @@ class Intake:
             handle = RunHandle(acceptance.slot.run_id, session_id, acceptance.slot,
                                background=origin in BACKGROUND_ORIGINS)
             k.register(runtime, handle)
+            k.hub.heads.track(handle.run_id, session_id)  # before any event of it can commit
             if self._starts_at_once(runtime, acceptance):
                 begin, handle.prompt = k.driver.begin_transition(runtime, handle)
                 writes = writes + begin

@@ -19,6 +19,7 @@ from typing import Any
 from corral.events import Event
 from corral.kernel.audience import DEFAULT_CAP, Audience, Sink, Tap, TapState
 from corral.kernel.ports import KernelStore
+from corral.kernel.run_heads import RunHeads
 from corral.types import EventType
 
 PAGE = 500
@@ -126,6 +127,8 @@ class EventHub:
         self._closed_tap_catch_ups = 0
         # Store reads made for taps (pages), and how many of those were a catch-up after a lag.
         self.tap_reads = 0
+        # Young runs' events: a stream joining one of them reads them here, not from the store.
+        self.heads = RunHeads()
 
     def __repr__(self) -> str:
         return (f"<EventHub sessions={len(self._subs.keys() | self._audiences.keys())} "
@@ -156,6 +159,7 @@ class EventHub:
                 "kept_events": sum(len(a.recent) for a in self._audiences.values()), "catch_ups": self.catch_ups}
 
     def publish(self, events: list[Event]) -> None:
+        self.heads.add(events)
         if self._subs:
             for event in events:
                 for sub in self._subs.get(event.session_id, ()):
@@ -196,7 +200,8 @@ class EventHub:
     async def catch_up(self, store: KernelStore, tap: Tap, drained: Drained, *, read: bool = True) -> bool:
         """Bring a joining (or fallen behind) tap up to date from the store, then live.
 
-        Pages are read from the tap's position and written in pieces while its connection holds
+        Pages are read from the tap's position (a young run's stream takes its run's head from
+        memory instead, ``RunHeads``) and written in pieces while its connection holds
         no more than its cap; past the cap the tap is behind again, keeps nothing of the page
         (it reads from its position again) and waits for its connection to drain (``drained``):
         a reader that stalled holds its cap of bytes and costs no store read until it reads
@@ -215,8 +220,10 @@ class EventHub:
                 if audience.resume(tap):
                     continue  # live again (or behind again, or finished) from what was kept
             if read:
-                page = await store.events_after(tap.session_id, tap.last, run_id=tap.run_id, limit=TAP_PAGE)
-                self.tap_reads += 1
+                page = self.heads.after(tap.run_id, tap.last) if tap.run_id is not None else None
+                if page is None:
+                    page = await store.events_after(tap.session_id, tap.last, run_id=tap.run_id, limit=TAP_PAGE)
+                    self.tap_reads += 1
                 if not _write_page(tap, page) or tap.state is not TapState.JOINING:
                     continue  # closed, finished, or over its cap (behind: it waits, then reads on)
                 if len(page) == TAP_PAGE:
@@ -270,6 +277,7 @@ class EventHub:
     def hint(self, session_id: str) -> None:
         """Events of the session were committed elsewhere (another node owns it): its observers
         read the store for them, as a lagged one does."""
+        self.heads.forget_session(session_id)
         for sub in self._subs.get(session_id, ()):
             sub.hinted = True
             sub.wake()
