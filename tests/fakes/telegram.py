@@ -210,6 +210,8 @@ class FakeTelegram:
             result = await handler(params) if method == "getUpdates" else handler(params)
         except _BadRequest as exc:
             return _error(400, f"Bad Request: {exc}")
+        except _Down:
+            return _error(502, "Bad Gateway")
         finally:
             self._notify()
         return JSONResponse({"ok": True, "result": result})
@@ -251,7 +253,7 @@ class FakeTelegram:
             except TimeoutError:
                 pass
         if self.is_down:
-            raise _BadRequest("down")  # answered 400 here; rare: down is checked first
+            raise _Down  # went down during the long poll: a 502, as every call gets while down
         return list(self.updates[:100])
 
     def _m_sendMessage(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -295,6 +297,10 @@ class FakeTelegram:
 
 
 class _BadRequest(Exception):
+    pass
+
+
+class _Down(Exception):
     pass
 
 
