@@ -57,6 +57,7 @@ async def test_a_failed_acceptance_answers_503_and_leaves_nothing(tmp_path: Path
             assert refused.value.retry_after > 0
         assert await select_all(kernel.store, sa.select(t.inputs).where(t.inputs.c.session_id == session)) == []
         assert kernel.session_view(session)["active_run_id"] is None  # the lane was given back
+        assert len(kernel.hub.heads) == 0  # nor is a head kept for a run that never came to be
         accepted = await kernel.submit(session, "hello", mode=Mode.REJECT)  # 'reject' proves it idle
         assert (await wait_run(kernel, accepted.run_id))["output"] == "echo: hello"
 

@@ -110,11 +110,11 @@ class TransportSink:
             log.debug("TCP_CORK not set: %s", exc)
 
     def release(self) -> None:
-        if not self._held:
+        if not self._held or self._tcp is None or CORK is None:
             return
         self._held = False
         try:
-            self._tcp.setsockopt(socket.IPPROTO_TCP, CORK, 0)  # type: ignore[union-attr]
+            self._tcp.setsockopt(socket.IPPROTO_TCP, CORK, 0)
         except OSError as exc:  # the connection is gone: nothing is waiting for what was held
             log.debug("TCP_CORK not cleared: %s", exc)
 

@@ -94,9 +94,6 @@ class Tap:
         self.mark = 0
         # Set when another node committed events of the session while the tap was joining.
         self.hinted = False
-        # Behind, and the audience still keeps every event after ``last``: once its connection
-        # drains it goes live from there, with no store read.
-        self.kept = False
         self.catch_ups = 0
         self.writes = 0
         self.bytes = 0
@@ -116,6 +113,12 @@ class Tap:
         old, self._state = self._state, new
         if self.audience is not None and old is not new:
             self.audience.moved(self, old, new)
+
+    @property
+    def kept(self) -> bool:
+        """Behind, and the audience still keeps every event after ``last``: once its connection
+        drains it goes live from there, with no store read."""
+        return self.audience is not None and self in self.audience.keeping
 
     def wake(self) -> None:
         self.wakeup.set()
@@ -371,13 +374,11 @@ class Audience:
         self._chunks.clear()
 
     def _keep(self, tap: Tap) -> None:
-        tap.kept = True
         self.keeping[tap] = None
         if self._keeping_low is not None:
             self._keeping_low = min(self._keeping_low, tap.last)
 
     def _unkeep(self, tap: Tap) -> None:
-        tap.kept = False
         if self.keeping.pop(tap, False) is None and tap.last == self._keeping_low:
             self._keeping_low = None
 

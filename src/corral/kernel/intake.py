@@ -149,6 +149,7 @@ class Intake:
             return
         handle = runtime.handles.pop(slot.run_id, None)
         self._k.runs.pop(slot.run_id, None)
+        self._k.hub.heads.forget(slot.run_id)
         if runtime.held is handle:
             runtime.held = None
         if runtime.lane.cancel_queued(slot.run_id) is None:

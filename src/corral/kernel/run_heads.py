@@ -60,6 +60,10 @@ class RunHeads:
             return None
         return [event for event in head[1] if event.seq > seq]
 
+    def forget(self, run_id: str) -> None:
+        """A run that never came to be (its accepting write failed)."""
+        self._heads.pop(run_id, None)
+
     def forget_session(self, session_id: str) -> None:
         for run_id in [run_id for run_id, (owner, _) in self._heads.items() if owner == session_id]:
             del self._heads[run_id]
