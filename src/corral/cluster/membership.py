@@ -91,8 +91,13 @@ class Membership:
         return check
 
     async def leave(self) -> None:
-        """A graceful exit: release every session at once, then stop heartbeating."""
+        """A graceful exit: stop heartbeating, then release every session at once.
+
+        In that order: a renewal after the row says ``left`` finds no live row, which is what a
+        node that was taken over sees, so a heartbeat still beating would report this node's own
+        exit as a takeover. The lease it last renewed covers the leaving write."""
         try:
+            await asyncio.to_thread(self.node.stop)
             if self.joined and self.node.holds_lease():
                 freed = await self.store.write(lambda conn: nodes.leave(conn, self.node.id))
                 log.info("node %s left the cluster, releasing %d sessions", self.node.id, freed)
