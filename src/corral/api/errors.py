@@ -80,6 +80,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     body = error_body(code, str(exc.detail), type=OPENAI_TYPES.get(exc.status_code, "invalid_request_error"))
     headers = {**advice_headers(request), **(exc.headers or {})}
     if exc.status_code == 405:  # Starlette names the methods of the first route on the path only
+        headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
         headers["allow"] = _allowed_methods(request)
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
