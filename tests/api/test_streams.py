@@ -10,7 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from starlette.routing import Match
 
+from corral.api.routes.events import RunEventsFromTheStart
 from corral.kernel import Kernel
 from corral.kernel.audience import TapState
 from corral.settings import Settings
@@ -160,6 +162,43 @@ async def test_a_run_stream_past_the_kept_head_reads_the_store_once_from_the_run
         assert frames[0].event == "run.queued" and frames[-1].event == "run.completed"
         assert {f.json["run_id"] for f in frames} == {accepted["run_id"]}
         assert kernel.hub.tap_reads - reads == 1  # one page, of this run's events only
+
+
+def test_only_a_run_stream_from_its_start_skips_fastapis_parameter_solving() -> None:
+    """A plain ``GET`` (what a client following each turn sends) matches the lean route; anything
+    with a query, a ``Last-Event-ID`` or another method falls through to the checked route."""
+    lean = RunEventsFromTheStart()
+
+    def match(method: str = "GET", query: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = ()) -> Match:
+        scope = {"type": "http", "method": method, "path": "/v1/runs/run_1/events", "root_path": "",
+                 "query_string": query, "headers": [(b"host", b"x"), *headers]}
+        return lean.matches(scope)[0]
+
+    assert match() is Match.FULL
+    assert match(query=b"after=3") is Match.NONE
+    assert match(query=b"on_disconnect=cancel") is Match.NONE
+    assert match(headers=((b"last-event-id", b"3"),)) is Match.NONE
+    assert match("HEAD") is Match.NONE and match("POST") is Match.NONE
+
+
+async def test_a_run_stream_answers_alike_by_either_route(settings: Settings) -> None:
+    async with asyncio.timeout(60), http_server(settings) as (base, _), client(base) as http:
+        sid = await new_http_session(http)
+        accepted = await post(http, sid, "/steps 2 10")
+        run_id = accepted["run_id"]
+        lean = await read_run(http, run_id)
+        checked = await read_run(http, run_id, params={"after": 0})  # the FastAPI route
+        assert lean == checked and lean[-1].event == "run.completed"
+        # The checked route still validates what the lean one never sees.
+        assert_error(await http.get(f"/v1/runs/{run_id}/events", params={"after": -1}), 422, "invalid_input")
+        assert_error(await http.get(f"/v1/runs/{run_id}/events", params={"on_disconnect": "x"}), 422,
+                     "invalid_input")
+        assert_error(await http.get(f"/v1/runs/{run_id}/events", headers={"last-event-id": "x"}), 400,
+                     "invalid_input")
+        assert_error(await http.get("/v1/runs/run_missing/events"), 404, "not_found")  # by the lean route
+        refused = await http.post(f"/v1/runs/{run_id}/events")
+        assert_error(refused, 405, "method_not_allowed")
+        assert refused.headers.get_list("allow") == ["GET"]
 
 
 # --- one request -------------------------------------------------------------------------------

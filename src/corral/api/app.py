@@ -97,6 +97,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     if forwarder is not None:
         forward.install(app, forwarder)
     # Routes are matched in order, one regex each: the busiest (a turn's POST and its stream) go first.
+    app.router.routes.append(events.RunEventsFromTheStart())
     for module in (sessions, events, runs, agents, jobs, openai, responses, meta, cluster_routes, channel_routes):
         app.include_router(module.router)
     # A2A (docs/a2a.md): each agent at /a2a/{agent}, its card open to all (Authenticate).
