@@ -229,3 +229,28 @@ async def test_a_hint_sends_live_taps_to_the_store(kernel: Kernel) -> None:
         sink.resumed.set()
         assert not await kernel.hub.catch_up(kernel.store, again, sink.drained)
         assert sink.seqs() == [1, 2, 3]
+
+
+async def test_a_tap_joining_at_the_sessions_end_goes_live_without_reading_the_store(kernel: Kernel) -> None:
+    """A page that has just read the session attaches with its Last-Event-ID: everything after it
+    is kept by the audience (or yet to come), so it goes live from memory. Read instead, a
+    thousand such joins at once on a busy session outlast what is kept, and each starts its
+    read over (the audience benchmark's readers phase collapsed that way)."""
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        watcher = await live_tap(kernel, session, FakeSink())  # the audience exists and sees commits
+        await kernel.store.write(None, deltas(session, 3))
+        reads = kernel.hub.tap_reads
+        at_end = FakeSink()
+        await live_tap(kernel, session, at_end, after=3)
+        await kernel.store.write(None, deltas(session, 2))
+        assert kernel.hub.tap_reads == reads
+        assert at_end.seqs() == [4, 5] and watcher.last == 5
+
+        # From further back than what is kept, or after another node committed, it reads.
+        early = FakeSink()
+        await live_tap(kernel, session, early, after=1)
+        assert kernel.hub.tap_reads == reads + 1 and early.seqs() == [2, 3, 4, 5]
+        kernel.hub._audiences[session].hint()
+        await live_tap(kernel, session, FakeSink(), after=5)
+        assert kernel.hub.tap_reads == reads + 2

@@ -166,6 +166,10 @@ class Audience:
         # Events published and kept (seq order); ``dropped`` counts those let go before them.
         self.recent: list[Event] = []
         self.dropped = 0
+        # Every event of the session after this seq is in ``recent`` or yet to be published here
+        # (None: not known, before the first publish or after another node committed): a tap
+        # joining at or past it needs no store read.
+        self.kept_after: int | None = None
         self.max_recent = MAX_RECENT
         self.slice_s = SLICE_S
         # A round writes every live tap what it lacks; ``cursor`` is where the next slice starts
@@ -225,7 +229,10 @@ class Audience:
         """Events committed for this session: kept while needed, written to the live taps."""
         if not self.listening():
             self.dropped += len(events)
+            self.kept_after = events[-1].seq
             return
+        if self.kept_after is None:
+            self.kept_after = events[0].seq - 1
         self.recent.extend(events)
         self._chunks.clear()
         if len(self.recent) > self.max_recent:
@@ -243,6 +250,17 @@ class Audience:
         self._feed(tap)
         return True
 
+    def join_from_memory(self, tap: Tap) -> bool:
+        """A joining tap that lacks nothing the audience let go (it joins at the session's end, as
+        a page that has just read the session does): live at once from what is kept, with no
+        store read. False if it must read the store first."""
+        if tap.state is not TapState.JOINING or tap.hinted or self.kept_after is None or tap.last < self.kept_after:
+            return False
+        tap.state = TapState.LIVE
+        self._feed(tap)
+        self._trim()
+        return True
+
     def go_live(self, tap: Tap) -> bool:
         """After the owner's store read (begun once the tap joined): write what was kept since and
         go live. False if some of it was let go meanwhile (read the store again)."""
@@ -256,6 +274,7 @@ class Audience:
 
     def hint(self) -> None:
         """Another node committed events of this session: every tap reads the store."""
+        self.kept_after = None  # those events were never published here
         for tap in self.taps:
             if tap.state is TapState.LIVE:
                 tap.state = TapState.BEHIND
@@ -371,6 +390,8 @@ class Audience:
                 self._unkeep(tap)
         del self.recent[:count]
         self.dropped += count
+        if self.kept_after is not None:
+            self.kept_after = max(self.kept_after, cut)
         self._chunks.clear()
 
     def _keep(self, tap: Tap) -> None:

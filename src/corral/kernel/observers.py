@@ -207,8 +207,11 @@ class EventHub:
         a reader that stalled holds its cap of bytes and costs no store read until it reads
         again. Once a page comes back short, the events published since the tap's read began
         are written, with no await in between, and the tap goes live; if some of those were let
-        go meanwhile, it reads again. ``read=False`` skips the first read: for a run created
-        after the tap joined, every event comes through the hub.
+        go meanwhile, it reads again. A tap that lacks nothing the audience let go (one joining
+        at the session's end) goes live at once, with no read: a thousand pages opening a busy
+        session must not each read it, or the reads outlast what is kept and start over.
+        ``read=False`` skips the first read: for a run created after the tap joined, every event
+        comes through the hub.
 
         Returns True once a run's stream has written the run's terminal event.
         """
@@ -219,6 +222,8 @@ class EventHub:
                     return False
                 if audience.resume(tap):
                     continue  # live again (or behind again, or finished) from what was kept
+            if read and audience.join_from_memory(tap):
+                continue  # live (or finished) from what the audience keeps
             if read:
                 page = self.heads.after(tap.run_id, tap.last) if tap.run_id is not None else None
                 if page is None:
