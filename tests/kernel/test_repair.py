@@ -148,3 +148,22 @@ async def test_a_decision_whose_write_fails_leaves_the_question_standing(tmp_pat
         assert handle is not None and call_id in handle.pending_approvals  # not recorded, so not decided
         await kernel.decide(run.run_id, call_id, Decision.APPROVE)  # answered again: taken
         assert (await wait_run(kernel, run.run_id))["status"] == "completed"
+
+
+async def test_a_delete_the_store_refuses_leaves_the_agent_as_it_was(tmp_path: Path) -> None:
+    async with asyncio.timeout(LIMIT), flaky_kernel(tmp_path) as (kernel, store):
+        await kernel.agents.create(AgentSpec(name="helper"))
+        agent = await kernel.agents.wait_ready("helper")
+        session = await new_session(kernel, "helper")
+        store.fill_disk()
+        with pytest.raises(StoreUnavailable):
+            await kernel.agents.delete("helper")
+        store.free_disk()
+        # Nothing changed: listed, ready, still in the store, and it still answers.
+        assert kernel.agents.get("helper") is agent and kernel.agents.ready_now("helper")
+        assert [row.name for row in await kernel.store.all_agents()].count("helper") == 1
+        accepted = await kernel.submit(session, "still here")
+        assert (await wait_run(kernel, accepted.run_id))["output"] == "echo: still here"
+        await kernel.agents.delete("helper")  # and the retry deletes it
+        assert not kernel.agents.exists("helper")
+        assert "helper" not in [row.name for row in await kernel.store.all_agents()]

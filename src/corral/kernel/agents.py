@@ -135,13 +135,16 @@ class AgentManager:
         return agent
 
     async def delete(self, name: str) -> None:
-        agent = self.get(name)
+        """The row goes first: a store that refuses the write (a full disk) leaves the agent as
+        it was, in memory as in the store, and the caller gets the store's error to retry."""
+        self.get(name)
+        await self._store.delete_agent(name)
+        agent = self._agents.get(name)  # the current generation: a restart may have replaced it meanwhile
+        if agent is None:
+            return  # a delete of the same name, waiting on the same write, dropped it
         self._drop(agent)
-        try:
-            await self._store.delete_agent(name)
-            self._changed()
-        finally:
-            await self._close(agent)
+        self._changed()
+        await self._close(agent)
 
     def _changed(self) -> None:
         if self.on_change is not None:
