@@ -13,10 +13,11 @@ store once the connection drains. A stalled reader therefore holds at most its c
 batch) of memory, whatever the kernel's socket buffers would have taken.
 
 Work per turn of the event loop is bounded too: a commit is written to its taps for at most
-about ``SLICE_S`` (2 ms) at once, and the next slice waits until the loop has had twice that
-slice's time for other work (``PACE``), so a thousand observers of one session take at most a
-third of the loop however slow their writes are, and the events that commit meanwhile go out
-together in fewer writes.
+about ``SLICE_S`` (2 ms) at once, and the next slice (or the next round, if events came
+meanwhile) waits until the loop has had eight times that slice's time for other work
+(``PACE``), so a thousand observers of one session take at most a ninth of the loop however
+slow their writes are, and the events that commit meanwhile go out together in fewer writes:
+a round's pause grows with its audience, never for a session with a few observers.
 
 A tap's states (``TapState``) and who moves it:
 
@@ -49,7 +50,9 @@ SLICE = 16
 # What a sink may hold unsent before its tap falls behind (bytes).
 DEFAULT_CAP = 32 * 1024
 # After a slice of writes, the loop gets this many times the slice's time for other work first.
-PACE = 2.0
+# Measured beside 1,000 readers (docs/benchmarks.md): at 2, other sessions' turns took x2.5-2.9
+# their time alone; at 8, x1.9-2.0, with as many deliveries a second (fewer, larger writes).
+PACE = 8.0
 # Events kept for joining taps or for a round still under way; past this the audience drops
 # the oldest and whoever still needed them reads the store instead.
 MAX_RECENT = 4096
@@ -285,9 +288,9 @@ class Audience:
     # --- rounds --------------------------------------------------------------------------
 
     def _round(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Write the next slice of live taps; the rest after the loop has had twice this slice's
-        time for everything else (a large audience takes at most a third of the loop, and the
-        events that come meanwhile go out together in the next writes)."""
+        """Write the next slice of live taps; the rest after the loop has had ``PACE`` times this
+        slice's time for everything else (a large audience takes at most a ninth of the loop, and
+        the events that come meanwhile go out together in the next writes)."""
         began = time.perf_counter()
         if self.cursor == 0:
             self.order = list(self.live)
