@@ -21,10 +21,10 @@ class _DiskWriter(Writer):
 
     full = False
 
-    def _apply(self, conn: Connection, batch: list[_Unit]) -> None:
+    def _apply(self, conn: Connection, batch: list[_Unit]) -> list[dict[str, Any]]:
         if self.full:
             raise sa_exc.OperationalError("COMMIT", None, OSError(28, "database or disk is full"))
-        super()._apply(conn, batch)
+        return super()._apply(conn, batch)
 
 
 class FlakyStore(Store):

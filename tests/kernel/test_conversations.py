@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from corral.kernel import Kernel, KernelConfig
-from corral.kernel.conversations import Conversations
+from corral.kernel.conversations import Conversations, StoredMessage
 from corral.specs import AgentSpec
 from corral.store import Store, repo
 from corral.types import Mode
@@ -26,6 +26,14 @@ async def full_read(store: Store, session_id: str) -> tuple[Any, list[int]]:
 async def cached_read(conversations: Conversations, session_id: str) -> tuple[Any, list[int]]:
     compaction, rows = await conversations.read(session_id)
     return (compaction.id if compaction is not None else None), [row.id for row in rows]
+
+
+async def settled(kernel: Kernel) -> None:
+    """Until the loop has taken in every commit so far. A test that learns of a commit by
+    reading the store can get there before the writer's report of it reaches the loop (and
+    with it the messages the conversations append); the kernel itself only acts on those
+    reports. An empty write is reported after every earlier one."""
+    await kernel.store.write(None, [])
 
 
 @pytest.fixture
@@ -43,6 +51,7 @@ async def test_runs_read_only_new_messages_and_see_the_whole_conversation(any_ke
         for content in ("first", "/steps 2 1", "third", '/tool wait {"ms": 1}'):
             accepted = await kernel.submit(session, content)
             assert (await wait_run(kernel, accepted.run_id))["status"] == "completed"
+            await settled(kernel)
             assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
         # The first run missed; every later one (and each check above) only read what was new.
         assert kernel.conversations.misses == 1
@@ -156,3 +165,59 @@ async def test_nothing_is_kept_with_capacity_zero(tmp_path: Path) -> None:
             assert len(kernel.conversations) == 0 and kernel.conversations.hits == 0
     finally:
         await harness.stop()
+
+
+def _as_model_sees(rows: Any) -> list[tuple[Any, ...]]:
+    return [(r.id, r.run_id, r.chat) for r in rows]
+
+
+async def test_after_its_first_read_a_session_is_served_from_what_commits(any_kernel: Kernel) -> None:
+    """Once read, a session's conversation follows its commits (the writer hands back each
+    batch's messages with their ids): later runs read nothing, and see exactly what a read of
+    the store gives, tool calls and a NUL (stored as U+FFFD) included."""
+    kernel = any_kernel
+    async with asyncio.timeout(20):
+        session = await new_session(kernel)
+        reads: list[int] = []
+        messages_after = kernel.store.messages_after
+
+        async def counted(session_id: str, after_id: int) -> Any:
+            reads.append(after_id)
+            return await messages_after(session_id, after_id)
+
+        kernel.store.messages_after = counted  # type: ignore[method-assign]
+        turns = ("first", '/tool echo {"text": "a\\u0000b"}', "/steps 2 1", "last")
+        for content in turns:
+            accepted = await kernel.submit(session, content)
+            assert (await wait_run(kernel, accepted.run_id))["status"] == "completed"
+            await settled(kernel)
+            _, stored = await kernel.store.read(repo.conversation, session)
+            _, cached = await kernel.conversations.read(session)
+            assert _as_model_sees(cached) == _as_model_sees([StoredMessage.from_row(row) for row in stored])
+        assert reads == [] and kernel.conversations.misses == 1
+        assert kernel.conversations.unread >= 2 * len(turns) - 1  # every run but the first, and each check
+        tool_results = [r.content for r in cached if r.role == "tool"]
+        assert tool_results[0] == "a\ufffdb"  # the echo; then the steps' waits
+        assert (await wait_run(kernel, accepted.run_id))["output"] == "echo: last"
+
+
+async def test_a_read_that_overlaps_a_commit_is_kept_but_read_again_next_time(kernel: Kernel) -> None:
+    async with asyncio.timeout(20):
+        session = await new_session(kernel)
+        await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
+        gated = GatedStore(kernel.store)
+        conversations = Conversations(gated, capacity=10)  # type: ignore[arg-type]
+        kernel.store.on_messages(lambda rows: (kernel.conversations.committed(rows), conversations.committed(rows)))
+        reading = asyncio.create_task(conversations.read(session))
+        await gated.reading.wait()
+        # A commit for the session lands while it is being read: the read may or may not hold it.
+        await wait_run(kernel, (await kernel.submit(session, "second")).run_id)
+        gated.gate.set()
+        await reading
+        entry = conversations._entries.get(session)
+        assert entry is not None and not entry.current
+        unread = conversations.unread
+        assert await cached_read(conversations, session) == await full_read(kernel.store, session)
+        assert conversations.unread == unread  # that one read what was new
+        await conversations.read(session)
+        assert conversations.unread == unread + 1  # current again: from memory

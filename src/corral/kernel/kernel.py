@@ -87,6 +87,7 @@ class Kernel:
         store.on_batch(self._observe_batch)
         self.metrics.watch(self._state)
         self.conversations = Conversations(store, self.config.conversation_cache_sessions)
+        store.on_messages(self.conversations.committed)
         # Where sessions' lanes live: absent on one node (all of them here), a cluster's otherwise.
         self.ownership = ownership
         self.remote = remote
@@ -280,6 +281,7 @@ class Kernel:
         return await self.driver.ask_approval(run_id, call)
 
     async def _adopted(self, runtime: SessionRuntime) -> None:
+        self.conversations.forget(runtime.id)  # another node wrote to it since this one last did
         await recover_session(self, runtime)
         for listener in self.adopted_listeners:
             listener(runtime.id)

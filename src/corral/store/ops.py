@@ -161,14 +161,25 @@ class _Plan:
             self.calls.append(op.fn)
 
 
-def apply(conn: Connection, ops: Sequence[Op]) -> None:
-    """Apply a batch's operations with one statement per kind (see the module docstring)."""
+# A message's id is the database's: the insert hands the ids back, in the rows' order.
+INSERT_MESSAGES = t.messages.insert().returning(t.messages.c.id, sort_by_parameter_order=True)
+
+
+def apply(conn: Connection, ops: Sequence[Op]) -> list[dict[str, Any]]:
+    """Apply a batch's operations with one statement per kind (see the module docstring);
+    returns the messages inserted, each row with its ``id``."""
     plan = _Plan()
     for op in ops:
         plan.add(op)
+    messages: list[dict[str, Any]] = []
     for table in INSERT_ORDER:
         rows = plan.inserts.get(table.name)
-        if rows:
+        if not rows:
+            continue
+        if table is t.messages:
+            ids = conn.execute(INSERT_MESSAGES, rows).scalars().all()
+            messages = [{**row, "id": message_id} for row, message_id in zip(rows, ids, strict=True)]
+        else:
             conn.execute(table.insert(), rows)
     if plan.runs:
         params = [
@@ -185,3 +196,4 @@ def apply(conn: Connection, ops: Sequence[Op]) -> None:
         conn.execute(ANSWER, plan.answers)
     for fn in plan.calls:
         fn(conn)
+    return messages

@@ -22,13 +22,14 @@ from corral.clock import utcnow
 from corral.errors import CorralError, StoreConflict, StoreRejected, StoreUnavailable
 from corral.events import Event, NewEvent
 from corral.records import NewMessage, Writes
-from corral.store import nodes, ops, repo
+from corral.store import codec, nodes, ops, repo
 from corral.store import tables as t
 from corral.store.engine import Dialect, Lane, dialect_for
 from corral.store.health import WriteHealth
 from corral.store.migrations import SCRIPT_LOCATION, at_head
 from corral.store.plan import message_row, ops_of
 from corral.store.writer import CommitHook, Unit, Writer
+from corral.text import clean
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -72,6 +73,11 @@ class Store:
     def on_commit(self, hook: CommitHook) -> None:
         """Call ``hook`` with every batch of events, after they are committed."""
         self._listeners.append(hook)
+
+    def on_messages(self, hook: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Call ``hook`` with the messages each batch inserted (rows with their ids, as reading
+        them back would give them), after the commit and before the batch's writes resolve."""
+        self.writer.messages_hook = lambda rows: hook([_as_stored(row) for row in rows])
 
     def on_batch(self, hook: Callable[[int, float], None]) -> None:
         """Call ``hook(units, seconds)`` after each committed group commit (for metrics)."""
@@ -249,6 +255,15 @@ class Store:
 
     async def messages_after(self, session_id: str, after_id: int) -> Any:
         return await self.read(repo.session_messages, session_id, include_rolled_back=False, after_id=after_id)
+
+
+def _as_stored(row: dict[str, Any]) -> dict[str, Any]:
+    """A message row as the columns store it: text made storable (``StoredString``), JSON
+    through the engines' codec (a round trip also turns tuples into lists, as a read does)."""
+    tool_calls = row["tool_calls"]
+    return {**row, "run_id": clean(row["run_id"]), "role": clean(row["role"]), "content": clean(row["content"]),
+            "tool_call_id": None if row["tool_call_id"] is None else clean(row["tool_call_id"]),
+            "tool_calls": None if tool_calls is None else codec.loads(codec.dumps(tool_calls))}
 
 
 def store_error(exc: Exception) -> Exception:

@@ -102,6 +102,9 @@ class Writer:
         # Told, on the loop, the outcome of every commit attempted: None for a committed batch,
         # the driver's exception for a unit that failed (the store's write health, ``health``).
         self.outcome_hook: Callable[[Exception | None], None] | None = None
+        # Told, on the loop, the messages each committed batch inserted (rows with their ids, in
+        # id order), before its units resolve: ``kernel.conversations`` keeps them.
+        self.messages_hook: Callable[[list[dict[str, Any]]], None] | None = None
         # While set (to why), every unit submitted fails at once with ``StoreUnavailable``, without
         # reaching the database, unless submitted with ``gated=False`` (a cluster node that has
         # not joined yet).
@@ -194,7 +197,7 @@ class Writer:
         began = time.perf_counter()
         saved = dict(self._next_seq)
         try:
-            self._apply(conn, batch)
+            messages = self._apply(conn, batch)
         except Exception as exc:
             self._next_seq = saved
             if len(batch) == 1:
@@ -205,9 +208,9 @@ class Writer:
             for unit in batch:
                 self._commit(conn, [unit], loop)
             return
-        _post(loop, self._committed, batch, time.perf_counter() - began)
+        _post(loop, self._committed, batch, time.perf_counter() - began, messages)
 
-    def _committed(self, batch: list[_Unit], seconds: float) -> None:
+    def _committed(self, batch: list[_Unit], seconds: float, messages: list[dict[str, Any]]) -> None:
         """On the loop, after the commit: count, publish, resolve, in that order."""
         self.batches += 1
         self.units += len(batch)
@@ -215,6 +218,8 @@ class Writer:
             self.batch_hook(len(batch), seconds)
         if self.outcome_hook is not None:
             self.outcome_hook(None)
+        if messages and self.messages_hook is not None:
+            self.messages_hook(messages)
         self._publish([event for unit in batch for event in unit.committed])
         for unit in batch:
             if not unit.future.done():
@@ -230,12 +235,13 @@ class Writer:
         while self._pending:
             self._failed(self._pending.popleft(), error)
 
-    def _apply(self, conn: Connection, batch: list[_Unit]) -> None:
-        """The whole batch, on the writer's lane: one transaction, all or nothing."""
+    def _apply(self, conn: Connection, batch: list[_Unit]) -> list[dict[str, Any]]:
+        """The whole batch, on the writer's lane: one transaction, all or nothing; returns the
+        messages it inserted (``ops.apply``)."""
         with conn.begin():
             if self.fence is not None:
                 self.fence(conn)
-            o.apply(conn, [op for unit in batch for op in unit.ops])
+            messages = o.apply(conn, [op for unit in batch for op in unit.ops])
             rows = self._number_events(conn, batch)
             if rows:
                 conn.execute(t.events.insert(), rows)
@@ -244,6 +250,7 @@ class Writer:
                 self.after_commit(conn, _seq_ranges(rows))
             except Exception:  # a hint is only a hint: observers elsewhere also poll
                 log.warning("could not send the wake-up hints of a commit", exc_info=True)
+        return messages
 
     def _number_events(self, conn: Connection, batch: list[_Unit]) -> list[dict[str, Any]]:
         unknown = {e.session_id for u in batch for e in u.events if e.session_id not in self._next_seq}
