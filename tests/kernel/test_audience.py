@@ -54,6 +54,7 @@ async def live_tap(kernel: Kernel, session: str, sink: FakeSink, **kwargs: objec
 
 async def test_a_commit_is_one_write_per_tap_made_once_and_spread_over_turns_of_the_loop(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
+        kernel.hub.tail_s = 0.0  # what the taps need, without the tail every event is kept for
         session = await new_session(kernel)
         sinks = [FakeSink() for _ in range(3 * SLICE + 5)]
         every_one = asyncio.Event()
@@ -75,6 +76,7 @@ async def test_a_commit_is_one_write_per_tap_made_once_and_spread_over_turns_of_
 
 async def test_a_tap_over_its_cap_gets_nothing_more_then_goes_on_from_what_was_kept(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
+        kernel.hub.tail_s = 0.0  # what the taps need, without the tail every event is kept for
         session = await new_session(kernel)
         slow, fast = FakeSink(), FakeSink()
         slow_tap = await live_tap(kernel, session, slow, cap=1000)
@@ -151,6 +153,7 @@ async def test_taps_stalled_past_what_is_kept_are_outside_everything_a_commit_wa
 
 async def test_what_is_kept_follows_the_lowest_tap_behind_as_taps_come_and_go(kernel: Kernel) -> None:
     async with asyncio.timeout(10):
+        kernel.hub.tail_s = 0.0  # what the taps need, without the tail every event is kept for
         session = await new_session(kernel)
         first, second, fast = FakeSink(), FakeSink(), FakeSink()
         first_tap = await live_tap(kernel, session, first, cap=1000)
@@ -246,11 +249,30 @@ async def test_a_tap_joining_at_the_sessions_end_goes_live_without_reading_the_s
         await kernel.store.write(None, deltas(session, 2))
         assert kernel.hub.tap_reads == reads
         assert at_end.seqs() == [4, 5] and watcher.last == 5
+        # A little behind the end: the tail every event is kept for still holds what it lacks.
+        behind = FakeSink()
+        await live_tap(kernel, session, behind, after=1)
+        assert kernel.hub.tap_reads == reads and behind.seqs() == [2, 3, 4, 5]
 
         # From further back than what is kept, or after another node committed, it reads.
+        audience = kernel.hub._audiences[session]
+        audience.tail_s = 0.0
+        audience._trim()
+        assert audience.recent == []
         early = FakeSink()
         await live_tap(kernel, session, early, after=1)
         assert kernel.hub.tap_reads == reads + 1 and early.seqs() == [2, 3, 4, 5]
-        kernel.hub._audiences[session].hint()
+        audience.hint()
         await live_tap(kernel, session, FakeSink(), after=5)
         assert kernel.hub.tap_reads == reads + 2
+
+
+async def test_the_tail_is_let_go_once_it_is_old_even_if_nothing_more_comes(kernel: Kernel) -> None:
+    async with asyncio.timeout(10):
+        session = await new_session(kernel)
+        kernel.hub.tail_s = 0.5
+        await live_tap(kernel, session, FakeSink())
+        await kernel.store.write(None, deltas(session, 3))
+        assert kernel.hub.statistics()["kept_events"] == 3  # every tap has them: kept for the tail only
+        while kernel.hub.statistics()["kept_events"]:  # noqa: ASYNC110 - the expiry is a timer of the audience's
+            await asyncio.sleep(0.01)

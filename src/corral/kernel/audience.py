@@ -56,6 +56,11 @@ PACE = 8.0
 # Events kept for joining taps or for a round still under way; past this the audience drops
 # the oldest and whoever still needed them reads the store instead.
 MAX_RECENT = 4096
+# Every event is kept at least this long after it is published (within MAX_RECENT), so that an
+# observer attaching a little behind the end (a page that has just read the session) goes live
+# from memory: a thousand such observers each reading the store, and each encoding what it read,
+# took seconds, with the event loop busy all along (docs/benchmarks.md, audience).
+TAIL_S = 2.0
 
 
 class Sink(Protocol):
@@ -168,7 +173,10 @@ class Audience:
         self._keeping_low: int | None = None
         # Events published and kept (seq order); ``dropped`` counts those let go before them.
         self.recent: list[Event] = []
+        self._published_at: list[float] = []  # when each of ``recent`` was published (monotonic)
         self.dropped = 0
+        self.tail_s = TAIL_S
+        self._expiry: asyncio.TimerHandle | None = None
         # Every event of the session after this seq is in ``recent`` or yet to be published here
         # (None: not known, before the first publish or after another node committed): a tap
         # joining at or past it needs no store read.
@@ -237,6 +245,7 @@ class Audience:
         if self.kept_after is None:
             self.kept_after = events[0].seq - 1
         self.recent.extend(events)
+        self._published_at.extend([time.monotonic()] * len(events))
         self._chunks.clear()
         if len(self.recent) > self.max_recent:
             self._drop(len(self.recent) - self.max_recent)
@@ -374,7 +383,20 @@ class Audience:
             lowest = min(lowest, kept_from)
         if lowest < self.recent[-1].seq:
             needed = min(needed, bisect.bisect_right(self.recent, lowest, key=_seq))
-        self._drop(needed)
+        young = bisect.bisect_left(self._published_at, time.monotonic() - self.tail_s)
+        self._drop(min(needed, young))
+        if self.recent and self._expiry is None:  # let the tail go once it is old, also if nothing else comes
+            self._expiry = asyncio.get_running_loop().call_later(self.tail_s, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self._trim()
+
+    def close(self) -> None:
+        """The audience's last tap left: nothing is kept any more."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
     def _drop(self, count: int) -> None:
         """Let go of the ``count`` oldest kept events; a live tap that still lacked one of them
@@ -392,6 +414,7 @@ class Audience:
             for tap in [tap for tap in self.keeping if tap.last < cut]:
                 self._unkeep(tap)
         del self.recent[:count]
+        del self._published_at[:count]
         self.dropped += count
         if self.kept_after is not None:
             self.kept_after = max(self.kept_after, cut)

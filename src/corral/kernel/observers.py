@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from corral.events import Event
-from corral.kernel.audience import DEFAULT_CAP, Audience, Sink, Tap, TapState
+from corral.kernel.audience import DEFAULT_CAP, TAIL_S, Audience, Sink, Tap, TapState
 from corral.kernel.ports import KernelStore
 from corral.kernel.run_heads import RunHeads
 from corral.types import EventType
@@ -120,6 +120,7 @@ class EventHub:
     def __init__(self, buffer_limit: int = 1000, tap_cap: int = DEFAULT_CAP):
         self.buffer_limit = buffer_limit
         self.tap_cap = tap_cap
+        self.tail_s = TAIL_S  # how long an audience keeps each event at least (``Audience.tail_s``)
         self._subs: dict[str, set[Subscription]] = {}
         self._audiences: dict[str, Audience] = {}
         self._feeds: set[Feed] = set()
@@ -185,6 +186,7 @@ class EventHub:
         audience = self._audiences.get(session_id)
         if audience is None:
             audience = self._audiences[session_id] = Audience(session_id)
+            audience.tail_s = self.tail_s
         audience.add(tap)
         return tap
 
@@ -195,6 +197,7 @@ class EventHub:
         audience.remove(tap)
         self._closed_tap_catch_ups += tap.catch_ups
         if not audience.taps:
+            audience.close()
             del self._audiences[tap.session_id]  # and with it whatever it kept
 
     async def catch_up(self, store: KernelStore, tap: Tap, drained: Drained, *, read: bool = True) -> bool:
