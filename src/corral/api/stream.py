@@ -166,7 +166,8 @@ class EventStream(Response):
             self.kernel.hub.remove(self.tap)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.sink.hold()  # the head leaves with the backlog's first events (released once written)
+        if self.read_first:  # the head leaves with the backlog's first events (released once written)
+            self.sink.hold()  # (a new run's stream has no backlog: its head goes at once)
         try:
             await self._respond(receive, send)
         finally:
