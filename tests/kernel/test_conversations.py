@@ -221,3 +221,22 @@ async def test_a_read_that_overlaps_a_commit_is_kept_but_read_again_next_time(ke
         assert conversations.unread == unread  # that one read what was new
         await conversations.read(session)
         assert conversations.unread == unread + 1  # current again: from memory
+
+
+async def test_if_following_a_commit_fails_every_session_is_read_again(kernel: Kernel,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    async with asyncio.timeout(20):
+        session = await new_session(kernel)
+        await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
+        assert len(kernel.conversations) == 1
+
+        def broken(row: dict[str, Any]) -> StoredMessage:
+            raise RuntimeError("a bug in following commits")
+
+        monkeypatch.setattr(StoredMessage, "from_committed", staticmethod(broken))
+        accepted = await kernel.submit(session, "second")  # its write still resolves
+        monkeypatch.undo()
+        run = await wait_run(kernel, accepted.run_id)
+        assert run["output"] == "echo: second"  # the run read its conversation from the store
+        await settled(kernel)
+        assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)

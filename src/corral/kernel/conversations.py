@@ -25,6 +25,7 @@ costs nothing once evicted, and a miss is only a full read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ from typing import Any
 from corral.kernel.ports import KernelStore
 from corral.lru import Lru
 from corral.providers.base import ChatMessage, ToolCall
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,7 +148,16 @@ class Conversations:
 
     def committed(self, messages: list[dict[str, Any]]) -> None:
         """Messages the writer just committed (rows with their ids, in id order): appended to
-        their sessions' conversations, which stay current. Rolled-back rows do not count."""
+        their sessions' conversations, which stay current. Rolled-back rows do not count. If
+        that goes wrong, nothing kept is trusted: every session is read again."""
+        try:
+            self._append(messages)
+        except Exception:
+            log.exception("could not follow committed messages; every conversation is read again")
+            self._entries.clear()
+            self._forgotten += 1  # and a read under way keeps nothing
+
+    def _append(self, messages: list[dict[str, Any]]) -> None:
         by_session: dict[str, list[dict[str, Any]]] = {}
         for row in messages:
             by_session.setdefault(row["session_id"], []).append(row)

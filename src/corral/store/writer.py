@@ -219,7 +219,10 @@ class Writer:
         if self.outcome_hook is not None:
             self.outcome_hook(None)
         if messages and self.messages_hook is not None:
-            self.messages_hook(messages)
+            try:
+                self.messages_hook(messages)
+            except Exception:  # a listener's bug must never leave the batch's writes unresolved
+                log.exception("a listener of committed messages failed")
         self._publish([event for unit in batch for event in unit.committed])
         for unit in batch:
             if not unit.future.done():
