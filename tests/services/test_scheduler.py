@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,6 +114,34 @@ def test_next_fire_for_each_kind_of_schedule() -> None:
         CronSchedule(cron="0 9 * * *", tz="Mars/Olympus")
     with pytest.raises(ValueError, match="zone"):
         AtSchedule(at=datetime(2026, 12, 1, 9, 0))
+
+
+async def test_a_job_added_while_the_scheduler_loads_its_jobs_is_kept(tmp_path: Path) -> None:
+    """The service's first read of the jobs table may predate a job added meanwhile (CI caught
+    it: the job vanished from memory and never fired). Forced here: the read is held until the
+    job is stored."""
+    clock = HandClock()
+    store = Store(sqlite_url(tmp_path))
+    read, loading, loaded = store.read, asyncio.Event(), asyncio.Event()
+
+    async def held(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is repo.all_jobs and not loaded.is_set():
+            rows = await read(fn, *args, **kwargs)  # the snapshot, taken before the job is stored
+            loading.set()
+            await loaded.wait()
+            return rows
+        return await read(fn, *args, **kwargs)
+
+    store.read = held  # type: ignore[method-assign]
+    kernel = Kernel(store, KernelConfig(shutdown_grace_s=1.0), initial_agents=(default_agent(),))
+    scheduler = install_scheduler(kernel, clock=clock)
+    async with asyncio.timeout(LIMIT), kernel.running():
+        await loading.wait()
+        session = await new_session(kernel)
+        job = await scheduler.add("local", "assistant", EverySchedule(every_s=1), "tick", session_id=session)
+        loaded.set()
+        assert await clock.asleep() == job.next_fire_at
+        assert scheduler.get(job.id) is not None
 
 
 async def test_an_every_second_job_fires_when_due_and_stops_when_deleted(tmp_path: Path) -> None:

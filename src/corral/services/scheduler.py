@@ -105,6 +105,10 @@ class Scheduler:
         self.clock = clock
         self._jobs: dict[str, Job] = {}
         self._changed = asyncio.Event()
+        # Reads of the jobs table under way, and what ``add``/``remove`` did meanwhile (the job,
+        # or None once removed): a read may predate those writes, so they are applied again on it.
+        self._loading = 0
+        self._meanwhile: dict[str, Job | None] = {}
         # Counts every due time handled (fired, skipped, missed or failed); see wait_handled.
         self.handled = 0
         self.fires = 0
@@ -118,7 +122,7 @@ class Scheduler:
 
     async def run(self) -> None:
         """Load the jobs, then fire each when due, until cancelled."""
-        self._jobs = {row.id: Job.from_row(row) for row in await self.kernel.store.read(repo.all_jobs)}
+        await self._load()
         while not self.kernel.stopping.is_set():
             self._changed.clear()  # before looking: a change made while firing wakes the next wait
             now = self.clock.now()
@@ -133,8 +137,27 @@ class Scheduler:
         """Take the jobs as the store has them (a cluster: jobs created or deleted on another node,
         and those a dead node fired, fire here too; a due time every node fires is still one
         input and one fire row, by its Idempotency-Key and the fire row's key)."""
-        self._jobs = {row.id: Job.from_row(row) for row in await self.kernel.store.read(repo.all_jobs)}
+        await self._load()
         self._changed.set()
+
+    async def _load(self) -> None:
+        """The jobs as the store has them, with this process's own adds and removes made while
+        the read ran applied on top: a job added as the service started was lost otherwise,
+        and never fired."""
+        self._loading += 1
+        try:
+            rows = await self.kernel.store.read(repo.all_jobs)
+        finally:
+            self._loading -= 1
+        jobs = {row.id: Job.from_row(row) for row in rows}
+        for job_id, job in self._meanwhile.items():
+            if job is None:
+                jobs.pop(job_id, None)
+            else:
+                jobs[job_id] = job
+        if not self._loading:
+            self._meanwhile.clear()
+        self._jobs = jobs
 
     async def reload_forever(self, every_s: float) -> None:
         while True:
@@ -228,6 +251,8 @@ class Scheduler:
                   now)
         await self.kernel.store.write([ops.Insert(t.jobs, [job.row()])], translate=True)  # a full disk: 503
         self._jobs[job.id] = job
+        if self._loading:
+            self._meanwhile[job.id] = job
         self._changed.set()
         return job
 
@@ -235,6 +260,8 @@ class Scheduler:
         self.get(job_id)
         await self.kernel.store.write(lambda conn: repo.delete_job(conn, job_id), translate=True)
         self._jobs.pop(job_id, None)
+        if self._loading:
+            self._meanwhile[job_id] = None
         self._changed.set()
 
     def get(self, job_id: str) -> Job:
