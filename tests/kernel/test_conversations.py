@@ -135,14 +135,23 @@ class GatedStore:
         return await self.store.messages_after(session_id, after_id)
 
 
+async def a_read_held_at_the_gate(
+    kernel: Kernel,
+) -> tuple[str, GatedStore, Conversations, asyncio.Task[tuple[Any, Any]]]:
+    """A session with one turn done, and a fresh cache's first read of it held at the store's
+    gate: the test acts while the read is under way, then opens the gate."""
+    session = await new_session(kernel)
+    await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
+    gated = GatedStore(kernel.store)
+    conversations = Conversations(gated, capacity=10)  # type: ignore[arg-type]
+    reading = asyncio.create_task(conversations.read(session))
+    await gated.reading.wait()
+    return session, gated, conversations, reading
+
+
 async def test_a_read_that_overlaps_a_forget_keeps_nothing(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await new_session(kernel)
-        await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
-        gated = GatedStore(kernel.store)
-        conversations = Conversations(gated, capacity=10)  # type: ignore[arg-type]
-        reading = asyncio.create_task(conversations.read(session))
-        await gated.reading.wait()
+        session, gated, conversations, reading = await a_read_held_at_the_gate(kernel)
         conversations.forget(session)
         gated.gate.set()
         _, rows = await reading
@@ -203,13 +212,8 @@ async def test_after_its_first_read_a_session_is_served_from_what_commits(any_ke
 
 async def test_a_read_that_overlaps_a_commit_is_kept_but_read_again_next_time(kernel: Kernel) -> None:
     async with asyncio.timeout(20):
-        session = await new_session(kernel)
-        await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
-        gated = GatedStore(kernel.store)
-        conversations = Conversations(gated, capacity=10)  # type: ignore[arg-type]
+        session, gated, conversations, reading = await a_read_held_at_the_gate(kernel)
         kernel.store.on_messages(lambda rows: (kernel.conversations.committed(rows), conversations.committed(rows)))
-        reading = asyncio.create_task(conversations.read(session))
-        await gated.reading.wait()
         # A commit for the session lands while it is being read: the read may or may not hold it.
         await wait_run(kernel, (await kernel.submit(session, "second")).run_id)
         gated.gate.set()
