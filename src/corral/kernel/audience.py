@@ -159,7 +159,7 @@ class Tap:
 class Audience:
     """The live taps of one session and the events published while someone needs them kept."""
 
-    def __init__(self, session_id: str):
+    def __init__(self, session_id: str, *, tail_s: float = TAIL_S):
         self.session_id = session_id
         self.taps: list[Tap] = []  # every tap but the closed, in any state
         # The taps a commit concerns, by state, kept exact by ``moved``: joining, live, and behind
@@ -175,7 +175,7 @@ class Audience:
         self.recent: list[Event] = []
         self._published_at: list[float] = []  # when each of ``recent`` was published (monotonic)
         self.dropped = 0
-        self.tail_s = TAIL_S
+        self.tail_s = tail_s
         self._expiry: asyncio.TimerHandle | None = None
         # Every event of the session after this seq is in ``recent`` or yet to be published here
         # (None: not known, before the first publish or after another node committed): a tap

@@ -185,8 +185,7 @@ class EventHub:
         tap = Tap(session_id, sink, run_id=run_id, after=after, cap=self.tap_cap if cap is None else cap)
         audience = self._audiences.get(session_id)
         if audience is None:
-            audience = self._audiences[session_id] = Audience(session_id)
-            audience.tail_s = self.tail_s
+            audience = self._audiences[session_id] = Audience(session_id, tail_s=self.tail_s)
         audience.add(tap)
         return tap
 
