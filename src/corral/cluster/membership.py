@@ -95,12 +95,17 @@ class Membership:
 
         In that order: a renewal after the row says ``left`` finds no live row, which is what a
         node that was taken over sees, so a heartbeat still beating would report this node's own
-        exit as a takeover. The lease it last renewed covers the leaving write."""
+        exit as a takeover. The lease it last renewed covers the leaving write. A store that
+        refuses that write (a full disk, an unreachable database) does not stop the shutdown:
+        the sessions are taken over once the lease runs out, as after a crash."""
         try:
             await asyncio.to_thread(self.node.stop)
             if self.joined and self.node.holds_lease():
-                freed = await self.store.write(lambda conn: nodes.leave(conn, self.node.id))
+                freed = await self.store.write(lambda conn: nodes.leave(conn, self.node.id), translate=True)
                 log.info("node %s left the cluster, releasing %d sessions", self.node.id, freed)
+        except StoreUnavailable as exc:  # fenced meanwhile, too
+            log.warning("node %s could not release its sessions (%s): they move once its lease runs out",
+                        self.node.id, exc)
         finally:
             self.node.stop()
 
