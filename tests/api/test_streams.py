@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from starlette.routing import Match
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
-from corral.api.routes.events import RunEventsFromTheStart
+from corral.api.run_stream_shortcut import plain_run_stream
 from corral.kernel import Kernel
 from corral.kernel.audience import TapState
 from corral.settings import Settings
@@ -32,6 +33,7 @@ from tests.helpers import (
     read_run,
     read_session_until,
     sse_frames,
+    uvicorn_server,
 )
 
 
@@ -164,41 +166,86 @@ async def test_a_run_stream_past_the_kept_head_reads_the_store_once_from_the_run
         assert kernel.hub.tap_reads - reads == 1  # one page, of this run's events only
 
 
-def test_only_a_run_stream_from_its_start_skips_fastapis_parameter_solving() -> None:
-    """A plain ``GET`` (what a client following each turn sends) matches the lean route; anything
-    with a query, a ``Last-Event-ID`` or another method falls through to the checked route."""
-    lean = RunEventsFromTheStart()
+def test_only_a_plain_run_stream_request_may_take_the_shortcut() -> None:
+    """A plain ``GET`` (what a client following each turn sends) may be served by the shortcut;
+    anything with a query, a ``Last-Event-ID``, another method or another path goes to the route."""
 
-    def match(method: str = "GET", query: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = ()) -> Match:
-        scope = {"type": "http", "method": method, "path": "/v1/runs/run_1/events", "root_path": "",
-                 "query_string": query, "headers": [(b"host", b"x"), *headers]}
-        return lean.matches(scope)[0]
+    def plain(method: str = "GET", path: str = "/v1/runs/run_1/events", query: bytes = b"",
+              headers: tuple[tuple[bytes, bytes], ...] = ()) -> str | None:
+        return plain_run_stream({"type": "http", "method": method, "path": path, "query_string": query,
+                                 "headers": [(b"host", b"x"), *headers]})
 
-    assert match() is Match.FULL
-    assert match(query=b"after=3") is Match.NONE
-    assert match(query=b"on_disconnect=cancel") is Match.NONE
-    assert match(headers=((b"last-event-id", b"3"),)) is Match.NONE
-    assert match("HEAD") is Match.NONE and match("POST") is Match.NONE
+    assert plain() == "run_1"
+    assert plain(query=b"after=3") is None
+    assert plain(query=b"on_disconnect=cancel") is None
+    assert plain(headers=((b"last-event-id", b"3"),)) is None
+    assert plain("HEAD") is None and plain("POST") is None
+    assert plain(path="/v1/runs/run_1/events/more") is None and plain(path="/v1/runs/run_1") is None
 
 
-async def test_a_run_stream_answers_alike_by_either_route(settings: Settings) -> None:
-    async with asyncio.timeout(60), http_server(settings) as (base, _), client(base) as http:
+class Witness(Route):
+    """A route that matches nothing and notes every request the router is asked to route."""
+
+    def __init__(self, seen: list[str]):
+        super().__init__("/", lambda _request: None)
+        self.seen = seen
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        self.seen.append(scope["path"] + ("?" + scope["query_string"].decode() if scope["query_string"] else ""))
+        return Match.NONE, {}
+
+
+async def test_a_live_runs_plain_stream_skips_the_router_and_answers_as_the_route_does(settings: Settings) -> None:
+    async with asyncio.timeout(60), uvicorn_server(settings) as (base, _, server), client(base) as http:
+        routed: list[str] = []
+        server.config.app.router.routes.insert(0, Witness(routed))
         sid = await new_http_session(http)
-        accepted = await post(http, sid, "/steps 2 10")
-        run_id = accepted["run_id"]
-        lean = await read_run(http, run_id)
-        checked = await read_run(http, run_id, params={"after": 0})  # the FastAPI route
-        assert lean == checked and lean[-1].event == "run.completed"
-        # The checked route still validates what the lean one never sees.
-        assert_error(await http.get(f"/v1/runs/{run_id}/events", params={"after": -1}), 422, "invalid_input")
-        assert_error(await http.get(f"/v1/runs/{run_id}/events", params={"on_disconnect": "x"}), 422,
-                     "invalid_input")
-        assert_error(await http.get(f"/v1/runs/{run_id}/events", headers={"last-event-id": "x"}), 400,
-                     "invalid_input")
-        assert_error(await http.get("/v1/runs/run_missing/events"), 404, "not_found")  # by the lean route
-        refused = await http.post(f"/v1/runs/{run_id}/events")
+        run_id = (await post(http, sid, "/sleep 30"))["run_id"]  # live until it is cancelled
+        path = f"/v1/runs/{run_id}/events"
+        async with http.stream("GET", path) as shortcut, http.stream("GET", path, params={"after": 0}) as checked:
+            assert shortcut.status_code == checked.status_code == 200
+            assert [seen for seen in routed if seen.startswith(path)] == [f"{path}?after=0"]  # not the plain one
+            assert (await http.post(f"/v1/runs/{run_id}/cancel", json={"mode": "hard"})).status_code == 202
+            by_shortcut = [frame async for frame in sse_frames(shortcut)]
+            by_route = [frame async for frame in sse_frames(checked)]
+        assert by_shortcut == by_route and by_shortcut[-1].event == "run.cancelled"
+        # Once the run has ended, the plain request is the route's (a replay), with the same frames.
+        assert await read_run(http, run_id) == by_shortcut
+        assert routed[-1] == path
+        # The route still validates what the shortcut never sees, and explains what it does not serve.
+        assert_error(await http.get(path, params={"after": -1}), 422, "invalid_input")
+        assert_error(await http.get(path, params={"on_disconnect": "x"}), 422, "invalid_input")
+        assert_error(await http.get(path, headers={"last-event-id": "x"}), 400, "invalid_input")
+        assert_error(await http.get("/v1/runs/run_missing/events"), 404, "not_found")
+        refused = await http.post(path)
         assert_error(refused, 405, "method_not_allowed")
         assert refused.headers.get_list("allow") == ["GET"]
+
+
+def read_run_stream_until_its_end_event(sock: socket.socket, run_id: str) -> bytes:
+    """GET a run's stream on ``sock`` (blocking, in a thread of its own) and read until the bytes
+    hold the run's terminal event: what a client that stops there has read."""
+    sock.sendall(f"GET /v1/runs/{run_id}/events HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+    received = b""
+    while b"event: run.completed" not in received:
+        read = sock.recv(65536)
+        assert read, "the connection closed before the run's end"
+        received += read
+    return received
+
+
+async def test_a_runs_stream_ends_in_the_same_write_as_its_terminal_event(settings: Settings) -> None:
+    """A client that stops reading at the run's terminal event has read the whole response, so
+    its connection is reused: the last events and the chunked end are written together (a
+    client in another thread reads as soon as anything arrives)."""
+    async with asyncio.timeout(30), http_server(settings) as (base, _), client(base) as http:
+        sid = await new_http_session(http)
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            for turn in range(10):
+                run_id = (await post(http, sid, f"/steps 2 5 turn {turn}"))["run_id"]
+                received = await asyncio.to_thread(read_run_stream_until_its_end_event, sock, run_id)
+                assert received.endswith(b"\r\n0\r\n\r\n"), received[-200:]  # nothing more to come
 
 
 # --- one request -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from corral.api.request_log import LogContext
 from corral.api.routes import agents, events, jobs, meta, openai, responses, runs, sessions
 from corral.api.routes import channels as channel_routes
 from corral.api.routes import cluster as cluster_routes
+from corral.api.run_stream_shortcut import RunStreamShortcut
 from corral.channels import install_channels
 from corral.cluster import Membership, Node
 from corral.cluster import join as join_cluster
@@ -97,7 +98,6 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
     if forwarder is not None:
         forward.install(app, forwarder)
     # Routes are matched in order, one regex each: the busiest (a turn's POST and its stream) go first.
-    app.router.routes.append(events.RunEventsFromTheStart())
     for module in (sessions, events, runs, agents, jobs, openai, responses, meta, cluster_routes, channel_routes):
         app.include_router(module.router)
     # A2A (docs/a2a.md): each agent at /a2a/{agent}, its card open to all (Authenticate).
@@ -111,6 +111,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> FastAPI:
 
     # Outermost last: CORS answers preflights before auth asks for a token; auth runs before
     # any route reads a body, and the body limit guards every route.
+    app.add_middleware(RunStreamShortcut)  # innermost: after auth and the body limit, before the router
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate, tokens=settings.token_table(), cluster_secret=secret)
     if settings.cors_origins:

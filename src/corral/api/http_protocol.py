@@ -2,7 +2,7 @@
 
 uvicorn waits for a request's headers and body as long as the client likes, and accepts as
 many connections as there are file descriptors: a few hundred clients sending a byte a second
-(slowloris) hold the server's descriptors indefinitely. ``GuardedH11Protocol`` adds:
+(slowloris) hold the server's descriptors indefinitely. ``GuardedHttpProtocol`` adds:
 
 - a header deadline, from a request's first byte (a connection's first request: from the
   connection's opening) to the end of its headers; missed, the connection is closed;
@@ -20,8 +20,11 @@ whose next request sat unread in the socket, and the kernel answered that reques
 (issue 18). A deadline that finds unread bytes in the socket therefore waits one more turn of
 the loop, in which the bytes are read before due timers run.
 
-The overrides hook uvicorn's ``H11Protocol`` (0.30 to 0.55 share these points) where a
-request's phase can change: a connection opening, data arriving, a response completing.
+The protocol is uvicorn's ``HttpToolsProtocol``: httptools parses in C what h11 parses in
+Python, and each request of a turn-following client costs less for it (docs/benchmarks.md).
+The parser's callbacks tell where a request is (its head begun, its body owed, complete); the
+overrides hook them and the points where the connection's state changes: a connection opening,
+data arriving, a response completing. uvicorn 0.30 to 0.55 share these points.
 """
 
 from __future__ import annotations
@@ -40,8 +43,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from corral.api.errors import error_body
 
@@ -90,18 +92,26 @@ class Waiting(enum.Enum):
     BODY = "body"
 
 
-def guarded_protocol(limits: ClientLimits) -> type[GuardedH11Protocol]:
+class Reading(enum.Enum):
+    """Where the parser is in the client's requests."""
+
+    BETWEEN = "between requests"
+    HEAD = "a request's head"
+    BODY = "a request's body"
+
+
+def guarded_protocol(limits: ClientLimits) -> type[GuardedHttpProtocol]:
     """The protocol class to give ``uvicorn.Config(http=...)``, applying ``limits``."""
 
-    class CorralH11Protocol(GuardedH11Protocol):
+    class CorralHttpProtocol(GuardedHttpProtocol):
         pass
 
-    CorralH11Protocol.limits = limits
-    CorralH11Protocol.refusals = Refusals()
-    return CorralH11Protocol
+    CorralHttpProtocol.limits = limits
+    CorralHttpProtocol.refusals = Refusals()
+    return CorralHttpProtocol
 
 
-class GuardedH11Protocol(H11Protocol):
+class GuardedHttpProtocol(HttpToolsProtocol):
     """One HTTP/1.1 connection, with header and body deadlines and the connection cap."""
 
     limits: ClassVar[ClientLimits]
@@ -110,15 +120,17 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.timeout_keep_alive = self.limits.keep_alive_timeout_s  # type: ignore[assignment]  # uvicorn says int
+        self._reading = Reading.BETWEEN
         # Invariant: ``_deadline`` is armed exactly while ``_waiting`` is not None, that is while the
         # client owes a request's headers (no request yet on this connection, or the start of one
-        # buffered) or a request's body (h11 in SEND_BODY); ``_sync_deadline`` keeps it so.
+        # received) or a request's body (its head parsed, not all of its body); ``_sync_deadline``
+        # keeps it so.
         self._waiting: Waiting | None = None
         self._deadline: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         waiting = self._waiting.value if self._waiting is not None else "nothing"
-        return f"<{type(self).__name__} client={self.client} h11={self.conn.their_state} waiting for {waiting}>"
+        return f"<{type(self).__name__} client={self.client} reading {self._reading.value}, waiting for {waiting}>"
 
     # --- where uvicorn's phases change ---------------------------------------------------------
 
@@ -132,6 +144,18 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._sync_deadline()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading = Reading.HEAD
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._reading = Reading.BODY
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading = Reading.BETWEEN
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start on a pipelined request
@@ -150,13 +174,13 @@ class GuardedH11Protocol(H11Protocol):
     # --- the deadlines -------------------------------------------------------------------------
 
     def _sync_deadline(self) -> None:
-        state = self.conn.their_state
+        answering = self.cycle is not None and not self.cycle.response_complete
         if self.transport.is_closing():
             waiting = None
-        elif state is h11.IDLE and (self.cycle is None or self.conn.trailing_data[0]):
-            waiting = Waiting.HEADERS
-        elif state is h11.SEND_BODY:
+        elif self._reading is Reading.BODY:
             waiting = Waiting.BODY
+        elif not answering and (self._reading is Reading.HEAD or self.cycle is None):
+            waiting = Waiting.HEADERS  # (a request sent behind one being answered waits for it)
         else:
             waiting = None  # a request is being answered, or the connection is idle (keep-alive's)
         if waiting is not self._waiting:

@@ -15,7 +15,9 @@ under uvicorn, so an upgrade that moves these attributes fails a test, not a ben
 
 The response head and its end still go through ``send`` (middlewares add their headers,
 uvicorn keeps the connection's state); between them, body chunks are HTTP/1.1 chunked frames
-written to the transport, which is what uvicorn would write for them.
+written to the transport, which is what uvicorn would write for them. A run's last events are
+kept back and sent as the end's body: uvicorn writes them and the chunked terminator at once, so
+a client reads the end of a run's stream in one segment and wakes once.
 
 Flow control: the transport pauses at the tap's cap (``set_write_buffer_limits``), and the
 socket's unsent queue is kept small (``TCP_NOTSENT_LOWAT``), so a reader that stops reading
@@ -74,6 +76,7 @@ class TransportSink:
         sock = transport.get_extra_info("socket")
         self._tcp = sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
         self._held = False
+        self.last = b""  # the stream's final bytes, kept back to go with the response's end
         lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
         if self._tcp is not None and lowat is not None:
             try:
@@ -90,17 +93,16 @@ class TransportSink:
     def write(self, data: bytes, *, final: bool = False) -> bool:
         if self.transport.is_closing():
             return False
-        if final:
-            self.hold()  # the run's last event goes out with the response's end
-        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if final:  # the run's last events: the response's end carries them (EventStream._respond)
+            self.last = data
+        else:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return True
 
     def hold(self) -> None:
         """Keep what is written from here on in the kernel until ``release`` (TCP_CORK), so that
-        it leaves as one segment: a response's head with its first events, a run's last event
-        with the response's end. The reader wakes once instead of twice, and a client that stops
-        reading at a run's terminal event has the whole response, so its connection is reused
-        instead of closed. (Linux sends what is held after 200 ms whatever happens.)"""
+        a response's head leaves with its first events as one segment and the reader wakes once
+        instead of twice. (Linux sends what is held after 200 ms whatever happens.)"""
         if self._tcp is None or self._held or CORK is None:
             return
         try:
@@ -194,7 +196,9 @@ class EventStream(Response):
             # A client that stopped reading would hold the shutdown until it reads: drop it (it
             # resumes from its Last-Event-ID elsewhere or later).
             self.sink.transport.abort()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # The run's last events end the response: a client that stops reading at the terminal
+        # event has the whole response, so its connection is reused instead of closed.
+        await send({"type": "http.response.body", "body": self.sink.last, "more_body": False})
 
     async def _drained(self, send: Send) -> bool:
         """Until the connection took most of what it holds (uvicorn's ``send`` waits while the
@@ -232,7 +236,7 @@ class EventStream(Response):
         tap, read = self.tap, self.read_first
         while not self._over():
             if await hub.catch_up(self.kernel.store, tap, drained, read=read):
-                return True  # still held: the run's last events leave with the end
+                return True  # the run's last events, and a head still held, leave with the end
             self.sink.release()
             read = True
             while tap.state is TapState.LIVE and not self._over():

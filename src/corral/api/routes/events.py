@@ -14,10 +14,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
-from starlette.routing import Match, Route
-from starlette.types import Scope
 
-from corral.api.deps import KernelDep, PrincipalDep, kernel_of, owned_run, owned_session, principal_of
+from corral.api.deps import KernelDep, PrincipalDep, owned_run, owned_session
 from corral.api.json_body import CheckedRoute
 from corral.api.schemas import MAX_INT64
 from corral.api.stream import EventStream, connection_transport
@@ -122,40 +120,11 @@ async def run_events(
     last_event_id: Annotated[str | None, Header()] = None,
     on_disconnect: Annotated[str, Query(pattern="^(continue|cancel)$")] = "continue",
 ) -> Response:
-    return await _run_stream(request, kernel, principal, run_id, _start_seq(after, last_event_id),
-                             on_disconnect == "cancel")
-
-
-async def _run_stream(request: Request, kernel: Kernel, principal: Principal, run_id: str, start: int,
-                      cancel_on_disconnect: bool) -> Response:
     session_id, ended = await _run_of(kernel, principal, run_id)
     # An ended run's stream is its replay, even resumed past the terminal event (which would otherwise
     # wait for a live event that never comes).
-    return _stream(request, kernel, session_id, start, run_id, cancel_on_disconnect, ended)
-
-
-class RunEventsFromTheStart(Route):
-    """``GET /v1/runs/{id}/events`` as a client following each turn asks for it: from the run's
-    start, nothing in the query, no ``Last-Event-ID``. Such a request has nothing to validate
-    but its path, so it is served without FastAPI's per-request work (solving the route's
-    parameters and dependencies): 0.09 ms of server CPU per turn of the per-turn benchmark,
-    a sixth of what the second request cost (docs/benchmarks.md). Any other request, a resumed
-    one or another method, does not match and reaches ``run_events``, which checks everything
-    as usual."""
-
-    def __init__(self) -> None:
-        super().__init__("/v1/runs/{run_id}/events", self._serve, methods=["GET"], include_in_schema=False)
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope.get("method") != "GET" or scope.get("query_string") or any(
-                name == b"last-event-id" for name, _ in scope.get("headers", ())):
-            return Match.NONE, {}
-        return super().matches(scope)
-
-    @staticmethod
-    async def _serve(request: Request) -> Response:
-        return await _run_stream(request, kernel_of(request), principal_of(request), request.path_params["run_id"],
-                                 0, False)
+    return _stream(request, kernel, session_id, _start_seq(after, last_event_id), run_id, on_disconnect == "cancel",
+                   ended)
 
 
 @router.get("/v1/feed")
