@@ -191,6 +191,27 @@ async def test_a_connection_used_for_longer_than_the_header_timeout_is_served_th
 
 
 @module_loop
+async def test_a_second_request_trickled_on_a_kept_alive_connection_is_closed_at_the_header_timeout(
+    server: Server,
+) -> None:
+    """The deadline starts again with the next request's first byte: keep-alive's idle timer
+    stops when bytes come, and the header deadline takes over until the head is whole."""
+    slow = b"GET /healthz HTTP/1.1\r\nhost: corral\r\n" + b"x-slow: 1\r\n" * 100
+    async with asyncio.timeout(30):
+        reader, writer = await connect(server)
+        writer.write(request("GET", "/healthz"))
+        assert (await read_response(reader)).status == 200
+        since = time.monotonic()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(trickle(writer, slow))
+            elapsed, received = await closed_within(reader, since)
+        assert received == b""  # closed without a response
+        # Neither keep-alive's timer (1 s) nor never: the header deadline, from the first byte.
+        assert HEADER_TIMEOUT_S <= elapsed < HEADER_TIMEOUT_S + SLACK_S, elapsed
+        writer.close()
+
+
+@module_loop
 async def test_a_trickled_body_gets_408_at_the_body_timeout_and_nothing_is_stored(server: Server) -> None:
     trickled = {"agent": "assistant", "metadata": {"trickled": "x" * 40}}
     whole = request("POST", "/v1/sessions", trickled)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from corral.kernel import Kernel
 from corral.kernel.audience import SLICE, Tap, TapState
+from corral.memory import LEFT_BEFORE_TRIM, FreedMemory
 from corral.store import NewEvent
 from corral.types import EventType
 from tests.helpers import new_session
@@ -279,3 +280,15 @@ async def test_the_tail_is_let_go_once_it_is_old_even_if_nothing_more_comes(kern
         assert kernel.hub.statistics()["kept_events"] == 3  # every tap has them: kept for the tail only
         while kernel.hub.statistics()["kept_events"]:  # noqa: ASYNC110 - the expiry is a timer of the audience's
             await asyncio.sleep(0.01)
+
+
+async def test_a_crowd_of_taps_leaving_gives_memory_back(kernel: Kernel) -> None:
+    async with asyncio.timeout(10):
+        trimmed = asyncio.Event()
+        kernel.hub.freed = FreedMemory(lambda pad: trimmed.set() or 1, settle_s=0.0)
+        session = await new_session(kernel)
+        taps = [await live_tap(kernel, session, FakeSink()) for _ in range(LEFT_BEFORE_TRIM)]
+        for tap in taps:
+            kernel.hub.remove(tap)
+        await trimmed.wait()
+        assert kernel.hub.freed.trims == 1

@@ -161,7 +161,9 @@ class EventStream(Response):
         assert self.tap is not None
         self.run_id = self.tap.run_id = run_id
         self.read_first = not new_run
-        self.headers.update(headers)
+        # Appended as they are (lower-case names, none of them already set): MutableHeaders'
+        # update searches the list once per header, on every turn of a one-request client.
+        self.raw_headers.extend((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items())
 
     def close(self) -> None:
         if self.tap is not None:

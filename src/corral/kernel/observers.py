@@ -20,6 +20,7 @@ from corral.events import Event
 from corral.kernel.audience import DEFAULT_CAP, TAIL_S, Audience, Sink, Tap, TapState
 from corral.kernel.ports import KernelStore
 from corral.kernel.run_heads import RunHeads
+from corral.memory import FreedMemory
 from corral.types import EventType
 
 PAGE = 500
@@ -130,6 +131,8 @@ class EventHub:
         self.tap_reads = 0
         # Young runs' events: a stream joining one of them reads them here, not from the store.
         self.heads = RunHeads()
+        # After a crowd of observers leaves, what their connections held goes back to the system.
+        self.freed = FreedMemory()
 
     def __repr__(self) -> str:
         return (f"<EventHub sessions={len(self._subs.keys() | self._audiences.keys())} "
@@ -195,6 +198,7 @@ class EventHub:
             return
         audience.remove(tap)
         self._closed_tap_catch_ups += tap.catch_ups
+        self.freed.left()
         if not audience.taps:
             audience.close()
             del self._audiences[tap.session_id]  # and with it whatever it kept
