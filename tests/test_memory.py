@@ -7,46 +7,58 @@ import subprocess
 import sys
 import textwrap
 
-from corral.memory import LEFT_BEFORE_TRIM, FreedMemory
+from corral.memory import CROWD, FreedMemory
+
+
+class Trims:
+    """A trim function that notes its calls and wakes the test."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.done = asyncio.Event()
+
+    def __call__(self, pad: int) -> int:
+        self.calls.append(pad)
+        self.done.set()
+        return 1
 
 
 async def test_memory_is_given_back_once_a_crowd_has_left_and_settled() -> None:
     async with asyncio.timeout(10):
-        trimmed = asyncio.Event()
-
-        def trim(pad: int) -> int:
-            trimmed.set()
-            return 1
-
-        freed = FreedMemory(trim, settle_s=0.0)
-        for _ in range(LEFT_BEFORE_TRIM - 1):
-            freed.left()
-        assert freed._timer is None  # a few observers leaving are no crowd: nothing is scheduled
-        freed.left()
-        await trimmed.wait()
-        assert freed.trims == 1
-        trimmed.clear()
-        for _ in range(LEFT_BEFORE_TRIM):  # the count starts again
-            freed.left()
-        await trimmed.wait()
-        assert freed.trims == 2
+        trims = Trims()
+        freed = FreedMemory(trims, settle_s=0.0)
+        for count in range(1, 2 * CROWD + 1):  # a crowd arrives
+            freed.observers(count)
+        for count in range(2 * CROWD - 1, CROWD, -1):  # fewer than half of it leaves: no crowd left yet
+            freed.observers(count)
+        assert freed._timer is None
+        freed.observers(CROWD)  # half of the peak, and CROWD of them
+        await trims.done.wait()
+        assert trims.calls == [0] and freed.trims == 1
+        trims.done.clear()
+        for count in range(CROWD - 1, 0, -1):  # the peak starts again at the trim: 31 leave, no crowd
+            freed.observers(count)
+        assert freed._timer is None and freed.trims == 1
 
 
-async def test_many_leaving_at_once_trim_once() -> None:
+async def test_streams_that_come_and_go_one_a_turn_trigger_nothing() -> None:
+    trims = Trims()
+    freed = FreedMemory(trims, settle_s=0.0)
+    for _ in range(10 * CROWD):  # a hundred clients, each opening and closing a stream a turn
+        freed.observers(101)
+        freed.observers(100)
+    assert freed._timer is None and freed.trims == 0
+
+
+async def test_a_crowd_leaving_over_a_while_is_one_trim() -> None:
     async with asyncio.timeout(10):
-        calls: list[int] = []
-        trimmed = asyncio.Event()
-
-        def trim(pad: int) -> int:
-            calls.append(pad)
-            trimmed.set()
-            return 1
-
-        freed = FreedMemory(trim, settle_s=0.05)
-        for _ in range(5 * LEFT_BEFORE_TRIM):
-            freed.left()
-        await trimmed.wait()
-        assert calls == [0] and freed.trims == 1 and freed._timer is None
+        trims = Trims()
+        freed = FreedMemory(trims, settle_s=0.05)
+        freed.observers(5 * CROWD)
+        for count in range(5 * CROWD - 1, -1, -1):
+            freed.observers(count)
+        await trims.done.wait()
+        assert trims.calls == [0] and freed.trims == 1 and freed._timer is None
 
 
 def test_the_process_shrinks_after_buffers_like_stalled_observers_are_freed() -> None:
@@ -54,7 +66,7 @@ def test_the_process_shrinks_after_buffers_like_stalled_observers_are_freed() ->
     between small objects that stay; freed, the process stays at its size until the trim."""
     script = textwrap.dedent("""
         import asyncio
-        from corral.memory import LEFT_BEFORE_TRIM, FreedMemory
+        from corral.memory import FreedMemory
 
         def rss_mb():
             return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -70,11 +82,13 @@ def test_the_process_shrinks_after_buffers_like_stalled_observers_are_freed() ->
             peak = rss_mb()
             del buffers
             freed_at = rss_mb()
+            trimmed = asyncio.Event()
             memory = FreedMemory(settle_s=0.0)
-            for _ in range(LEFT_BEFORE_TRIM):
-                memory.left()
-            while not memory.trims:
-                await asyncio.sleep(0.01)
+            real_trim = memory._trim
+            memory._trim = lambda pad: (real_trim(pad), trimmed.set())[0]
+            memory.observers(200)
+            memory.observers(0)
+            await trimmed.wait()
             print(peak, freed_at, rss_mb())
 
         asyncio.run(main())

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from corral.kernel import Kernel
 from corral.kernel.audience import SLICE, Tap, TapState
-from corral.memory import LEFT_BEFORE_TRIM, FreedMemory
+from corral.memory import CROWD, FreedMemory
 from corral.store import NewEvent
 from corral.types import EventType
 from tests.helpers import new_session
@@ -287,8 +287,10 @@ async def test_a_crowd_of_taps_leaving_gives_memory_back(kernel: Kernel) -> None
         trimmed = asyncio.Event()
         kernel.hub.freed = FreedMemory(lambda pad: trimmed.set() or 1, settle_s=0.0)
         session = await new_session(kernel)
-        taps = [await live_tap(kernel, session, FakeSink()) for _ in range(LEFT_BEFORE_TRIM)]
-        for tap in taps:
+        taps = [await live_tap(kernel, session, FakeSink()) for _ in range(CROWD)]
+        for tap in taps[:-1]:
             kernel.hub.remove(tap)
+        assert kernel.hub.freed.trims == 0 and not trimmed.is_set()
+        kernel.hub.remove(taps[-1])  # the crowd has left
         await trimmed.wait()
         assert kernel.hub.freed.trims == 1

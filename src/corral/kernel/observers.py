@@ -133,6 +133,7 @@ class EventHub:
         self.heads = RunHeads()
         # After a crowd of observers leaves, what their connections held goes back to the system.
         self.freed = FreedMemory()
+        self._taps = 0
 
     def __repr__(self) -> str:
         return (f"<EventHub sessions={len(self._subs.keys() | self._audiences.keys())} "
@@ -190,6 +191,8 @@ class EventHub:
         if audience is None:
             audience = self._audiences[session_id] = Audience(session_id, tail_s=self.tail_s)
         audience.add(tap)
+        self._taps += 1
+        self.freed.observers(self._taps)
         return tap
 
     def remove(self, tap: Tap) -> None:
@@ -198,7 +201,8 @@ class EventHub:
             return
         audience.remove(tap)
         self._closed_tap_catch_ups += tap.catch_ups
-        self.freed.left()
+        self._taps -= 1
+        self.freed.observers(self._taps)
         if not audience.taps:
             audience.close()
             del self._audiences[tap.session_id]  # and with it whatever it kept
