@@ -1,9 +1,9 @@
 """Invariant 9: a session blocked for minutes does not change other sessions' latency.
 
 The same workload (200 sessions, 5 sequential turns each, all sessions at once) runs
-twice on one kernel: first with nothing else going on, then while two sessions of the
-same agent are held, one in a 60 s tool call and one in a 60 s model call. The held
-sessions must not slow the others; afterwards a hard cancel frees them at once.
+three times on one kernel: with nothing else going on, then while two sessions of the
+same agent are held, one in a 60 s tool call and one in a 60 s model call, and with nothing
+held again. The held sessions must not slow the others; a hard cancel frees them at once.
 """
 
 from __future__ import annotations
@@ -74,12 +74,7 @@ async def test_invariant_09_a_hung_session_does_not_slow_the_others(kernel: Kern
 
         loaded, loaded_latencies = await workload(kernel, "loaded")
         assert len(loaded_latencies) == SESSIONS * TURNS
-        ratio = loaded / baseline
-        report = (f"baseline {baseline:.2f} s (p95 turn {p95(base_latencies) * 1000:.0f} ms), "
-                  f"with hung sessions {loaded:.2f} s (p95 turn {p95(loaded_latencies) * 1000:.0f} ms)")
-        assert ratio < 2.0, report
-        assert loaded < 10.0, report
-        assert p95(loaded_latencies) < 2 * p95(base_latencies) + 0.05, report
+        assert loaded < 10.0, f"with hung sessions {loaded:.2f} s"
 
         # The held runs were held all along, and a hard cancel ends each at once.
         for session_id, accepted, last in ((tool_session, in_tool, "tool.started"),
@@ -95,3 +90,14 @@ async def test_invariant_09_a_hung_session_does_not_slow_the_others(kernel: Kern
             elapsed = loop.time() - began
             assert elapsed < 0.1, f"hard cancel took {elapsed * 1000:.0f} ms"
             assert (await wait_run(kernel, accepted.run_id))["status"] == "cancelled"
+
+        # The baseline again, now that nothing is held: the loaded run is judged against the
+        # slower of the two around it, so that other work on the machine (the suite's other
+        # workers) that comes or goes meanwhile is not taken for the hung sessions' doing.
+        after, after_latencies = await workload(kernel, "baseline again")
+        slower, slower_p95 = max(baseline, after), max(p95(base_latencies), p95(after_latencies))
+        report = (f"baselines {baseline:.2f} and {after:.2f} s (p95 turn {p95(base_latencies) * 1000:.0f} and "
+                  f"{p95(after_latencies) * 1000:.0f} ms), with hung sessions {loaded:.2f} s "
+                  f"(p95 turn {p95(loaded_latencies) * 1000:.0f} ms)")
+        assert loaded / slower < 2.0, report
+        assert p95(loaded_latencies) < 2 * slower_p95 + 0.05, report
