@@ -481,7 +481,7 @@ async def per_turn(plan: PerTurnPlan) -> dict[str, Any]:
         }
     if plan.langgraph:
         peer_plan = peer.Plan(clients=plan.clients, runs_per_client=plan.turns, generators=plan.generators,
-                              jobs_per_worker=plan.jobs_per_worker, repeats=min(plan.repeats, plan.langgraph_repeats),
+                              jobs_per_worker=plan.jobs_per_worker, repeats=plan.langgraph_repeats,
                               sweep_runs_per_client=min(2, plan.turns))
         try:
             results["langgraph"] = await peer.run_langgraph(peer_plan)
