@@ -14,6 +14,7 @@ from corral.kernel import Kernel, KernelConfig
 from corral.kernel.conversations import Conversations, StoredMessage
 from corral.specs import AgentSpec
 from corral.store import Store, repo
+from corral.store import store as store_module
 from corral.types import Mode
 from tests.helpers import KernelHarness, new_session, run_events, wait_event, wait_run
 
@@ -238,6 +239,27 @@ async def test_if_following_a_commit_fails_every_session_is_read_again(kernel: K
             raise RuntimeError("a bug in following commits")
 
         monkeypatch.setattr(StoredMessage, "from_committed", staticmethod(broken))
+        accepted = await kernel.submit(session, "second")  # its write still resolves
+        monkeypatch.undo()
+        run = await wait_run(kernel, accepted.run_id)
+        assert run["output"] == "echo: second"  # the run read its conversation from the store
+        await settled(kernel)
+        assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
+
+
+async def test_if_a_commits_messages_cannot_be_told_every_session_is_read_again(
+        kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store puts each committed message in its stored form before the conversations see
+    it; a failure there, before the follower, must not leave the cache trusted without them."""
+    async with asyncio.timeout(20):
+        session = await new_session(kernel)
+        await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
+        assert len(kernel.conversations) == 1
+
+        def broken(row: dict[str, Any]) -> dict[str, Any]:
+            raise RuntimeError("a bug in the stored form")
+
+        monkeypatch.setattr(store_module, "_as_stored", broken)
         accepted = await kernel.submit(session, "second")  # its write still resolves
         monkeypatch.undo()
         run = await wait_run(kernel, accepted.run_id)

@@ -146,16 +146,20 @@ class Conversations:
             self._entries.put(session_id, entry)
         return entry.compaction, entry.rows
 
-    def committed(self, messages: list[dict[str, Any]]) -> None:
+    def committed(self, messages: list[dict[str, Any]] | None) -> None:
         """Messages the writer just committed (rows with their ids, in id order): appended to
         their sessions' conversations, which stay current. Rolled-back rows do not count. If
-        that goes wrong, nothing kept is trusted: every session is read again."""
-        try:
-            self._append(messages)
-        except Exception:
-            log.exception("could not follow committed messages; every conversation is read again")
-            self._entries.clear()
-            self._forgotten += 1  # and a read under way keeps nothing
+        they could not be told (None) or following them goes wrong, nothing kept is trusted:
+        every session is read again."""
+        if messages is not None:
+            try:
+                self._append(messages)
+                return
+            except Exception:
+                log.exception("could not follow committed messages")
+        log.warning("a commit's messages were not followed: every conversation is read again")
+        self._entries.clear()
+        self._forgotten += 1  # and a read under way keeps nothing
 
     def _append(self, messages: list[dict[str, Any]]) -> None:
         by_session: dict[str, list[dict[str, Any]]] = {}

@@ -237,7 +237,7 @@ class KernelStore(Protocol):
 
     async def messages_after(self, session_id: str, after_id: int) -> Any: ...
 
-    def on_messages(self, hook: Callable[[list[dict[str, Any]]], None]) -> None:
+    def on_messages(self, hook: Callable[[list[dict[str, Any]] | None], None]) -> None:
         """Call ``hook`` on the loop with the messages each commit inserted (rows with their
-        ``id``), before the commit's writes resolve."""
+        ``id``), before the commit's writes resolve; with None if they cannot be told."""
         ...

@@ -74,10 +74,20 @@ class Store:
         """Call ``hook`` with every batch of events, after they are committed."""
         self._listeners.append(hook)
 
-    def on_messages(self, hook: Callable[[list[dict[str, Any]]], None]) -> None:
+    def on_messages(self, hook: Callable[[list[dict[str, Any]] | None], None]) -> None:
         """Call ``hook`` with the messages each batch inserted (rows with their ids, as reading
-        them back would give them), after the commit and before the batch's writes resolve."""
-        self.writer.messages_hook = lambda rows: hook([_as_stored(row) for row in rows])
+        them back would give them), after the commit and before the batch's writes resolve;
+        with None if they could not be put in that form (whoever follows them reads again)."""
+
+        def deliver(rows: list[dict[str, Any]]) -> None:
+            try:
+                stored: list[dict[str, Any]] | None = [_as_stored(row) for row in rows]
+            except Exception:
+                log.exception("could not put a commit's messages in their stored form")
+                stored = None
+            hook(stored)
+
+        self.writer.messages_hook = deliver
 
     def on_batch(self, hook: Callable[[int, float], None]) -> None:
         """Call ``hook(units, seconds)`` after each committed group commit (for metrics)."""
