@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.types import Scope
 
 from corral.errors import Forbidden, NotFound
 from corral.kernel import Kernel
@@ -18,8 +19,12 @@ def kernel_of(request: Request) -> Kernel:
 
 
 def principal_of(request: Request) -> Principal:
+    return principal_in(request.scope)
+
+
+def principal_in(scope: Scope) -> Principal:
     # Set by the Authenticate middleware; an app built without it serves the local admin.
-    principal: Principal | None = getattr(request.state, "principal", None)
+    principal: Principal | None = scope.get("state", {}).get("principal")
     return principal or LOCAL
 
 
@@ -69,3 +74,11 @@ async def owned_run(kernel: Kernel, principal: Principal, run_id: str) -> Any:
     if row is None or owner is None or not principal.may_access(owner):
         raise NotFound(f"no run {run_id!r}")
     return row
+
+
+def held_run(kernel: Kernel, run_id: str) -> tuple[str, str] | None:
+    """An unfinished run of a session this node holds, from memory: (its session, the session's
+    owner); None for any other run (ended, held elsewhere, unknown), which the store answers."""
+    handle = kernel.runs.get(run_id)
+    live = kernel.sessions.live(handle.session_id) if handle is not None else None
+    return (live.id, live.owner) if live is not None else None

@@ -24,8 +24,8 @@ import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from corral.api.deps import held_run, principal_in
 from corral.api.stream import EventStream, connection_transport
-from corral.principals import LOCAL, Principal
 
 _RUN_EVENTS = re.compile(r"/v1/runs/([^/]+)/events")
 
@@ -56,16 +56,15 @@ class RunStreamShortcut:
     @staticmethod
     def _stream_for(scope: Scope) -> EventStream | None:
         run_id = plain_run_stream(scope)
-        kernel = getattr(scope["app"].state, "kernel", None) if run_id is not None else None
+        if run_id is None:
+            return None
+        kernel = getattr(scope["app"].state, "kernel", None)
         if kernel is None or kernel.stopping.is_set():
             return None
-        handle = kernel.runs.get(run_id)
-        live = kernel.sessions.live(handle.session_id) if handle is not None else None
-        # Set by Authenticate; an app built without it serves the local admin (deps.principal_of).
-        principal: Principal = scope.get("state", {}).get("principal") or LOCAL
-        if live is None or not principal.may_access(live.owner):
+        held = held_run(kernel, run_id)
+        if held is None or not principal_in(scope).may_access(held[1]):
             return None
         transport = connection_transport(scope)
         if transport is None:
             return None
-        return EventStream(kernel, transport, handle.session_id, run_id=run_id)
+        return EventStream(kernel, transport, held[0], run_id=run_id)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
-from corral.api.deps import KernelDep, PrincipalDep, owned_run, owned_session
+from corral.api.deps import KernelDep, PrincipalDep, held_run, owned_run, owned_session
 from corral.api.json_body import CheckedRoute
 from corral.api.schemas import MAX_INT64
 from corral.api.stream import EventStream, connection_transport
@@ -100,12 +100,12 @@ async def session_events(
 async def _run_of(kernel: Kernel, principal: Principal, run_id: str) -> tuple[str, bool]:
     """The run's session and whether it has ended; an unfinished run of a session held here
     answers from memory (a run's stream follows every turn of a client that uses one)."""
-    handle = kernel.runs.get(run_id)
-    live = kernel.sessions.live(handle.session_id) if handle is not None else None
-    if handle is not None and live is not None:
-        if not principal.may_access(live.owner):
+    held = held_run(kernel, run_id)
+    if held is not None:
+        session_id, owner = held
+        if not principal.may_access(owner):
             raise NotFound(f"no run {run_id!r}")
-        return handle.session_id, False
+        return session_id, False
     row = await owned_run(kernel, principal, run_id)
     return row.session_id, RunStatus(row.status).is_terminal
 
