@@ -228,38 +228,25 @@ async def test_a_read_that_overlaps_a_commit_is_kept_but_read_again_next_time(ke
         assert conversations.unread == unread + 1  # current again: from memory
 
 
-async def test_if_following_a_commit_fails_every_session_is_read_again(kernel: Kernel,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def broken(row: dict[str, Any]) -> Any:
+    raise RuntimeError("a bug between the commit and the conversations")
+
+
+# Where a commit's messages can fail on their way to the conversations: the store's stored form
+# of them (before the follower), and the follower turning them into conversation messages.
+BREAKING_POINTS = {"stored form": (store_module, "_as_stored", broken),
+                   "following": (StoredMessage, "from_committed", staticmethod(broken))}
+
+
+@pytest.mark.parametrize("where", list(BREAKING_POINTS))
+async def test_if_a_commits_messages_are_not_followed_every_session_is_read_again(
+        kernel: Kernel, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     async with asyncio.timeout(20):
         session = await new_session(kernel)
         await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
         assert len(kernel.conversations) == 1
 
-        def broken(row: dict[str, Any]) -> StoredMessage:
-            raise RuntimeError("a bug in following commits")
-
-        monkeypatch.setattr(StoredMessage, "from_committed", staticmethod(broken))
-        accepted = await kernel.submit(session, "second")  # its write still resolves
-        monkeypatch.undo()
-        run = await wait_run(kernel, accepted.run_id)
-        assert run["output"] == "echo: second"  # the run read its conversation from the store
-        await settled(kernel)
-        assert await cached_read(kernel.conversations, session) == await full_read(kernel.store, session)
-
-
-async def test_if_a_commits_messages_cannot_be_told_every_session_is_read_again(
-        kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The store puts each committed message in its stored form before the conversations see
-    it; a failure there, before the follower, must not leave the cache trusted without them."""
-    async with asyncio.timeout(20):
-        session = await new_session(kernel)
-        await wait_run(kernel, (await kernel.submit(session, "hello")).run_id)
-        assert len(kernel.conversations) == 1
-
-        def broken(row: dict[str, Any]) -> dict[str, Any]:
-            raise RuntimeError("a bug in the stored form")
-
-        monkeypatch.setattr(store_module, "_as_stored", broken)
+        monkeypatch.setattr(*BREAKING_POINTS[where])
         accepted = await kernel.submit(session, "second")  # its write still resolves
         monkeypatch.undo()
         run = await wait_run(kernel, accepted.run_id)
